@@ -1,0 +1,17 @@
+//! synapse-account-data-relay: pushes Synapse account-data changes to Matrix application services
+//! (MSC3682), read from a PostgreSQL logical replication slot.
+//!
+//! The crate is a pipeline; see `ARCHITECTURE.md` for the whole picture and the checkpoint invariant.
+//!
+//! - [`replication`]: the replication wire protocol and the pgoutput decoder (bytes in, typed messages out),
+//!   and the one file that owns the socket.
+//! - [`synapse`]: Synapse's configuration and registration files, and rows of Synapse's tables turned into
+//!   account-data changes.
+//! - [`routing`]: user id → interested appservices, with Synapse's regex semantics.
+//! - [`delivery`]: per-appservice queues, coalescing, transaction ids and bodies, HTTP and retries.
+//! - [`checkpoint`]: which LSN is safe to confirm to PostgreSQL.
+//! - [`ops`] and [`cmd`]: the edge: CLI subcommands, logging.
+#![forbid(unsafe_code)]
+
+pub mod model;
+pub mod replication;

@@ -1,0 +1,1 @@
+//! The PostgreSQL streaming-replication protocol, as used for logical decoding with pgoutput.
