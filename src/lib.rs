@@ -14,4 +14,5 @@
 #![forbid(unsafe_code)]
 
 pub mod model;
+pub mod pgconfig;
 pub mod replication;
