@@ -15,4 +15,5 @@
 
 pub mod model;
 pub mod pgconfig;
+pub mod testkit;
 pub mod replication;
