@@ -13,7 +13,9 @@
 //! - [`ops`] and [`cmd`]: the edge: CLI subcommands, logging.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod model;
 pub mod pgconfig;
-pub mod testkit;
 pub mod replication;
+pub mod synapse;
+pub mod testkit;

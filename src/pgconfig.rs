@@ -73,7 +73,13 @@ impl PgConnectionConfig {
         match &self.host {
             PgHost::Tcp(h) => format!("{}@{}:{}/{}", self.user, h, self.port, self.dbname),
             PgHost::UnixSocketDir(d) => {
-                format!("{}@{}/.s.PGSQL.{} (database {})", self.user, d.display(), self.port, self.dbname)
+                format!(
+                    "{}@{}/.s.PGSQL.{} (database {})",
+                    self.user,
+                    d.display(),
+                    self.port,
+                    self.dbname
+                )
             }
         }
     }

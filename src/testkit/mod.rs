@@ -89,7 +89,11 @@ pub fn find_pg_bindir() -> Result<PathBuf, TestkitError> {
     let has_binaries = |d: &Path| d.join("initdb").is_file() && d.join("pg_ctl").is_file();
     if let Some(dir) = std::env::var_os("RELAY_TEST_PG_BINDIR") {
         let dir = PathBuf::from(dir);
-        return if has_binaries(&dir) { Ok(dir) } else { Err(TestkitError::BinariesNotFound) };
+        return if has_binaries(&dir) {
+            Ok(dir)
+        } else {
+            Err(TestkitError::BinariesNotFound)
+        };
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -136,7 +140,9 @@ fn postgres_user_ids() -> Result<(u32, u32), TestkitError> {
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
-            .map_err(|_| TestkitError::NoPostgresUser(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
+            .map_err(|_| {
+                TestkitError::NoPostgresUser(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+            })
     };
     Ok((id("-u")?, id("-g")?))
 }
@@ -144,7 +150,9 @@ fn postgres_user_ids() -> Result<(u32, u32), TestkitError> {
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16, TestkitError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("binding a free port"))?;
-    Ok(l.local_addr().map_err(io_err("reading a free port"))?.port())
+    Ok(l.local_addr()
+        .map_err(io_err("reading a free port"))?
+        .port())
 }
 
 impl LocalCluster {
@@ -204,7 +212,8 @@ impl LocalCluster {
              local replication all trust\nhost replication all 127.0.0.1/32 trust\n",
         );
         // pg_hba.conf belongs to the postgres user; rewriting it in place keeps its owner.
-        std::fs::write(cluster.data_dir.join("pg_hba.conf"), hba).map_err(io_err("writing pg_hba.conf"))?;
+        std::fs::write(cluster.data_dir.join("pg_hba.conf"), hba)
+            .map_err(io_err("writing pg_hba.conf"))?;
         let mut last_error = None;
         for _ in 0..5 {
             cluster.port = free_port()?;
@@ -254,7 +263,11 @@ impl LocalCluster {
         let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let start = lines.len().saturating_sub(20);
-        if lines.is_empty() { String::new() } else { format!("\nserver log:\n{}", lines[start..].join("\n")) }
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!("\nserver log:\n{}", lines[start..].join("\n"))
+        }
     }
 
     fn pg_ctl_start(&self) -> Result<(), TestkitError> {
@@ -287,7 +300,19 @@ impl LocalCluster {
 
     /// Stop the server: `mode` is `fast`, `smart` or `immediate` (a crash, as `kill -9` would do).
     pub fn stop(&self, mode: &str) -> Result<(), TestkitError> {
-        self.run("pg_ctl", &["-D", &self.data_dir.to_string_lossy(), "-w", "-t", "60", "-m", mode, "stop"])
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data_dir.to_string_lossy(),
+                "-w",
+                "-t",
+                "60",
+                "-m",
+                mode,
+                "stop",
+            ],
+        )
     }
 
     /// Start the server again after [`LocalCluster::stop`], on the same port.
@@ -301,7 +326,11 @@ impl LocalCluster {
         let pg_ctl = self.bindir.join("pg_ctl");
         let stop = format!(
             "{} {} -D '{}' -m immediate stop >/dev/null 2>&1",
-            if self.run_as_postgres { "runuser -u postgres --" } else { "" },
+            if self.run_as_postgres {
+                "runuser -u postgres --"
+            } else {
+                ""
+            },
             pg_ctl.display(),
             self.data_dir.display()
         );
@@ -356,7 +385,10 @@ impl LocalCluster {
 
     /// A libpq-style connection string for `dbname` as `postgres` (for tokio-postgres, psql).
     pub fn connection_string(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname}",
+            self.port
+        )
     }
 }
 

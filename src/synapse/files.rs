@@ -1,0 +1,463 @@
+//! Synapse's own configuration files, read the way Synapse reads them: `homeserver.yaml` (possibly
+//! split over several files and directories, merged at the top level with later files winning, as
+//! `synapse --config-path A --config-path dir/` does) and the appservice registration files it
+//! names, all with YAML 1.1 semantics (`yes`/`no` booleans, `<<:` merge keys) as PyYAML's
+//! `safe_load` gives Synapse.
+//!
+//! Only the keys the relay needs are read; everything else is ignored, as Synapse ignores keys it
+//! does not know in a registration file. Parse errors name the file, line and column; they never
+//! quote the file's text (which holds tokens and passwords).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::model::Secret;
+
+/// What went wrong reading one of Synapse's files.
+#[derive(Debug, thiserror::Error)]
+pub enum SynapseFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid YAML for {what}: {message}")]
+    Yaml {
+        path: PathBuf,
+        what: &'static str,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::Options {
+        // PyYAML keeps the last of duplicate mapping keys.
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::LastWins,
+        // Never quote the file in an error: it holds secrets.
+        with_snippet: false,
+        crop_radius: 0,
+        ..Default::default()
+    }
+}
+
+fn parse_yaml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &'static str,
+) -> Result<T, SynapseFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SynapseFileError::Read {
+        path: path.into(),
+        source,
+    })?;
+    serde_saphyr::from_str_with_options(&text, yaml_options()).map_err(|e| SynapseFileError::Yaml {
+        path: path.into(),
+        what,
+        message: e.to_string(),
+    })
+}
+
+/// A scalar that PyYAML may give as a number or a string (psycopg2 takes either for `port`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    String(String),
+}
+
+impl IntOrString {
+    pub fn as_text(&self) -> String {
+        match self {
+            IntOrString::Int(i) => i.to_string(),
+            IntOrString::String(s) => s.clone(),
+        }
+    }
+}
+
+/// `database.args`: psycopg2's connection keywords (libpq's names; `database` is psycopg2's alias
+/// of `dbname`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct DatabaseArgs {
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub dbname: Option<String>,
+    pub database: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<IntOrString>,
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<String>,
+    pub connect_timeout: Option<IntOrString>,
+}
+
+/// `database:` in homeserver.yaml.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct DatabaseSection {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub args: DatabaseArgs,
+}
+
+/// The keys of one homeserver config file the relay reads; all optional because Synapse's
+/// config may be split over several files.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct HomeserverFile {
+    server_name: Option<String>,
+    database: Option<DatabaseSection>,
+    app_service_config_files: Option<Vec<String>>,
+    use_appservice_legacy_authorization: Option<bool>,
+}
+
+/// Synapse's configuration as the relay needs it, merged from all files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HomeserverConfig {
+    pub server_name: String,
+    pub database: DatabaseSection,
+    /// Registration file paths, resolved against the directory of the file that named them
+    /// when relative.
+    pub app_service_config_files: Vec<PathBuf>,
+    pub use_appservice_legacy_authorization: bool,
+    /// The files read, in order (for messages).
+    pub files: Vec<PathBuf>,
+}
+
+/// Expand `--synapse-config` arguments as Synapse does: a file is read; a directory contributes
+/// its `*.yaml` files in name order.
+pub fn expand_config_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SynapseFileError> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|source| SynapseFileError::Read {
+                    path: p.clone(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.is_file() && f.extension().is_some_and(|x| x == "yaml"))
+                .collect();
+            in_dir.sort();
+            files.extend(in_dir);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    Ok(files)
+}
+
+impl HomeserverConfig {
+    /// Read and merge Synapse's config files (see [`expand_config_paths`]).
+    pub fn load(paths: &[PathBuf]) -> Result<HomeserverConfig, SynapseFileError> {
+        let files = expand_config_paths(paths)?;
+        let first = files.first().cloned().unwrap_or_default();
+        if files.is_empty() {
+            return Err(SynapseFileError::Invalid {
+                path: paths.first().cloned().unwrap_or_default(),
+                message: "no Synapse config file found (a directory contributes its *.yaml files)"
+                    .into(),
+            });
+        }
+        let mut server_name: Option<(String, PathBuf)> = None;
+        let mut database: Option<(DatabaseSection, PathBuf)> = None;
+        let mut as_files: Option<Vec<PathBuf>> = None;
+        let mut legacy = None;
+        for f in &files {
+            // An empty file (only comments) is valid YAML for Synapse: it contributes nothing.
+            let parsed: Option<HomeserverFile> = parse_yaml(f, "a Synapse config file")?;
+            let Some(parsed) = parsed else { continue };
+            let dir = f.parent().unwrap_or(Path::new("."));
+            if let Some(n) = parsed.server_name {
+                server_name = Some((n, f.clone()));
+            }
+            if let Some(d) = parsed.database {
+                database = Some((d, f.clone()));
+            }
+            if let Some(list) = parsed.app_service_config_files {
+                as_files = Some(list.iter().map(|p| dir.join(p)).collect());
+            }
+            if let Some(l) = parsed.use_appservice_legacy_authorization {
+                legacy = Some(l);
+            }
+        }
+        let (server_name, _) = server_name.ok_or_else(|| SynapseFileError::Invalid {
+            path: first.clone(),
+            message: format!(
+                "no `server_name` in {} (Synapse requires it; Debian keeps it in /etc/matrix-synapse/conf.d/server_name.yaml, \
+                 so pass that file or directory too)",
+                files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        let (database, db_file) = database.ok_or_else(|| SynapseFileError::Invalid {
+            path: first.clone(),
+            message:
+                "no `database` section: Synapse is using SQLite, and the relay needs PostgreSQL"
+                    .into(),
+        })?;
+        match database.name.as_deref() {
+            Some("psycopg2") | Some("psycopg") => {}
+            other => {
+                return Err(SynapseFileError::Invalid {
+                    path: db_file,
+                    message: format!(
+                        "database.name is {other:?}: the relay reads PostgreSQL through logical replication, \
+                         so Synapse must use `psycopg2` (PostgreSQL), not SQLite"
+                    ),
+                });
+            }
+        }
+        Ok(HomeserverConfig {
+            server_name,
+            database,
+            app_service_config_files: as_files.unwrap_or_default(),
+            use_appservice_legacy_authorization: legacy.unwrap_or(false),
+            files,
+        })
+    }
+}
+
+/// One entry of a registration's namespace list.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct NamespaceEntry {
+    pub regex: String,
+    pub exclusive: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct Namespaces {
+    #[serde(default)]
+    pub users: Vec<NamespaceEntry>,
+}
+
+/// The opt-in key a registration file can carry (Synapse ignores it).
+pub const OPT_IN_KEY: &str = "org.matrix.msc3682.account_data";
+
+#[derive(Debug, Clone, Deserialize)]
+struct RegistrationFile {
+    id: Option<String>,
+    // Missing and `null` both deserialise to None here; the text check below tells them apart.
+    url: Option<String>,
+    as_token: Option<Secret>,
+    hs_token: Option<Secret>,
+    sender_localpart: Option<String>,
+    #[serde(default)]
+    namespaces: Option<Namespaces>,
+    #[serde(rename = "org.matrix.msc3682.account_data")]
+    opt_in: Option<bool>,
+}
+
+/// An appservice registration, as Synapse loads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub id: String,
+    /// `None` for an explicit `url: null`: Synapse sends such an appservice nothing.
+    pub url: Option<String>,
+    pub as_token: Secret,
+    pub hs_token: Secret,
+    pub sender_localpart: String,
+    pub user_namespaces: Vec<NamespaceEntry>,
+    /// `org.matrix.msc3682.account_data` in the file: `Some(true)` opts in.
+    pub opt_in: Option<bool>,
+    pub path: PathBuf,
+}
+
+impl Registration {
+    /// Load one registration file with Synapse's checks (required string fields; `url` a string
+    /// or an explicit null, never missing).
+    pub fn load(path: &Path) -> Result<Registration, SynapseFileError> {
+        let raw: RegistrationFile = parse_yaml(path, "an appservice registration")?;
+        let invalid = |message: String| SynapseFileError::Invalid {
+            path: path.into(),
+            message,
+        };
+        let required = |v: Option<String>, key: &str| {
+            v.filter(|s| !s.is_empty()).ok_or_else(|| {
+                invalid(format!(
+                    "required string field `{key}` is missing (Synapse rejects this file too)"
+                ))
+            })
+        };
+        let required_secret = |v: Option<Secret>, key: &str| {
+            v.filter(|s| !s.is_empty()).ok_or_else(|| {
+                invalid(format!(
+                    "required string field `{key}` is missing (Synapse rejects this file too)"
+                ))
+            })
+        };
+        if raw.url.is_none() && !has_explicit_null_url(path) {
+            return Err(invalid(
+                "required field `url` is missing: it must be a URL or an explicit `url: null` (Synapse rejects this file too)"
+                    .into(),
+            ));
+        }
+        Ok(Registration {
+            id: required(raw.id, "id")?,
+            url: raw.url,
+            as_token: required_secret(raw.as_token, "as_token")?,
+            hs_token: required_secret(raw.hs_token, "hs_token")?,
+            sender_localpart: required(raw.sender_localpart, "sender_localpart")?,
+            user_namespaces: raw.namespaces.unwrap_or_default().users,
+            opt_in: raw.opt_in,
+            path: path.into(),
+        })
+    }
+
+    /// The appservice's own user, `@<sender_localpart>:<server_name>`.
+    pub fn sender_user_id(&self, server_name: &str) -> String {
+        format!("@{}:{}", self.sender_localpart, server_name)
+    }
+}
+
+/// Whether the file has a top-level `url` key whose value is null (`null`, `~`, `Null`, `NULL` or
+/// nothing), as opposed to no `url` key at all.
+fn has_explicit_null_url(path: &Path) -> bool {
+    #[derive(Deserialize)]
+    struct Keys(BTreeMap<String, serde::de::IgnoredAny>);
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    serde_saphyr::from_str_with_options::<Keys>(&text, yaml_options())
+        .map(|k| k.0.contains_key("url"))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        p
+    }
+
+    const REG: &str = "id: irc\nurl: http://localhost:9000\nas_token: astok\nhs_token: hstok\nsender_localpart: ircbot\n\
+                       base: &b\n  exclusive: yes\nnamespaces:\n  users:\n    - <<: *b\n      regex: '@irc_.*'\n    - regex: '@x'\n      exclusive: no\n\
+                       rate_limited: false\norg.matrix.msc3682.account_data: yes\n";
+
+    #[test]
+    fn registration_reads_yaml_1_1_booleans_and_merge_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registration::load(&write(dir.path(), "r.yaml", REG)).unwrap();
+        assert_eq!(reg.id, "irc");
+        assert_eq!(reg.url.as_deref(), Some("http://localhost:9000"));
+        assert_eq!(reg.hs_token.expose(), "hstok");
+        assert_eq!(
+            reg.user_namespaces,
+            vec![
+                NamespaceEntry {
+                    regex: "@irc_.*".into(),
+                    exclusive: true
+                },
+                NamespaceEntry {
+                    regex: "@x".into(),
+                    exclusive: false
+                }
+            ]
+        );
+        assert_eq!(reg.opt_in, Some(true));
+        assert_eq!(reg.sender_user_id("example.org"), "@ircbot:example.org");
+    }
+
+    #[test]
+    fn registration_url_null_versus_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let null = REG.replace("url: http://localhost:9000", "url: null");
+        assert_eq!(
+            Registration::load(&write(dir.path(), "a.yaml", &null))
+                .unwrap()
+                .url,
+            None
+        );
+        let tilde = REG.replace("url: http://localhost:9000", "url: ~");
+        assert_eq!(
+            Registration::load(&write(dir.path(), "b.yaml", &tilde))
+                .unwrap()
+                .url,
+            None
+        );
+        let missing = REG.replace("url: http://localhost:9000\n", "");
+        let err = Registration::load(&write(dir.path(), "c.yaml", &missing))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`url` is missing") && err.contains("c.yaml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn registration_errors_name_the_file_and_never_quote_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let broken = REG.replace("sender_localpart: ircbot", "sender_localpart: [");
+        let err = Registration::load(&write(dir.path(), "broken.yaml", &broken))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broken.yaml") && err.contains("line"), "{err}");
+        assert!(!err.contains("astok") && !err.contains("hstok"), "{err}");
+        let no_token = REG.replace("hs_token: hstok\n", "");
+        let err = Registration::load(&write(dir.path(), "nohs.yaml", &no_token))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`hs_token`"), "{err}");
+        let bad_exclusive = REG.replace("exclusive: no", "exclusive: maybe");
+        assert!(Registration::load(&write(dir.path(), "ex.yaml", &bad_exclusive)).is_err());
+    }
+
+    #[test]
+    fn homeserver_config_merges_files_and_directories_like_synapse() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = write(
+            dir.path(),
+            "homeserver.yaml",
+            "server_name: wrong.example\ndatabase:\n  name: psycopg2\n  args:\n    user: synapse\n    password: pw\n    database: synapse\n    host: /var/run/postgresql\n    port: '5433'\n    cp_min: 5\napp_service_config_files:\n  - appservices/irc.yaml\n  - /abs/other.yaml\nunknown_key: {a: [1, 2]}\n",
+        );
+        let confd = dir.path().join("conf.d");
+        std::fs::create_dir(&confd).unwrap();
+        write(
+            &confd,
+            "server_name.yaml",
+            "# Debian puts the server name here\nserver_name: example.org\n",
+        );
+        write(&confd, "empty.yaml", "# nothing\n");
+        write(&confd, "ignored.txt", "server_name: not-yaml-ext\n");
+        let hs = HomeserverConfig::load(&[main, confd]).unwrap();
+        assert_eq!(hs.server_name, "example.org");
+        assert_eq!(hs.database.args.database.as_deref(), Some("synapse"));
+        assert_eq!(
+            hs.database.args.password.as_ref().map(|p| p.expose()),
+            Some("pw")
+        );
+        assert_eq!(
+            hs.database.args.port,
+            Some(IntOrString::String("5433".into()))
+        );
+        assert_eq!(
+            hs.app_service_config_files,
+            vec![
+                dir.path().join("appservices/irc.yaml"),
+                PathBuf::from("/abs/other.yaml")
+            ]
+        );
+        assert!(!hs.use_appservice_legacy_authorization);
+    }
+
+    #[test]
+    fn homeserver_config_on_sqlite_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "hs.yaml",
+            "server_name: a\ndatabase:\n  name: sqlite3\n  args:\n    database: /data/homeserver.db\n",
+        );
+        let err = HomeserverConfig::load(&[f]).unwrap_err().to_string();
+        assert!(err.contains("SQLite") && err.contains("hs.yaml"), "{err}");
+        let f = write(dir.path(), "hs2.yaml", "database:\n  name: psycopg2\n");
+        let err = HomeserverConfig::load(&[f]).unwrap_err().to_string();
+        assert!(err.contains("server_name"), "{err}");
+    }
+}

@@ -1,0 +1,4 @@
+//! Synapse: its configuration and registration files ([`files`]), and rows of its tables turned
+//! into account-data changes ([`rows`], pure).
+
+pub mod files;
