@@ -17,5 +17,6 @@ pub mod config;
 pub mod model;
 pub mod pgconfig;
 pub mod replication;
+pub mod routing;
 pub mod synapse;
 pub mod testkit;

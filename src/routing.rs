@@ -1,0 +1,367 @@
+//! Which appservices are interested in a user: Synapse's rule, exactly.
+//!
+//! Synapse (`ApplicationService.is_interested_in_user`) says an appservice is interested in a user
+//! when the user is the appservice's sender (`@<sender_localpart>:<server_name>`) or a regex of its
+//! `users` namespace matches with Python's `re.match`: anchored at the start only (no implicit
+//! `$`), case-sensitive, Python syntax. `@irc_.*` and `@irc_` are both prefix matches; `@a:x\.org`
+//! also matches `@a:x.org.evil`.
+//!
+//! Here every namespace regex of every appservice is compiled as `^(?:PATTERN)` into one
+//! [`regex::RegexSet`], so one scan of the user id answers for all appservices. Patterns the `regex`
+//! crate rejects (lookaround, backreferences) are compiled with `fancy-regex` instead and
+//! checked one by one; Python's `\Z` is rewritten to `\z` first. A pattern neither accepts is an error naming its registration file.
+//! Pure: no I/O.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// What the router needs to know about one appservice.
+#[derive(Debug, Clone)]
+pub struct AppserviceInterest {
+    pub id: String,
+    pub sender_user_id: String,
+    pub user_regexes: Vec<String>,
+    /// The registration file, for error messages.
+    pub source: PathBuf,
+}
+
+/// A namespace regex that no engine accepts.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{source_file}: appservice {appservice:?}: users namespace regex {pattern:?} is not a regex the relay can run \
+     (regex: {regex_error}; fancy-regex: {fancy_error})"
+)]
+pub struct RoutingError {
+    pub source_file: PathBuf,
+    pub appservice: String,
+    pub pattern: String,
+    pub regex_error: String,
+    pub fancy_error: String,
+}
+
+/// A pattern that compiles but may not mean what it means in Python.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingWarning {
+    pub appservice: String,
+    pub pattern: String,
+    pub message: String,
+}
+
+/// user id → indices (into the slice given to [`Router::new`]) of the interested appservices.
+#[derive(Debug)]
+pub struct Router {
+    set: regex::RegexSet,
+    /// For each pattern of `set`, the appservice it belongs to.
+    set_owner: Vec<usize>,
+    fancy: Vec<(fancy_regex::Regex, usize)>,
+    senders: HashMap<String, Vec<usize>>,
+    warnings: Vec<RoutingWarning>,
+    appservice_count: usize,
+}
+
+impl Router {
+    pub fn new(appservices: &[AppserviceInterest]) -> Result<Router, RoutingError> {
+        let mut set_patterns = Vec::new();
+        let mut set_owner = Vec::new();
+        let mut fancy = Vec::new();
+        let mut senders: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut warnings = Vec::new();
+        for (i, a) in appservices.iter().enumerate() {
+            senders.entry(a.sender_user_id.clone()).or_default().push(i);
+            for p in &a.user_regexes {
+                let anchored = format!("^(?:{})", translate_python_syntax(p));
+                if let Some(message) = python_difference(p) {
+                    warnings.push(RoutingWarning {
+                        appservice: a.id.clone(),
+                        pattern: p.clone(),
+                        message,
+                    });
+                }
+                match regex::Regex::new(&anchored) {
+                    Ok(_) => {
+                        set_patterns.push(anchored);
+                        set_owner.push(i);
+                    }
+                    Err(regex_error) => match fancy_regex::Regex::new(&anchored) {
+                        Ok(r) => fancy.push((r, i)),
+                        Err(fancy_error) => {
+                            return Err(RoutingError {
+                                source_file: a.source.clone(),
+                                appservice: a.id.clone(),
+                                pattern: p.clone(),
+                                regex_error: first_line(&regex_error.to_string()),
+                                fancy_error: first_line(&fancy_error.to_string()),
+                            });
+                        }
+                    },
+                }
+            }
+        }
+        let set = regex::RegexSetBuilder::new(&set_patterns)
+            .size_limit(256 << 20)
+            .dfa_size_limit(64 << 20)
+            .build()
+            .map_err(|e| RoutingError {
+                source_file: PathBuf::new(),
+                appservice: String::new(),
+                pattern: format!("({} patterns together)", set_patterns.len()),
+                regex_error: first_line(&e.to_string()),
+                fancy_error: String::new(),
+            })?;
+        Ok(Router {
+            set,
+            set_owner,
+            fancy,
+            senders,
+            warnings,
+            appservice_count: appservices.len(),
+        })
+    }
+
+    /// Patterns that compile but may behave unlike Python; log them at start.
+    pub fn warnings(&self) -> &[RoutingWarning] {
+        &self.warnings
+    }
+
+    /// Write into `out` the sorted, distinct indices of the appservices interested in `user_id`.
+    pub fn route_into(&self, user_id: &str, out: &mut Vec<usize>) {
+        out.clear();
+        if let Some(s) = self.senders.get(user_id) {
+            out.extend_from_slice(s);
+        }
+        if !self.set_owner.is_empty() {
+            out.extend(
+                self.set
+                    .matches(user_id)
+                    .into_iter()
+                    .map(|p| self.set_owner[p]),
+            );
+        }
+        for (r, i) in &self.fancy {
+            // A pattern that exceeds fancy-regex's backtrack limit counts as no match.
+            if r.is_match(user_id).unwrap_or(false) {
+                out.push(*i);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+    }
+
+    /// Convenience form of [`Router::route_into`].
+    pub fn route(&self, user_id: &str) -> Vec<usize> {
+        let mut v = Vec::new();
+        self.route_into(user_id, &mut v);
+        v
+    }
+
+    pub fn appservice_count(&self) -> usize {
+        self.appservice_count
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Rewrite the few Python spellings the Rust engines lack: `\Z` (end of string) becomes `\z`.
+/// Escaped backslashes are skipped over, so `\\Z` (a backslash, then `Z`) is left alone.
+fn translate_python_syntax(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    let mut chars = p.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Z') => out.push_str("\\z"),
+            Some(next) => {
+                out.push('\\');
+                out.push(next);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// Constructs Python reads differently from Rust's engines.
+fn python_difference(p: &str) -> Option<String> {
+    if p.contains("[:") && p.contains(":]") {
+        return Some(
+            "POSIX classes like [[:alpha:]] are literal characters in Python but classes here"
+                .into(),
+        );
+    }
+    if p.contains("&&") || p.contains("--") || p.contains("~~") {
+        return Some(
+            "`&&`, `--` and `~~` inside [...] are literal in Python but set operations here".into(),
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interest(id: &str, sender: &str, regexes: &[&str]) -> AppserviceInterest {
+        AppserviceInterest {
+            id: id.into(),
+            sender_user_id: sender.into(),
+            user_regexes: regexes.iter().map(|s| s.to_string()).collect(),
+            source: format!("/etc/{id}.yaml").into(),
+        }
+    }
+
+    /// (pattern, user id, what Python's `re.match(pattern, user_id) is not None` gives).
+    /// Each row was checked with CPython 3.11 (`re.match`), by a script over this table.
+    const PYTHON_RE_MATCH: &[(&str, &str, bool)] = &[
+        ("@irc_.*", "@irc_alice:example.org", true),
+        ("@irc_.*", "@irc_:example.org", true),
+        ("@irc_.*", "@bob:example.org", false),
+        ("@irc_.*", "x@irc_alice:example.org", false),
+        // `@irc_*` is `@irc` followed by any number of `_`: still a prefix match.
+        ("@irc_*", "@ircalice:example.org", true),
+        ("@irc_*", "@irc___x:example.org", true),
+        ("@irc_*", "@ir:example.org", false),
+        // Anchored at the start only: no implicit `$`.
+        ("@a_.*:example\\.org", "@a_x:example.org.evil", true),
+        ("@a_.*:example\\.org$", "@a_x:example.org.evil", false),
+        ("@a_.*:example\\.org$", "@a_x:example.org", true),
+        // `.` is any character; escaped it is a dot.
+        ("@a:example.org", "@a:exampleXorg", true),
+        ("@a:example\\.org", "@a:exampleXorg", false),
+        // Escaped punctuation Python accepts.
+        (
+            "\\@telegram_\\d+:example\\.org",
+            "@telegram_123:example.org",
+            true,
+        ),
+        (
+            "\\@telegram_\\d+:example\\.org",
+            "@telegram_abc:example.org",
+            false,
+        ),
+        // Case-sensitive.
+        ("@IRC_.*", "@irc_a:example.org", false),
+        ("(?i)@IRC_.*", "@irc_a:example.org", true),
+        // Lookahead (needs fancy-regex).
+        ("@(?!admin)[a-z]+:example\\.org", "@alice:example.org", true),
+        (
+            "@(?!admin)[a-z]+:example\\.org",
+            "@admin:example.org",
+            false,
+        ),
+        // Lookbehind and backreference.
+        ("@(a)\\1:x", "@aa:x", true),
+        ("@(a)\\1:x", "@ab:x", false),
+        ("@.*(?<!bot):example\\.org", "@alice:example.org", true),
+        ("@.*(?<!bot):example\\.org", "@alicebot:example.org", false),
+        // \Z: end of string in Python.
+        ("@exact:example\\.org\\Z", "@exact:example.org", true),
+        ("@exact:example\\.org\\Z", "@exact:example.orgx", false),
+        ("@back\\\\Z", "@back\\Z", true),
+        // Alternation binds inside the anchor group: `^(?:a|b)`, not `^a|b`.
+        ("@a:x|@b:x", "@b:x", true),
+        ("@a:x|@b:x", "c@b:x", false),
+        // Character classes and counted repetition.
+        ("@[0-9]{3}:x", "@123:x", true),
+        ("@[0-9]{3}:x", "@12:x", false),
+        (
+            "@_discord_[0-9]+:example\\.org",
+            "@_discord_5:example.org",
+            true,
+        ),
+        // Empty pattern matches everything (as in Python).
+        ("", "@anyone:example.org", true),
+    ];
+
+    #[test]
+    fn namespace_regexes_match_like_python_re_match() {
+        for (pattern, user, expected) in PYTHON_RE_MATCH {
+            let router = Router::new(&[interest("a", "@sender:x", &[pattern])])
+                .unwrap_or_else(|e| panic!("pattern {pattern:?} rejected: {e}"));
+            let got = router.route(user) == vec![0];
+            assert_eq!(got, *expected, "re.match({pattern:?}, {user:?})");
+        }
+    }
+
+    #[test]
+    fn the_sender_user_is_always_interesting() {
+        let r = Router::new(&[interest("a", "@abot:example.org", &["@a_.*"])]).unwrap();
+        assert_eq!(r.route("@abot:example.org"), vec![0]);
+        assert_eq!(
+            r.route("@abot:example.org.evil"),
+            Vec::<usize>::new(),
+            "the sender is an exact match"
+        );
+        let r = Router::new(&[interest("a", "@abot:example.org", &[])]).unwrap();
+        assert_eq!(r.route("@abot:example.org"), vec![0]);
+        assert!(r.route("@a_x:example.org").is_empty());
+    }
+
+    #[test]
+    fn several_appservices_and_engines_route_together() {
+        let r = Router::new(&[
+            interest("irc", "@ircbot:x", &["@irc_.*", "@shared_.*"]),
+            interest(
+                "tg",
+                "@tgbot:x",
+                &["@tg_.*", "@shared_.*", "@(?!tg_admin)tg.*"],
+            ),
+            interest("none", "@nonebot:x", &[]),
+        ])
+        .unwrap();
+        assert_eq!(r.route("@irc_a:x"), vec![0]);
+        assert_eq!(r.route("@shared_a:x"), vec![0, 1]);
+        assert_eq!(r.route("@tg_a:x"), vec![1]);
+        assert_eq!(r.route("@tgfoo:x"), vec![1]);
+        assert_eq!(r.route("@nonebot:x"), vec![2]);
+        assert!(r.route("@stranger:x").is_empty());
+        assert_eq!(r.appservice_count(), 3);
+    }
+
+    #[test]
+    fn an_impossible_pattern_names_file_appservice_and_pattern() {
+        let err =
+            Router::new(&[interest("broken", "@b:x", &["@ok_.*", "@bad_(unclosed"])]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("/etc/broken.yaml")
+                && text.contains("\"broken\"")
+                && text.contains("@bad_(unclosed"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn python_differences_are_warned_about() {
+        let r = Router::new(&[interest("a", "@s:x", &["@[[:alpha:]]+:x", "@plain_.*"])]).unwrap();
+        assert_eq!(r.warnings().len(), 1);
+        assert_eq!(r.warnings()[0].pattern, "@[[:alpha:]]+:x");
+    }
+
+    #[test]
+    fn five_thousand_namespaces_compile_and_route() {
+        let mut list = Vec::new();
+        for i in 0..100 {
+            let regexes: Vec<String> = (0..50)
+                .map(|j| format!("@as{i}_ns{j}_.*:example\\.org"))
+                .collect();
+            list.push(AppserviceInterest {
+                id: format!("as{i}"),
+                sender_user_id: format!("@as{i}bot:example.org"),
+                user_regexes: regexes,
+                source: PathBuf::new(),
+            });
+        }
+        let r = Router::new(&list).unwrap();
+        assert_eq!(r.route("@as42_ns7_alice:example.org"), vec![42]);
+        assert!(r.route("@as42_ns77_alice:example.org").is_empty());
+    }
+}
