@@ -13,7 +13,9 @@
 //! - [`ops`] and [`cmd`]: the edge: CLI subcommands, logging.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod config;
+pub mod delivery;
 pub mod model;
 pub mod pgconfig;
 pub mod replication;

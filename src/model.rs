@@ -94,14 +94,26 @@ pub struct AccountDataKey {
     pub data_type: Arc<str>,
 }
 
+/// The Synapse table a value is read from when it is read at delivery time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SourceTable {
+    /// `account_data` (global account data).
+    AccountData,
+    /// `room_account_data`.
+    RoomAccountData,
+    /// `room_tags`: all tags of one (user, room), assembled into one `m.tag` event.
+    RoomTags,
+}
+
 /// The value a change carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChangeContent {
     /// The new content, as the raw JSON text Synapse stored (validated, never re-serialised).
     Json(Arc<str>),
-    /// A `room_tags_revisions` row changed: the full `m.tag` content is read from `room_tags`
-    /// when the transaction to the appservice is built.
-    RoomTags,
+    /// The value is read from `SourceTable` when the transaction to the appservice is built:
+    /// a `room_tags_revisions` row (the `m.tag` content is all of the room's current tags), or an
+    /// UPDATE whose `content` was an unchanged TOAST value (not sent by pgoutput).
+    ReadCurrent(SourceTable),
 }
 
 /// One account-data change, as decoded from one row of one committed PostgreSQL transaction.

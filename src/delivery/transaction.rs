@@ -1,0 +1,240 @@
+//! The body and id of one `PUT /_matrix/app/v1/transactions/{txnId}`. Pure.
+//!
+//! Body:
+//! ```json
+//! {"events": [],
+//!  "org.matrix.msc3682.account_data": {"@u:hs": {"events": [{"type": "T", "content": {...}}]}},
+//!  "org.matrix.msc3682.room_account_data": {"@u:hs": {"!room:hs": {"events": [{"type": "m.tag", "content": {...}}]}}}}
+//! ```
+//! `events` is always present (the spec requires it; mautrix-python and matrix-bot-sdk reject a
+//! body without it). Global account data goes under MSC3682's field, shaped like /sync's
+//! top-level `account_data` per user; room account data and tags under a field of ours shaped like
+//! /sync's `rooms.join.<room>.account_data`, so a consumer of the MSC cannot mistake them for
+//! global data. Either field is omitted when empty. Content is written as the raw JSON text
+//! Synapse stored, never re-serialised.
+//!
+//! The transaction id is `msc3682-<first LSN>-<last LSN>-<hash>`: never purely numeric (Synapse's
+//! own ids are integers from one sequence, and appservices drop ids they have seen), URL-safe,
+//! fixed for the body (the body is built once and retried unchanged), and different for a
+//! different body (the hash is the first 64 bits of the body's SHA-256).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use sha2::{Digest, Sha256};
+
+use crate::model::{AccountDataKey, Lsn};
+
+/// MSC3682's unstable field for global account data.
+pub const ACCOUNT_DATA_FIELD: &str = "org.matrix.msc3682.account_data";
+/// Our field for room account data and tags.
+pub const ROOM_ACCOUNT_DATA_FIELD: &str = "org.matrix.msc3682.room_account_data";
+
+/// One event of the body: a key and its content as raw JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedEntry<'a> {
+    pub key: &'a AccountDataKey,
+    pub content: &'a str,
+}
+
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serialising a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn push_event(out: &mut Vec<u8>, data_type: &str, content: &str) {
+    out.extend_from_slice(b"{\"type\":");
+    push_json_string(out, data_type);
+    out.extend_from_slice(b",\"content\":");
+    out.extend_from_slice(content.as_bytes());
+    out.push(b'}');
+}
+
+fn push_events<'a>(out: &mut Vec<u8>, events: &[&ResolvedEntry<'a>]) {
+    out.extend_from_slice(b"{\"events\":[");
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_event(out, &e.key.data_type, e.content);
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// Build the JSON body for `entries` (whose contents must be valid JSON text).
+pub fn build_body(entries: &[ResolvedEntry<'_>]) -> Vec<u8> {
+    let mut global: BTreeMap<&str, Vec<&ResolvedEntry<'_>>> = BTreeMap::new();
+    let mut rooms: BTreeMap<&str, BTreeMap<&str, Vec<&ResolvedEntry<'_>>>> = BTreeMap::new();
+    let mut size = 64;
+    for e in entries {
+        size += e.content.len() + e.key.data_type.len() + e.key.user_id.len() + 64;
+        match &e.key.room_id {
+            None => global.entry(&e.key.user_id).or_default().push(e),
+            Some(room) => rooms
+                .entry(&e.key.user_id)
+                .or_default()
+                .entry(room)
+                .or_default()
+                .push(e),
+        }
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(b"{\"events\":[]");
+    if !global.is_empty() {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(ACCOUNT_DATA_FIELD.as_bytes());
+        out.extend_from_slice(b"\":{");
+        for (i, (user, events)) in global.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_json_string(&mut out, user);
+            out.push(b':');
+            push_events(&mut out, events);
+        }
+        out.push(b'}');
+    }
+    if !rooms.is_empty() {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(ROOM_ACCOUNT_DATA_FIELD.as_bytes());
+        out.extend_from_slice(b"\":{");
+        for (i, (user, by_room)) in rooms.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_json_string(&mut out, user);
+            out.extend_from_slice(b":{");
+            for (j, (room, events)) in by_room.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                push_json_string(&mut out, room);
+                out.push(b':');
+                push_events(&mut out, events);
+            }
+            out.push(b'}');
+        }
+        out.push(b'}');
+    }
+    out.push(b'}');
+    out
+}
+
+/// The transaction id for a body covering commits `first..=last`.
+pub fn transaction_id(first: Lsn, last: Lsn, body: &[u8]) -> String {
+    let digest = Sha256::digest(body);
+    let mut id = format!("msc3682-{:X}-{:X}-", first.0, last.0);
+    for b in &digest[..8] {
+        let _ = write!(id, "{b:02x}");
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn key(user: &str, room: Option<&str>, ty: &str) -> AccountDataKey {
+        AccountDataKey {
+            user_id: user.into(),
+            room_id: room.map(Arc::from),
+            data_type: ty.into(),
+        }
+    }
+
+    #[test]
+    fn body_has_events_and_both_fields_shaped_like_sync() {
+        let k1 = key("@a:x", None, "m.direct");
+        let k2 = key("@a:x", None, "org.example \"quoted\"");
+        let k3 = key("@b:x", Some("!r:x"), "m.tag");
+        let k4 = key("@a:x", Some("!r:x"), "m.fully_read");
+        let entries = [
+            ResolvedEntry {
+                key: &k1,
+                content: r#"{"@c:x":["!d:x"]}"#,
+            },
+            ResolvedEntry {
+                key: &k2,
+                content: "{}",
+            },
+            ResolvedEntry {
+                key: &k3,
+                content: r#"{"tags":{"u.work":{"order":0.5}}}"#,
+            },
+            ResolvedEntry {
+                key: &k4,
+                content: r#"{"event_id":"$e"}"#,
+            },
+        ];
+        let body = build_body(&entries);
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "events": [],
+                "org.matrix.msc3682.account_data": {
+                    "@a:x": {"events": [
+                        {"type": "m.direct", "content": {"@c:x": ["!d:x"]}},
+                        {"type": "org.example \"quoted\"", "content": {}}
+                    ]}
+                },
+                "org.matrix.msc3682.room_account_data": {
+                    "@a:x": {"!r:x": {"events": [{"type": "m.fully_read", "content": {"event_id": "$e"}}]}},
+                    "@b:x": {"!r:x": {"events": [{"type": "m.tag", "content": {"tags": {"u.work": {"order": 0.5}}}}]}}
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn content_is_passed_through_byte_for_byte() {
+        let k = key("@a:x", None, "t");
+        // Synapse stores compact JSON with non-ASCII escaped; keep it exactly, even odd spacing.
+        let content = r#"{"b": 1.0000,"a":"\u00e9"}"#;
+        let body = build_body(&[ResolvedEntry { key: &k, content }]);
+        assert!(String::from_utf8(body).unwrap().contains(content));
+    }
+
+    #[test]
+    fn empty_fields_are_omitted() {
+        let k = key("@a:x", Some("!r:x"), "t");
+        let v: serde_json::Value = serde_json::from_slice(&build_body(&[ResolvedEntry {
+            key: &k,
+            content: "{}",
+        }]))
+        .unwrap();
+        assert!(v.get(ACCOUNT_DATA_FIELD).is_none());
+        assert!(v.get(ROOM_ACCOUNT_DATA_FIELD).is_some());
+        assert_eq!(build_body(&[]), br#"{"events":[]}"#);
+    }
+
+    #[test]
+    fn transaction_ids_are_never_numeric_url_safe_and_follow_the_body() {
+        let a = transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}");
+        assert!(a.starts_with("msc3682-16B374D848-16B374D900-"), "{a}");
+        assert!(a.parse::<u64>().is_err());
+        assert!(
+            a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "{a}"
+        );
+        assert_eq!(
+            a,
+            transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}"),
+            "same body, same id"
+        );
+        assert_ne!(
+            a,
+            transaction_id(
+                Lsn(0x16_B374_D848),
+                Lsn(0x16_B374_D900),
+                b"{\"events\":[1]}"
+            ),
+            "other body, other id"
+        );
+        assert_ne!(
+            a,
+            transaction_id(Lsn(0), Lsn(0x16_B374_D900), b"{\"events\":[]}")
+        );
+    }
+}
