@@ -2,3 +2,4 @@
 //! into account-data changes ([`rows`], pure).
 
 pub mod files;
+pub mod rows;
