@@ -18,6 +18,7 @@ pub mod config;
 pub mod delivery;
 pub mod model;
 pub mod pgconfig;
+pub mod provision;
 pub mod replication;
 pub mod routing;
 pub mod synapse;
