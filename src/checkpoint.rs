@@ -83,6 +83,12 @@ impl CheckpointTracker {
         self.last_end.max(self.keepalive_end)
     }
 
+    /// The end LSN of the newest Commit received: where a reconnect resumes streaming (the
+    /// transactions before it are already in the queues or delivered).
+    pub fn last_commit_end(&self) -> Lsn {
+        self.last_end
+    }
+
     /// Received transactions with routed changes, not yet confirmed.
     pub fn open_transactions(&self) -> usize {
         self.open.len()

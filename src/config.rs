@@ -361,6 +361,17 @@ impl Settings {
                 ));
                 continue;
             };
+            match reqwest::Url::parse(&url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                Ok(u) => {
+                    return Err(ConfigError::Other {
+                        message: format!("{}: url {url:?} must be http or https, not {:?}", path.display(), u.scheme()),
+                    });
+                }
+                Err(e) => {
+                    return Err(ConfigError::Other { message: format!("{}: url {url:?} is not a URL: {e}", path.display()) });
+                }
+            }
             match (section.and_then(|s| s.account_data), reg.opt_in) {
                 (Some(false), _) => {
                     skipped.push(skip(format!(
@@ -424,7 +435,8 @@ impl Settings {
     }
 }
 
-fn resolve_postgres(
+/// The database connection from Synapse's `database.args`, the relay's `[postgres]` and the environment.
+pub fn resolve_postgres(
     hs: &HomeserverConfig,
     over: &PostgresSection,
     relay_path: &Path,

@@ -14,10 +14,13 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod cmd;
 pub mod config;
 pub mod delivery;
 pub mod model;
+pub mod ops;
 pub mod pgconfig;
+pub mod pipeline;
 pub mod provision;
 pub mod replication;
 pub mod routing;

@@ -5,3 +5,4 @@
 pub mod queue;
 pub mod retry;
 pub mod transaction;
+pub mod worker;

@@ -2,4 +2,5 @@
 //! into account-data changes ([`rows`], pure).
 
 pub mod files;
+pub mod current;
 pub mod rows;

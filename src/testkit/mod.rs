@@ -12,6 +12,9 @@
 //! watcher process ([`LocalCluster::stop_when_process_exits`]) that does the same once this
 //! process is gone, however it ended.
 
+pub mod receiver;
+pub mod synapse_writes;
+
 use std::fmt;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,169 @@
+//! `check`: validate everything without changing anything, and list all that is wrong.
+
+use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
+use crate::config::{Settings, process_env, resolve_postgres};
+use crate::provision::{Names, Severity, inspect, problems};
+use crate::replication::connection::ReplicationConnection;
+use crate::routing::{AppserviceInterest, Router};
+use crate::synapse::files::{HomeserverConfig, Registration};
+
+/// Validate config, registrations, connectivity and the database; exit 1 listing what is wrong.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example:\n  synapse-account-data-relay check --synapse-config /etc/matrix-synapse/homeserver.yaml")]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+struct Report {
+    errors: usize,
+}
+
+impl Report {
+    fn ok(&self, what: impl std::fmt::Display) {
+        println!("ok       {what}");
+    }
+    fn warn(&self, what: impl std::fmt::Display) {
+        println!("warning  {what}");
+    }
+    fn fail(&mut self, what: impl std::fmt::Display) {
+        self.errors += 1;
+        println!("FAIL     {what}");
+    }
+}
+
+pub async fn check(args: &CheckArgs) -> u8 {
+    let mut r = Report { errors: 0 };
+    let (relay, relay_path) = match args.config.relay_config() {
+        Ok(x) => x,
+        Err(e) => {
+            r.fail(e);
+            return EXIT_CONFIG;
+        }
+    };
+    if args.config.config.is_some() {
+        r.ok(format!("relay config {} parses", relay_path.display()));
+    }
+    let paths = args.config.synapse_paths(&relay);
+    let hs = match HomeserverConfig::load(&paths) {
+        Ok(h) => {
+            r.ok(format!(
+                "Synapse config ({}): server_name {:?}, {} appservice registration(s)",
+                h.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+                h.server_name,
+                h.app_service_config_files.len()
+            ));
+            h
+        }
+        Err(e) => {
+            r.fail(e);
+            return EXIT_CONFIG;
+        }
+    };
+    let mut registrations_ok = true;
+    for path in &hs.app_service_config_files {
+        if let Err(e) = Registration::load(path) {
+            registrations_ok = false;
+            r.fail(e);
+        }
+    }
+    let settings = match Settings::resolve(&paths, &relay, &relay_path, &process_env) {
+        Ok(s) => {
+            for a in &s.appservices {
+                r.ok(format!("appservice {:?} is served ({}), {} user namespace(s)", a.id, a.url, a.user_regexes.len()));
+            }
+            for k in &s.skipped {
+                r.ok(format!("appservice {:?} is skipped: {}", k.id, k.reason));
+            }
+            let interests: Vec<AppserviceInterest> = s
+                .appservices
+                .iter()
+                .map(|a| AppserviceInterest {
+                    id: a.id.clone(),
+                    sender_user_id: a.sender_user_id.clone(),
+                    user_regexes: a.user_regexes.clone(),
+                    source: a.registration_path.clone(),
+                })
+                .collect();
+            match Router::new(&interests) {
+                Ok(router) => {
+                    r.ok("all users namespace regexes compile");
+                    for w in router.warnings() {
+                        r.warn(format!("appservice {:?}: {:?}: {}", w.appservice, w.pattern, w.message));
+                    }
+                }
+                Err(e) => r.fail(e),
+            }
+            Some(s)
+        }
+        Err(e) => {
+            if registrations_ok {
+                r.fail(e);
+            }
+            None
+        }
+    };
+    let pg = match &settings {
+        Some(s) => s.postgres.clone(),
+        None => match resolve_postgres(&hs, &relay.postgres, &relay_path, &process_env) {
+            Ok(p) => p,
+            Err(e) => {
+                r.fail(e);
+                return EXIT_FAILURE;
+            }
+        },
+    };
+    let slot = settings.as_ref().map(|s| s.slot_name.clone()).unwrap_or_else(|| crate::config::DEFAULT_NAME.into());
+    let publication = settings.as_ref().map(|s| s.publication_name.clone()).unwrap_or_else(|| crate::config::DEFAULT_NAME.into());
+    match crate::postgres_sql::connect_sql(&pg).await {
+        Ok(client) => {
+            r.ok(format!("connected to PostgreSQL at {}", pg.describe()));
+            match inspect(&client, &slot, &publication).await {
+                Ok(state) => {
+                    let found = problems(&state, Names { slot: &slot, publication: &publication });
+                    for p in &found {
+                        match p.severity {
+                            Severity::Warning => r.warn(&p.message),
+                            Severity::NeedsSetup => r.fail(format!("{} (run `setup`)", p.message)),
+                            Severity::Error => r.fail(&p.message),
+                        }
+                    }
+                    if found.iter().all(|p| p.severity == Severity::Warning) {
+                        r.ok(format!(
+                            "PostgreSQL {}: wal_level logical, tables have replica identity, publication {publication:?} and slot {slot:?} ready",
+                            state.server_version
+                        ));
+                        if let Some(s) = &state.slot
+                            && let Some(c) = s.confirmed_flush_lsn
+                        {
+                            r.ok(format!(
+                                "slot {slot:?}: {}, confirmed up to {c}, {} bytes of WAL behind the server",
+                                if s.active { "streaming" } else { "not in use" },
+                                state.current_wal_lsn.0.saturating_sub(c.0)
+                            ));
+                        }
+                    }
+                }
+                Err(e) => r.fail(e),
+            }
+        }
+        Err(e) => r.fail(format!("cannot connect to PostgreSQL: {e}")),
+    }
+    match ReplicationConnection::connect(&pg).await {
+        Ok(mut conn) => match conn.identify_system().await {
+            Ok(id) => {
+                r.ok(format!("replication connection works (IDENTIFY_SYSTEM: timeline {}, WAL at {})", id.timeline, id.xlogpos));
+                conn.close().await;
+            }
+            Err(e) => r.fail(format!("replication connection: {e}")),
+        },
+        Err(e) => r.fail(format!("cannot open a replication connection: {e}")),
+    }
+    if r.errors > 0 {
+        println!("{} problem(s) found", r.errors);
+        EXIT_FAILURE
+    } else {
+        println!("everything is ready");
+        0
+    }
+}

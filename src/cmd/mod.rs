@@ -1,0 +1,64 @@
+//! The subcommands, one file each. `main` parses the command line and maps the results to exit
+//! codes: 0 success, 1 something is wrong (a failed check, a runtime failure), 2 a usage or
+//! configuration error.
+
+pub mod check;
+pub mod demo;
+pub mod run;
+pub mod setup;
+pub mod teardown;
+
+use std::path::PathBuf;
+
+use crate::config::{ConfigError, DEFAULT_SYNAPSE_CONFIG, RelayConfig, Settings, process_env};
+
+/// Exit status: a check found problems, or the relay failed at run time.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: bad command line or configuration.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Where the configuration comes from (shared by every subcommand).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// Synapse's config: a file, or a directory whose *.yaml files are read in name order, as
+    /// Synapse's own --config-path. Repeat for several; later files win. Default:
+    /// /etc/matrix-synapse/homeserver.yaml and /etc/matrix-synapse/conf.d (when it exists).
+    #[arg(long = "synapse-config", short = 'c', value_name = "PATH")]
+    pub synapse_config: Vec<PathBuf>,
+    /// The relay's own config file (TOML); every setting in it is optional.
+    #[arg(long = "config", value_name = "FILE", env = "SYNAPSE_ACCOUNT_DATA_RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// The relay config (empty when no file is given) and its path (for messages).
+    pub fn relay_config(&self) -> Result<(RelayConfig, PathBuf), ConfigError> {
+        match &self.config {
+            Some(p) => Ok((RelayConfig::load(p)?, p.clone())),
+            None => Ok((RelayConfig::default(), PathBuf::from("(no relay config file)"))),
+        }
+    }
+
+    /// Synapse's config paths: the command line, else the relay config, else the defaults.
+    pub fn synapse_paths(&self, relay: &RelayConfig) -> Vec<PathBuf> {
+        if !self.synapse_config.is_empty() {
+            return self.synapse_config.clone();
+        }
+        if let Some(p) = &relay.synapse_config {
+            return p.clone();
+        }
+        DEFAULT_SYNAPSE_CONFIG
+            .iter()
+            .map(PathBuf::from)
+            .enumerate()
+            .filter(|(i, p)| *i == 0 || p.exists())
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    /// Resolve everything.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let (relay, relay_path) = self.relay_config()?;
+        Settings::resolve(&self.synapse_paths(&relay), &relay, &relay_path, &process_env)
+    }
+}

@@ -1,0 +1,91 @@
+//! `setup`: check the server and prepare it (replica identity, publication, slot). Idempotent.
+
+use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
+use crate::provision::{Names, Severity, execute_plan, inspect, plan_to_sql, problems, setup_plan};
+
+/// Check the server and prepare it for the relay.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example:\n  synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml\n  \
+synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml --dry-run > setup.sql")]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the SQL that would run, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub async fn setup(args: &SetupArgs) -> u8 {
+    let settings = match args.config.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let mut client = match crate::postgres_sql::connect_sql(&settings.postgres).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot connect to PostgreSQL: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let names = Names { slot: &settings.slot_name, publication: &settings.publication_name };
+    let state = match inspect(&client, names.slot, names.publication).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let plan = match setup_plan(&state, names) {
+        Ok(p) => p,
+        Err(problems) => {
+            eprintln!("setup cannot continue; nothing was changed:");
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            return EXIT_FAILURE;
+        }
+    };
+    if args.dry_run {
+        if plan.is_empty() {
+            println!("-- nothing to do: database {:?} is ready for the relay", state.database);
+        } else {
+            println!("-- synapse-account-data-relay setup for database {:?} (dry run)", state.database);
+            print!("{}", plan_to_sql(&plan));
+        }
+        return 0;
+    }
+    if plan.is_empty() {
+        println!("nothing to do: database {:?} is ready (slot {:?}, publication {:?})", state.database, names.slot, names.publication);
+    } else {
+        if let Err(e) = execute_plan(&mut client, &plan).await {
+            eprintln!("error: {e}");
+            if e.sqlstate.as_deref() == Some("55P03") {
+                eprintln!("  a Synapse transaction held a lock for longer than the lock timeout; try again in a moment");
+            }
+            eprintln!("(each step runs in a transaction: a failed step changed nothing; steps before it are done, and setup can be run again)");
+            return EXIT_FAILURE;
+        }
+        for step in plan.iter().filter(|s| !s.sql.starts_with("SET ")) {
+            println!("done: {}", step.description);
+        }
+    }
+    match inspect(&client, names.slot, names.publication).await {
+        Ok(after) => {
+            let left: Vec<_> = problems(&after, names).into_iter().collect();
+            for p in &left {
+                println!("  {p}");
+            }
+            if left.iter().any(|p| p.severity != Severity::Warning) {
+                return EXIT_FAILURE;
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILURE;
+        }
+    }
+    0
+}

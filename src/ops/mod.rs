@@ -1,0 +1,3 @@
+//! The operational edge: logging setup (and, later, metrics, health and systemd).
+
+pub mod logging;

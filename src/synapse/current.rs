@@ -1,0 +1,115 @@
+//! Reading the current value of account-data keys from Synapse's tables (I/O): for `m.tag`
+//! (all of a room's tags, from `room_tags`) and for UPDATEs whose content pgoutput did not repeat
+//! (unchanged TOAST). One query per table per transaction to an appservice, never one per key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::model::{AccountDataKey, SourceTable};
+use crate::synapse::rows::assemble_tags;
+
+/// A failed read, with the SQLSTATE when the server sent one.
+#[derive(Debug, thiserror::Error)]
+#[error("reading current {table} content: {message}{}", sqlstate.as_ref().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default())]
+pub struct ReadError {
+    pub table: &'static str,
+    pub message: String,
+    pub sqlstate: Option<String>,
+    /// The connection is gone; the caller should reconnect.
+    pub connection_lost: bool,
+}
+
+fn read_error(table: &'static str, e: &tokio_postgres::Error) -> ReadError {
+    ReadError {
+        table,
+        message: e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string()),
+        sqlstate: e.code().map(|c| c.code().to_owned()),
+        connection_lost: e.is_closed() || e.as_db_error().is_none(),
+    }
+}
+
+/// The current content of `keys` read from `table`. Keys whose row no longer exists are absent
+/// from the answer, except for `RoomTags`, where a room without tags has content `{"tags":{}}`.
+pub async fn read_current(
+    client: &tokio_postgres::Client,
+    table: SourceTable,
+    keys: &[&AccountDataKey],
+) -> Result<HashMap<AccountDataKey, Arc<str>>, ReadError> {
+    let mut out = HashMap::with_capacity(keys.len());
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    let users: Vec<&str> = keys.iter().map(|k| &*k.user_id).collect();
+    let rooms: Vec<&str> = keys.iter().map(|k| k.room_id.as_deref().unwrap_or("")).collect();
+    let types: Vec<&str> = keys.iter().map(|k| &*k.data_type).collect();
+    match table {
+        SourceTable::AccountData => {
+            let rows = client
+                .query(
+                    "SELECT a.user_id, a.account_data_type, a.content FROM account_data a \
+                     JOIN unnest($1::text[], $2::text[]) AS k(user_id, account_data_type) \
+                       ON a.user_id = k.user_id AND a.account_data_type = k.account_data_type",
+                    &[&users, &types],
+                )
+                .await
+                .map_err(|e| read_error("account_data", &e))?;
+            for r in rows {
+                let key = AccountDataKey {
+                    user_id: r.get::<_, &str>(0).into(),
+                    room_id: None,
+                    data_type: r.get::<_, &str>(1).into(),
+                };
+                out.insert(key, Arc::from(r.get::<_, &str>(2)));
+            }
+        }
+        SourceTable::RoomAccountData => {
+            let rows = client
+                .query(
+                    "SELECT a.user_id, a.room_id, a.account_data_type, a.content FROM room_account_data a \
+                     JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, room_id, account_data_type) \
+                       ON a.user_id = k.user_id AND a.room_id = k.room_id AND a.account_data_type = k.account_data_type",
+                    &[&users, &rooms, &types],
+                )
+                .await
+                .map_err(|e| read_error("room_account_data", &e))?;
+            for r in rows {
+                let key = AccountDataKey {
+                    user_id: r.get::<_, &str>(0).into(),
+                    room_id: Some(r.get::<_, &str>(1).into()),
+                    data_type: r.get::<_, &str>(2).into(),
+                };
+                out.insert(key, Arc::from(r.get::<_, &str>(3)));
+            }
+        }
+        SourceTable::RoomTags => {
+            let rows = client
+                .query(
+                    "SELECT t.user_id, t.room_id, t.tag, t.content FROM room_tags t \
+                     JOIN (SELECT DISTINCT * FROM unnest($1::text[], $2::text[])) AS k(user_id, room_id) \
+                       ON t.user_id = k.user_id AND t.room_id = k.room_id \
+                     ORDER BY t.user_id, t.room_id, t.tag",
+                    &[&users, &rooms],
+                )
+                .await
+                .map_err(|e| read_error("room_tags", &e))?;
+            let mut by_room: HashMap<(&str, &str), Vec<(&str, &str)>> = HashMap::new();
+            for r in &rows {
+                by_room.entry((r.get(0), r.get(1))).or_default().push((r.get(2), r.get(3)));
+            }
+            for key in keys {
+                let tags = by_room.remove(&(&*key.user_id, key.room_id.as_deref().unwrap_or(""))).unwrap_or_default();
+                let (content, invalid) = assemble_tags(tags);
+                for tag in invalid {
+                    tracing::error!(
+                        user_id = %key.user_id,
+                        room_id = key.room_id.as_deref().unwrap_or(""),
+                        tag = %tag,
+                        "room_tags row skipped: its content is not valid JSON"
+                    );
+                }
+                out.insert((*key).clone(), Arc::from(content));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,263 @@
+//! A recording appservice: a real HTTP server answering
+//! `PUT /_matrix/app/v1/transactions/{txnId}` the way appservice frameworks do, for `demo` and
+//! the tests. It keeps every accepted transaction, drops a txnId it has already accepted (as
+//! mautrix and matrix-bot-sdk do), checks the `Authorization` header, and can be told to fail
+//! (status codes, non-JSON bodies, hanging) to exercise retries.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Notify;
+
+use crate::delivery::transaction::{ACCOUNT_DATA_FIELD, ROOM_ACCOUNT_DATA_FIELD};
+
+/// How the receiver answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverMode {
+    /// 200 with `{}`.
+    Accept,
+    /// This status, with a JSON error body.
+    Fail(u16),
+    /// 200 with a body that is not JSON.
+    NonJson,
+    /// Never answer (until the mode changes or the client gives up).
+    Hang,
+}
+
+/// One accepted transaction.
+#[derive(Debug, Clone)]
+pub struct ReceivedTransaction {
+    pub txn_id: String,
+    pub body: serde_json::Value,
+    pub received_at: Instant,
+}
+
+/// `(user_id, room_id, type)`.
+pub type ReceivedKey = (String, Option<String>, String);
+
+#[derive(Debug)]
+struct Inner {
+    token: String,
+    mode: ReceiverMode,
+    accepted: Vec<ReceivedTransaction>,
+    seen_ids: HashSet<String>,
+    attempts: u64,
+    duplicates: u64,
+    bad_auth: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct RecordingAppservice {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+async fn put_transaction(
+    State(shared): State<Arc<Shared>>,
+    Path(txn_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mode = {
+        let mut inner = shared.lock();
+        inner.attempts += 1;
+        let expected = format!("Bearer {}", inner.token);
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            inner.bad_auth += 1;
+            return (StatusCode::FORBIDDEN, r#"{"errcode":"M_FORBIDDEN"}"#).into_response();
+        }
+        inner.mode.clone()
+    };
+    match mode {
+        ReceiverMode::Accept => {}
+        ReceiverMode::Fail(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (status, r#"{"errcode":"M_UNKNOWN","error":"told to fail"}"#).into_response();
+        }
+        ReceiverMode::NonJson => return (StatusCode::OK, "OK, but not JSON").into_response(),
+        ReceiverMode::Hang => {
+            // Wait until the mode changes; the client's timeout usually ends this first.
+            loop {
+                shared.changed.notified().await;
+                if shared.lock().mode != ReceiverMode::Hang {
+                    break;
+                }
+            }
+            return (StatusCode::SERVICE_UNAVAILABLE, r#"{"errcode":"M_UNKNOWN"}"#).into_response();
+        }
+    }
+    let parsed: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(_) => return (StatusCode::BAD_REQUEST, r#"{"errcode":"M_NOT_JSON"}"#).into_response(),
+    };
+    if parsed.get("events").and_then(|e| e.as_array()).is_none() {
+        return (StatusCode::BAD_REQUEST, r#"{"errcode":"M_BAD_JSON","error":"events missing"}"#).into_response();
+    }
+    {
+        let mut inner = shared.lock();
+        if inner.seen_ids.insert(txn_id.clone()) {
+            inner.accepted.push(ReceivedTransaction { txn_id, body: parsed, received_at: Instant::now() });
+        } else {
+            inner.duplicates += 1;
+        }
+    }
+    shared.changed.notify_waiters();
+    (StatusCode::OK, "{}").into_response()
+}
+
+impl RecordingAppservice {
+    /// Start on 127.0.0.1 on a free port, expecting `hs_token` as the bearer token.
+    pub async fn start(hs_token: &str) -> std::io::Result<RecordingAppservice> {
+        RecordingAppservice::start_on("127.0.0.1:0".parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))), hs_token).await
+    }
+
+    /// Start on `addr` (port 0 for a free one).
+    pub async fn start_on(addr: SocketAddr, hs_token: &str) -> std::io::Result<RecordingAppservice> {
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                token: hs_token.to_owned(),
+                mode: ReceiverMode::Accept,
+                accepted: Vec::new(),
+                seen_ids: HashSet::new(),
+                attempts: 0,
+                duplicates: 0,
+                bad_auth: 0,
+            }),
+            changed: Notify::new(),
+        });
+        let app = axum::Router::new()
+            .route("/_matrix/app/v1/transactions/{txn_id}", axum::routing::put(put_transaction))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(RecordingAppservice { addr, shared, server })
+    }
+
+    /// The URL to put in the registration file.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Change how the receiver answers from now on.
+    pub fn set_mode(&self, mode: ReceiverMode) {
+        self.shared.lock().mode = mode;
+        self.shared.changed.notify_waiters();
+    }
+
+    /// The accepted transactions, in order of receipt.
+    pub fn transactions(&self) -> Vec<ReceivedTransaction> {
+        self.shared.lock().accepted.clone()
+    }
+
+    /// Requests received (accepted or not).
+    pub fn attempts(&self) -> u64 {
+        self.shared.lock().attempts
+    }
+
+    /// Repeated txnIds that were dropped.
+    pub fn duplicate_ids(&self) -> u64 {
+        self.shared.lock().duplicates
+    }
+
+    /// Requests with a wrong or missing bearer token.
+    pub fn bad_auth(&self) -> u64 {
+        self.shared.lock().bad_auth
+    }
+
+    /// Every account-data event accepted, in order of receipt: `(key, content)`.
+    pub fn events(&self) -> Vec<(ReceivedKey, serde_json::Value)> {
+        let mut out = Vec::new();
+        for t in self.shared.lock().accepted.iter() {
+            out.extend(events_of(&t.body));
+        }
+        out
+    }
+
+    /// The state an appservice would hold after applying every accepted event in order.
+    pub fn state(&self) -> BTreeMap<ReceivedKey, serde_json::Value> {
+        self.events().into_iter().collect()
+    }
+
+    /// Wait until `done(state)` holds, or `timeout` passes; returns whether it held.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&BTreeMap<ReceivedKey, serde_json::Value>) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.changed.notified();
+            if done(&self.state()) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return done(&self.state());
+            }
+        }
+    }
+}
+
+impl Drop for RecordingAppservice {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// The account-data events of one transaction body, in body order.
+pub fn events_of(body: &serde_json::Value) -> Vec<(ReceivedKey, serde_json::Value)> {
+    let mut out = Vec::new();
+    let events = |v: &serde_json::Value| -> Vec<(String, serde_json::Value)> {
+        v.get("events")
+            .and_then(|e| e.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| Some((e.get("type")?.as_str()?.to_owned(), e.get("content")?.clone())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if let Some(users) = body.get(ACCOUNT_DATA_FIELD).and_then(|v| v.as_object()) {
+        for (user, data) in users {
+            for (ty, content) in events(data) {
+                out.push(((user.clone(), None, ty), content));
+            }
+        }
+    }
+    if let Some(users) = body.get(ROOM_ACCOUNT_DATA_FIELD).and_then(|v| v.as_object()) {
+        for (user, rooms) in users {
+            for (room, data) in rooms.as_object().into_iter().flatten() {
+                for (ty, content) in events(data) {
+                    out.push(((user.clone(), Some(room.clone()), ty), content));
+                }
+            }
+        }
+    }
+    out
+}
