@@ -15,4 +15,6 @@
 
 pub mod model;
 pub mod pgconfig;
+pub mod postgres_sql;
 pub mod replication;
+pub mod tls;
