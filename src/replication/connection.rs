@@ -1286,6 +1286,146 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Arbitrary bytes never panic the framing or the decoding.
+        #[test]
+        fn arbitrary_bytes_never_panic(wire in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&wire[..]);
+            while let Ok(Some(frame)) = split_frame(&mut buf) {
+                if let Ok(Backend::Message(Message::ErrorResponse(body))) = decode(frame) {
+                    let _ = parse_fields(body.fields(), "t");
+                }
+            }
+        }
+
+        /// However the bytes of a valid sequence of messages arrive, the same messages come out.
+        #[test]
+        fn framing_is_independent_of_chunking(
+            bodies in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 1..8),
+            cuts in proptest::collection::vec(1usize..64, 1..200),
+        ) {
+            let wire: Vec<u8> = bodies.iter().flat_map(|b| message(b'd', b)).collect();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut offset = 0;
+            for cut in cuts.iter().cycle() {
+                if offset >= wire.len() {
+                    break;
+                }
+                let end = (offset + cut).min(wire.len());
+                buf.extend_from_slice(&wire[offset..end]);
+                offset = end;
+                while let Some(frame) = split_frame(&mut buf).unwrap() {
+                    out.push(frame.into_body().to_vec());
+                }
+            }
+            proptest::prop_assert_eq!(out, bodies);
+            proptest::prop_assert!(buf.is_empty());
+        }
+    }
+
+    /// A stream over one end of a Unix socket pair; the test plays the server on the other end.
+    fn stream_pair() -> (LogicalReplicationStream, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let io = PgIo::new(PgStream::Unix(ours), "test".into());
+        (
+            LogicalReplicationStream {
+                io,
+                copy_done_received: false,
+            },
+            theirs,
+        )
+    }
+
+    #[tokio::test]
+    async fn next_copy_data_is_cancel_safe() {
+        let (mut stream, mut server) = stream_pair();
+        let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        let wire = message(b'd', &payload);
+        // Half a message: the read is cancelled with bytes already buffered.
+        server.write_all(&wire[..3]).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_millis(50), stream.next_copy_data()).await;
+        assert!(read.is_err(), "a partial message must not complete a read");
+        server.write_all(&wire[3..50_000]).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_millis(50), stream.next_copy_data()).await;
+        assert!(read.is_err(), "a partial message must not complete a read");
+        server.write_all(&wire[50_000..]).await.unwrap();
+        server
+            .write_all(&message(b'N', b"SNOTICE\0C00000\0Mhello\0\0"))
+            .await
+            .unwrap();
+        server
+            .write_all(&message(b'S', b"application_name\0x\0"))
+            .await
+            .unwrap();
+        server.write_all(&message(b'd', b"k")).await.unwrap();
+        server.write_all(&message(b'c', b"")).await.unwrap();
+        assert_eq!(
+            stream.next_copy_data().await.unwrap().unwrap(),
+            Bytes::from(payload)
+        );
+        assert_eq!(
+            stream.next_copy_data().await.unwrap().unwrap(),
+            Bytes::from_static(b"k")
+        );
+        assert_eq!(
+            stream
+                .io
+                .parameters
+                .get("application_name")
+                .map(String::as_str),
+            Some("x")
+        );
+        assert_eq!(stream.next_copy_data().await.unwrap(), None);
+        assert_eq!(stream.next_copy_data().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn stream_errors() {
+        let (mut stream, mut server) = stream_pair();
+        server
+            .write_all(&message(
+                b'E',
+                b"SFATAL\0VFATAL\0C57P01\0Mterminating connection\0\0",
+            ))
+            .await
+            .unwrap();
+        let err = stream.next_copy_data().await.unwrap_err();
+        assert_eq!(err.sqlstate(), Some("57P01"));
+        assert!(err.is_transient());
+        drop(server);
+        let err = stream.next_copy_data().await.unwrap_err();
+        assert!(matches!(err, ReplicationError::Io { .. }), "{err:?}");
+
+        // A length over 1 GiB is refused from the header alone.
+        let (mut stream, mut server) = stream_pair();
+        server
+            .write_all(&[b'd', 0x7F, 0xFF, 0xFF, 0xFF])
+            .await
+            .unwrap();
+        let err = stream.next_copy_data().await.unwrap_err();
+        assert!(matches!(err, ReplicationError::Protocol { .. }), "{err:?}");
+
+        // A message that has no place in the stream.
+        let (mut stream, mut server) = stream_pair();
+        server.write_all(&message(b'Z', b"I")).await.unwrap();
+        let err = stream.next_copy_data().await.unwrap_err();
+        assert!(err.to_string().contains("ReadyForQuery"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn sends_copy_data_and_goodbye() {
+        let (mut stream, mut server) = stream_pair();
+        stream.send_copy_data(b"r0123").await.unwrap();
+        let mut got = [0u8; 10];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"d\0\0\0\x09r0123");
+        stream.finish().await;
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"c\0\0\0\x04X\0\0\0\x04");
+    }
+
     #[test]
     fn parses_identify_system_rows() {
         let row =
