@@ -119,7 +119,7 @@ where
 {
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::warn!(target: "relay::postgres_sql", %target, error = %e, "PostgreSQL SQL connection failed");
+            tracing::warn!(server = %target, error = %e, "PostgreSQL SQL connection failed");
         }
     });
 }

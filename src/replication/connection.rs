@@ -506,7 +506,7 @@ impl PgIo {
                             self.protocol_error(action, "ParameterStatus that is not UTF-8")
                         );
                     };
-                    tracing::debug!(target: "relay::replication", parameter = name, value, "server parameter");
+                    tracing::debug!(server = %self.target, parameter = name, value, "server parameter");
                     self.parameters.insert(name.to_owned(), value.to_owned());
                 }
                 other => return Ok((tag, other)),
@@ -518,12 +518,12 @@ impl PgIo {
         let notice = match parse_fields(fields, &self.target) {
             Ok(n) => n,
             Err(e) => {
-                tracing::debug!(target: "relay::replication", error = %e, "malformed NoticeResponse ignored");
+                tracing::debug!(server = %self.target, error = %e, "malformed NoticeResponse ignored");
                 return;
             }
         };
         let ServerError {
-            target,
+            target: server,
             severity,
             code,
             message,
@@ -533,9 +533,9 @@ impl PgIo {
         let detail = detail.as_deref().unwrap_or_default();
         let hint = hint.as_deref().unwrap_or_default();
         if matches!(severity.as_str(), "WARNING" | "NOTICE") {
-            tracing::info!(target: "relay::replication", %target, %severity, %code, %detail, %hint, "PostgreSQL: {message}");
+            tracing::info!(%server, %severity, %code, %detail, %hint, "PostgreSQL: {message}");
         } else {
-            tracing::debug!(target: "relay::replication", %target, %severity, %code, %detail, %hint, "PostgreSQL: {message}");
+            tracing::debug!(%server, %severity, %code, %detail, %hint, "PostgreSQL: {message}");
         }
     }
 
@@ -629,7 +629,7 @@ impl ReplicationConnection {
                 (tag, _) => return Err(io.unexpected(action, tag)),
             }
         }
-        tracing::debug!(target: "relay::replication", target = %io.target, tls, auth = %auth_method, "replication connection ready");
+        tracing::debug!(server = %io.target, tls, auth = %auth_method, "replication connection ready");
         Ok(ReplicationConnection {
             io,
             auth_method,
@@ -750,7 +750,7 @@ impl ReplicationConnection {
     ) -> Result<LogicalReplicationStream, ReplicationError> {
         let action = "starting replication";
         let command = start_replication_command(slot, start, publication);
-        tracing::debug!(target: "relay::replication", target = %self.io.target, %command, "starting replication");
+        tracing::debug!(server = %self.io.target, %command, "starting replication");
         self.io
             .queue(action, |buf| frontend::query(&command, buf))?;
         self.io.flush(action).await?;
@@ -851,7 +851,7 @@ async fn open_stream(
     match reply {
         [b'S'] => {}
         [b'N'] if cfg.ssl_mode == SslMode::Prefer => {
-            tracing::debug!(target: "relay::replication", %target, "server does not support TLS; continuing without (sslmode=prefer)");
+            tracing::debug!(server = %target, "server does not support TLS; continuing without (sslmode=prefer)");
             return Ok((PgStream::Tcp(tcp), None));
         }
         [b'N'] => {
@@ -871,7 +871,15 @@ async fn open_stream(
     let stream = TlsConnector::from(tls_config)
         .connect(server_name, tcp)
         .await
-        .map_err(|e| tls_error(format!("TLS handshake failed: {e}")))?;
+        .map_err(|e| {
+            // A TLS failure (certificate rejected, no common parameters, alert) or a plain I/O one
+            // (connection reset), which is worth retrying.
+            if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                tls_error(format!("TLS handshake failed: {e}"))
+            } else {
+                io_error("in the TLS handshake", e)
+            }
+        })?;
     let end_point = stream
         .get_ref()
         .1
