@@ -21,10 +21,7 @@ use crate::synapse::files::{HomeserverConfig, Registration, SynapseFileError};
 /// Default slot and publication name.
 pub const DEFAULT_NAME: &str = "synapse_account_data_relay";
 /// Where Synapse's config lives on a Debian/Ubuntu install (the `matrix-synapse` package).
-pub const DEFAULT_SYNAPSE_CONFIG: &[&str] = &[
-    "/etc/matrix-synapse/homeserver.yaml",
-    "/etc/matrix-synapse/conf.d",
-];
+pub const DEFAULT_SYNAPSE_CONFIG: &[&str] = &["/etc/matrix-synapse/homeserver.yaml", "/etc/matrix-synapse/conf.d"];
 
 /// What went wrong turning the configuration files into [`Settings`].
 #[derive(Debug, thiserror::Error)]
@@ -56,13 +53,9 @@ pub struct ConfigDuration(pub Duration);
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(ConfigDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "{s:?} is not a duration like \"500ms\", \"2s\" or \"5m\": {e}"
-                ))
-            })
+        humantime::parse_duration(&s).map(ConfigDuration).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration like \"500ms\", \"2s\" or \"5m\": {e}"))
+        })
     }
 }
 
@@ -290,22 +283,13 @@ impl Settings {
             max_entries_per_transaction: d
                 .max_entries_per_transaction
                 .unwrap_or(defaults.max_entries_per_transaction),
-            request_timeout: d
-                .request_timeout
-                .map(|x| x.0)
-                .unwrap_or(defaults.request_timeout),
-            connect_timeout: d
-                .connect_timeout
-                .map(|x| x.0)
-                .unwrap_or(defaults.connect_timeout),
+            request_timeout: d.request_timeout.map(|x| x.0).unwrap_or(defaults.request_timeout),
+            connect_timeout: d.connect_timeout.map(|x| x.0).unwrap_or(defaults.connect_timeout),
             retry_initial_delay: d
                 .retry_initial_delay
                 .map(|x| x.0)
                 .unwrap_or(defaults.retry_initial_delay),
-            retry_max_delay: d
-                .retry_max_delay
-                .map(|x| x.0)
-                .unwrap_or(defaults.retry_max_delay),
+            retry_max_delay: d.retry_max_delay.map(|x| x.0).unwrap_or(defaults.retry_max_delay),
             ca_file: d.ca_file.clone(),
         };
         if delivery.max_entries_per_transaction == 0 {
@@ -315,9 +299,7 @@ impl Settings {
                 "must be at least 1",
             ));
         }
-        if delivery.retry_initial_delay.is_zero()
-            || delivery.retry_initial_delay > delivery.retry_max_delay
-        {
+        if delivery.retry_initial_delay.is_zero() || delivery.retry_initial_delay > delivery.retry_max_delay {
             return Err(invalid(
                 relay_path,
                 "delivery.retry_initial_delay",
@@ -365,11 +347,17 @@ impl Settings {
                 Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
                 Ok(u) => {
                     return Err(ConfigError::Other {
-                        message: format!("{}: url {url:?} must be http or https, not {:?}", path.display(), u.scheme()),
+                        message: format!(
+                            "{}: url {url:?} must be http or https, not {:?}",
+                            path.display(),
+                            u.scheme()
+                        ),
                     });
                 }
                 Err(e) => {
-                    return Err(ConfigError::Other { message: format!("{}: url {url:?} is not a URL: {e}", path.display()) });
+                    return Err(ConfigError::Other {
+                        message: format!("{}: url {url:?} is not a URL: {e}", path.display()),
+                    });
                 }
             }
             match (section.and_then(|s| s.account_data), reg.opt_in) {
@@ -395,11 +383,7 @@ impl Settings {
                 id: reg.id.clone(),
                 url,
                 hs_token: reg.hs_token.clone(),
-                user_regexes: reg
-                    .user_namespaces
-                    .iter()
-                    .map(|n| n.regex.clone())
-                    .collect(),
+                user_regexes: reg.user_namespaces.iter().map(|n| n.regex.clone()).collect(),
                 room_account_data: section.and_then(|s| s.room_account_data).unwrap_or(true),
                 legacy_authorization: hs.use_appservice_legacy_authorization,
                 registration_path: path.clone(),
@@ -463,12 +447,7 @@ pub fn resolve_postgres(
     };
     let port = match over.port {
         Some(p) => p,
-        None => match args
-            .port
-            .as_ref()
-            .map(|p| p.as_text())
-            .or_else(|| env("PGPORT"))
-        {
+        None => match args.port.as_ref().map(|p| p.as_text()).or_else(|| env("PGPORT")) {
             Some(p) => p.trim().parse().map_err(|_| SynapseFileError::Invalid {
                 path: db_file.clone(),
                 message: format!("database.args.port {p:?} is not a port number"),
@@ -483,7 +462,9 @@ pub fn resolve_postgres(
         .or_else(|| env("PGUSER"))
         .or_else(|| env("USER"))
         .ok_or_else(|| ConfigError::Other {
-            message: "no database user: set database.args.user in homeserver.yaml or [postgres] user in the relay config".into(),
+            message:
+                "no database user: set database.args.user in homeserver.yaml or [postgres] user in the relay config"
+                    .into(),
         })?;
     let password = match &over.password_file {
         Some(f) => Some(Secret::new(
@@ -608,11 +589,7 @@ mod tests {
     fn defaults_work_beside_a_stock_synapse() {
         let f = Fixture::new(&[(
             "a.yaml",
-            &reg(
-                "a",
-                "http://localhost:1",
-                "org.matrix.msc3682.account_data: true\n",
-            ),
+            &reg("a", "http://localhost:1", "org.matrix.msc3682.account_data: true\n"),
         )]);
         let s = f.resolve("").unwrap();
         assert_eq!(s.server_name, "example.org");
@@ -620,10 +597,7 @@ mod tests {
         assert_eq!(s.postgres.port, 5433);
         assert_eq!(s.postgres.user, "synapse_user");
         assert_eq!(s.postgres.dbname, "synapse");
-        assert_eq!(
-            s.postgres.password.as_ref().map(|p| p.expose()),
-            Some("dbsecret")
-        );
+        assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("dbsecret"));
         assert_eq!(s.slot_name, DEFAULT_NAME);
         assert_eq!(s.publication_name, DEFAULT_NAME);
         assert_eq!(s.status_interval, Duration::from_secs(1));
@@ -641,21 +615,13 @@ mod tests {
         let f = Fixture::new(&[
             (
                 "in.yaml",
-                &reg(
-                    "in",
-                    "http://localhost:1",
-                    "org.matrix.msc3682.account_data: yes\n",
-                ),
+                &reg("in", "http://localhost:1", "org.matrix.msc3682.account_data: yes\n"),
             ),
             ("quiet.yaml", &reg("quiet", "http://localhost:2", "")),
             ("byconfig.yaml", &reg("byconfig", "http://localhost:3", "")),
             (
                 "out.yaml",
-                &reg(
-                    "out",
-                    "http://localhost:4",
-                    "org.matrix.msc3682.account_data: true\n",
-                ),
+                &reg("out", "http://localhost:4", "org.matrix.msc3682.account_data: true\n"),
             ),
             (
                 "nourl.yaml",
@@ -668,11 +634,7 @@ mod tests {
         let served: Vec<&str> = s.appservices.iter().map(|a| a.id.as_str()).collect();
         assert_eq!(served, vec!["in", "byconfig"]);
         assert!(!s.appservices[1].room_account_data);
-        let reasons: BTreeMap<&str, &str> = s
-            .skipped
-            .iter()
-            .map(|k| (k.id.as_str(), k.reason.as_str()))
-            .collect();
+        let reasons: BTreeMap<&str, &str> = s.skipped.iter().map(|k| (k.id.as_str(), k.reason.as_str())).collect();
         assert!(reasons["quiet"].contains("not opted in"), "{reasons:?}");
         assert!(reasons["out"].contains("opted out"), "{reasons:?}");
         assert!(reasons["nourl"].contains("url: null"), "{reasons:?}");
@@ -685,10 +647,7 @@ mod tests {
             .resolve("[appservices.typo]\naccount_data = true\n")
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("appservices.typo") && err.contains("a"),
-            "{err}"
-        );
+        assert!(err.contains("appservices.typo") && err.contains("a"), "{err}");
         let err = f
             .resolve("[delivery]\nretry_max_delay = \"soon\"\n")
             .unwrap_err()
@@ -699,10 +658,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("slot_name"), "{err}");
-        let err = f
-            .resolve("[replicaton]\nslot_name = \"x\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = f.resolve("[replicaton]\nslot_name = \"x\"\n").unwrap_err().to_string();
         assert!(err.contains("replicaton"), "{err}");
         let err = f
             .resolve("[postgres]\nsslmode = \"sometimes\"\n")
@@ -726,20 +682,10 @@ mod tests {
             _ => None,
         };
         let relay = RelayConfig::default();
-        let s = Settings::resolve(
-            &[dir.path().join("hs.yaml")],
-            &relay,
-            Path::new("r.toml"),
-            &env,
-        )
-        .unwrap();
+        let s = Settings::resolve(&[dir.path().join("hs.yaml")], &relay, Path::new("r.toml"), &env).unwrap();
         assert_eq!(s.postgres.host, PgHost::UnixSocketDir("/run/pg".into()));
         assert_eq!(
-            (
-                s.postgres.port,
-                s.postgres.user.as_str(),
-                s.postgres.dbname.as_str()
-            ),
+            (s.postgres.port, s.postgres.user.as_str(), s.postgres.dbname.as_str()),
             (6543, "envuser", "synapse")
         );
         let pw = dir.path().join("pw");
@@ -749,18 +695,9 @@ mod tests {
             pw.display()
         ))
         .unwrap();
-        let s = Settings::resolve(
-            &[dir.path().join("hs.yaml")],
-            &relay,
-            Path::new("r.toml"),
-            &env,
-        )
-        .unwrap();
+        let s = Settings::resolve(&[dir.path().join("hs.yaml")], &relay, Path::new("r.toml"), &env).unwrap();
         assert_eq!(s.postgres.user, "relay");
-        assert_eq!(
-            s.postgres.password.as_ref().map(|p| p.expose()),
-            Some("from-file")
-        );
+        assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("from-file"));
         assert_eq!(s.postgres.ssl_mode, SslMode::VerifyFull);
         assert_eq!(s.postgres.host, PgHost::Tcp("127.0.0.1".into()));
     }
@@ -769,11 +706,7 @@ mod tests {
     fn settings_debug_output_holds_no_secret() {
         let f = Fixture::new(&[(
             "a.yaml",
-            &reg(
-                "a",
-                "http://localhost:1",
-                "org.matrix.msc3682.account_data: true\n",
-            ),
+            &reg("a", "http://localhost:1", "org.matrix.msc3682.account_data: true\n"),
         )]);
         let s = f.resolve("").unwrap();
         let text = format!("{s:?}");

@@ -12,8 +12,10 @@ use synapse_account_data_relay::ops::logging::{self, LogFormat};
 /// Synapse's PostgreSQL through a logical replication slot.
 #[derive(Debug, Parser)]
 #[command(name = "synapse-account-data-relay", version, propagate_version = true)]
-#[command(after_help = "Start with `demo` to see it work, or `setup` then `run` beside a real Synapse.\n\
-See the README for the production guide.")]
+#[command(
+    after_help = "Start with `demo` to see it work, or `setup` then `run` beside a real Synapse.\n\
+See the README for the production guide."
+)]
 struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]

@@ -32,6 +32,19 @@ pub enum SslMode {
     VerifyFull,
 }
 
+impl SslMode {
+    /// The mode's name as libpq spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
 impl std::str::FromStr for SslMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -22,7 +22,9 @@ use tokio::sync::{Notify, watch};
 use crate::checkpoint::CheckpointTracker;
 use crate::config::Settings;
 use crate::delivery::retry::RetryPolicy;
-use crate::delivery::worker::{AppserviceHandle, CurrentContentReader, DeliveryContext, DeliveryError, http_client, run_worker};
+use crate::delivery::worker::{
+    AppserviceHandle, CurrentContentReader, DeliveryContext, DeliveryError, http_client, run_worker,
+};
 use crate::model::Lsn;
 use crate::provision::{Names, Problem, ProvisionError, Severity, inspect, problems};
 use crate::replication::connection::{LogicalReplicationStream, ReplicationConnection};
@@ -95,8 +97,19 @@ impl Relay {
             })
             .collect();
         let router = Router::new(&interests)?;
-        let handles = settings.appservices.iter().map(|a| Arc::new(AppserviceHandle::new(a.clone()))).collect();
-        Ok(Relay { settings, router, handles, tracker: CheckpointTracker::new(Lsn::ZERO), targets: Vec::new(), last_status: None })
+        let handles = settings
+            .appservices
+            .iter()
+            .map(|a| Arc::new(AppserviceHandle::new(a.clone())))
+            .collect();
+        Ok(Relay {
+            settings,
+            router,
+            handles,
+            tracker: CheckpointTracker::new(Lsn::ZERO),
+            targets: Vec::new(),
+            last_status: None,
+        })
     }
 
     /// The appservice handles (for status and tests).
@@ -132,9 +145,15 @@ impl Relay {
     pub async fn preflight(&self) -> Result<Lsn, RunError> {
         let client = crate::postgres_sql::connect_sql(&self.settings.postgres)
             .await
-            .map_err(|e| RunError::Connect { target: self.settings.postgres.describe(), message: e.to_string() })?;
+            .map_err(|e| RunError::Connect {
+                target: self.settings.postgres.describe(),
+                message: e.to_string(),
+            })?;
         let state = inspect(&client, &self.settings.slot_name, &self.settings.publication_name).await?;
-        let names = Names { slot: &self.settings.slot_name, publication: &self.settings.publication_name };
+        let names = Names {
+            slot: &self.settings.slot_name,
+            publication: &self.settings.publication_name,
+        };
         let all = problems(&state, names);
         for p in all.iter().filter(|p| p.severity == Severity::Warning) {
             tracing::warn!("{}", p.message);
@@ -168,7 +187,10 @@ impl Relay {
     }
 
     async fn replicate(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
-        let reconnect = RetryPolicy { initial: Duration::from_millis(500), max: Duration::from_secs(30) };
+        let reconnect = RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        };
         let mut schedule = reconnect.schedule();
         let mut slot_busy_logged = false;
         loop {
@@ -205,7 +227,11 @@ impl Relay {
         }
     }
 
-    async fn session(&mut self, resume_at: Lsn, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, SessionError> {
+    async fn session(
+        &mut self,
+        resume_at: Lsn,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<SessionEnd, SessionError> {
         let mut conn = ReplicationConnection::connect(&self.settings.postgres).await?;
         let ident = conn.identify_system().await?;
         let mut stream = conn
@@ -270,7 +296,9 @@ impl Relay {
                 *routed = false;
                 self.tracker.begin(*final_lsn);
             }
-            PgOutputMessage::Commit { commit_lsn, end_lsn, .. } => {
+            PgOutputMessage::Commit {
+                commit_lsn, end_lsn, ..
+            } => {
                 self.tracker.commit(*commit_lsn, *end_lsn, *routed);
             }
             other => match mapper.map(other, *current_commit) {
@@ -303,10 +331,17 @@ impl Relay {
 
     /// The oldest commit LSN with an undelivered change, over all appservices.
     fn oldest_undelivered(&self) -> Option<Lsn> {
-        self.handles.iter().filter_map(|h| h.with_queue(|q| q.oldest_undelivered())).min()
+        self.handles
+            .iter()
+            .filter_map(|h| h.with_queue(|q| q.oldest_undelivered()))
+            .min()
     }
 
-    async fn send_status(&mut self, stream: &mut LogicalReplicationStream, asked: bool) -> Result<(), ReplicationError> {
+    async fn send_status(
+        &mut self,
+        stream: &mut LogicalReplicationStream,
+        asked: bool,
+    ) -> Result<(), ReplicationError> {
         let oldest = self.oldest_undelivered();
         let safe = self.tracker.safe_lsn(oldest);
         let write = self.tracker.received().max(safe);

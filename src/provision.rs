@@ -92,10 +92,7 @@ pub struct TableState {
 impl TableState {
     /// Whether its replica identity is the one `setup` sets (or any index, which also works).
     pub fn has_usable_identity(&self) -> bool {
-        matches!(
-            self.replica_identity,
-            ReplicaIdentity::Index | ReplicaIdentity::Full
-        )
+        matches!(self.replica_identity, ReplicaIdentity::Index | ReplicaIdentity::Full)
     }
 }
 
@@ -157,9 +154,7 @@ impl ProvisionError {
                 format!(
                     "{}{}",
                     db.message(),
-                    db.hint()
-                        .map(|h| format!(" (hint: {h})"))
-                        .unwrap_or_default()
+                    db.hint().map(|h| format!(" (hint: {h})")).unwrap_or_default()
                 ),
                 Some(db.code().code().to_owned()),
             ),
@@ -228,8 +223,7 @@ pub async fn inspect(
             schema: r.get(2),
             owner: r.get(3),
             owned_by_us: r.get(4),
-            replica_identity: ReplicaIdentity::from_code(&ident)
-                .unwrap_or(ReplicaIdentity::Default),
+            replica_identity: ReplicaIdentity::from_code(&ident).unwrap_or(ReplicaIdentity::Default),
             replica_index: r.get(6),
             unique_index_exists: r.get(7),
             other_publications: r.get(8),
@@ -372,7 +366,10 @@ pub fn prerequisite_problems(s: &DatabaseState) -> Vec<Problem> {
     if s.server_version_num < 140000 {
         out.push(problem(
             Severity::Warning,
-            format!("PostgreSQL {} is older than 14, the oldest Synapse supports; the relay is tested on 15 and 17", s.server_version),
+            format!(
+                "PostgreSQL {} is older than 14, the oldest Synapse supports; the relay is tested on 15 and 17",
+                s.server_version
+            ),
         ));
     }
     for t in &s.tables {
@@ -540,12 +537,14 @@ fn identity_comment(s: &DatabaseState, existing: Option<&str>) -> String {
     let recorded = existing.map(parse_identity_comment).unwrap_or_default();
     let mut c = String::from(COMMENT_PREFIX);
     for t in s.tables.iter().filter(|t| t.exists) {
-        let before = recorded.get(t.table.name()).cloned().unwrap_or_else(|| {
-            match (t.replica_identity, &t.replica_index) {
-                (ReplicaIdentity::Index, Some(i)) => format!("index:{i}"),
-                (r, _) => r.word().to_owned(),
-            }
-        });
+        let before =
+            recorded
+                .get(t.table.name())
+                .cloned()
+                .unwrap_or_else(|| match (t.replica_identity, &t.replica_index) {
+                    (ReplicaIdentity::Index, Some(i)) => format!("index:{i}"),
+                    (r, _) => r.word().to_owned(),
+                });
         let _ = write!(c, " {}={}", t.table.name(), before);
     }
     c
@@ -629,8 +628,13 @@ pub fn setup_plan(s: &DatabaseState, names: Names<'_>) -> Result<Vec<PlanStep>, 
     let pub_ident = escape_identifier(names.publication);
     match &s.publication {
         None => steps.push(PlanStep {
-            description: format!("create publication {:?} for the three account-data tables", names.publication),
-            sql: format!("CREATE PUBLICATION {pub_ident} FOR TABLE {table_list} WITH (publish = 'insert, update, truncate');"),
+            description: format!(
+                "create publication {:?} for the three account-data tables",
+                names.publication
+            ),
+            sql: format!(
+                "CREATE PUBLICATION {pub_ident} FOR TABLE {table_list} WITH (publish = 'insert, update, truncate');"
+            ),
             group: 1,
         }),
         Some(p) if !p.all_tables => {
@@ -650,16 +654,10 @@ pub fn setup_plan(s: &DatabaseState, names: Names<'_>) -> Result<Vec<PlanStep>, 
         Some(_) => {}
     }
     let comment = identity_comment(s, s.publication.as_ref().and_then(|p| p.comment.as_deref()));
-    if !steps.is_empty()
-        && s.publication.as_ref().and_then(|p| p.comment.as_deref()) != Some(comment.as_str())
-    {
+    if !steps.is_empty() && s.publication.as_ref().and_then(|p| p.comment.as_deref()) != Some(comment.as_str()) {
         steps.push(PlanStep {
-            description:
-                "record each table's replica identity before setup, for teardown to restore".into(),
-            sql: format!(
-                "COMMENT ON PUBLICATION {pub_ident} IS {};",
-                escape_literal(&comment)
-            ),
+            description: "record each table's replica identity before setup, for teardown to restore".into(),
+            sql: format!("COMMENT ON PUBLICATION {pub_ident} IS {};", escape_literal(&comment)),
             group: 1,
         });
     }
@@ -692,9 +690,7 @@ pub fn teardown_plan(s: &DatabaseState, names: Names<'_>) -> (Vec<PlanStep>, Vec
                 format!(
                     "replication slot {:?} is in use by PID {}: stop the relay first",
                     names.slot,
-                    slot.active_pid
-                        .map(|p| p.to_string())
-                        .unwrap_or_else(|| "?".into())
+                    slot.active_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
                 ),
             ));
             return (Vec::new(), notes);
@@ -704,10 +700,7 @@ pub fn teardown_plan(s: &DatabaseState, names: Names<'_>) -> (Vec<PlanStep>, Vec
                 "drop replication slot {:?} (PostgreSQL stops retaining WAL for it)",
                 names.slot
             ),
-            sql: format!(
-                "SELECT pg_drop_replication_slot({});",
-                escape_literal(names.slot)
-            ),
+            sql: format!("SELECT pg_drop_replication_slot({});", escape_literal(names.slot)),
             group: 0,
         });
     }
@@ -734,10 +727,7 @@ pub fn teardown_plan(s: &DatabaseState, names: Names<'_>) -> (Vec<PlanStep>, Vec
         });
     }
     for t in s.tables.iter().filter(|t| t.exists) {
-        let before = recorded
-            .get(t.table.name())
-            .map(String::as_str)
-            .unwrap_or("default");
+        let before = recorded.get(t.table.name()).map(String::as_str).unwrap_or("default");
         let (identity, index) = match before.split_once(':') {
             Some(("index", i)) => (ReplicaIdentity::Index, Some(i.to_owned())),
             _ => (
@@ -745,14 +735,12 @@ pub fn teardown_plan(s: &DatabaseState, names: Names<'_>) -> (Vec<PlanStep>, Vec
                 None,
             ),
         };
-        let current_matches = t.replica_identity == identity
-            && (identity != ReplicaIdentity::Index || t.replica_index == index);
+        let current_matches =
+            t.replica_identity == identity && (identity != ReplicaIdentity::Index || t.replica_index == index);
         if current_matches {
             continue;
         }
-        if !t.other_publications.is_empty()
-            && !matches!(identity, ReplicaIdentity::Index | ReplicaIdentity::Full)
-        {
+        if !t.other_publications.is_empty() && !matches!(identity, ReplicaIdentity::Index | ReplicaIdentity::Full) {
             notes.push(problem(
                 Severity::Warning,
                 format!(
@@ -768,11 +756,7 @@ pub fn teardown_plan(s: &DatabaseState, names: Names<'_>) -> (Vec<PlanStep>, Vec
             None => identity.sql_clause().to_owned(),
         };
         group1.push(PlanStep {
-            description: format!(
-                "restore {}'s replica identity to {}",
-                t.table.name(),
-                before
-            ),
+            description: format!("restore {}'s replica identity to {}", t.table.name(), before),
             sql: format!(
                 "ALTER TABLE {} REPLICA IDENTITY {clause};",
                 escape_identifier(t.table.name())
@@ -808,10 +792,7 @@ pub fn plan_to_sql(steps: &[PlanStep]) -> String {
 }
 
 /// Run a plan: steps of one group in one transaction, in order.
-pub async fn execute_plan(
-    client: &mut tokio_postgres::Client,
-    steps: &[PlanStep],
-) -> Result<(), ProvisionError> {
+pub async fn execute_plan(client: &mut tokio_postgres::Client, steps: &[PlanStep]) -> Result<(), ProvisionError> {
     let mut i = 0;
     while i < steps.len() {
         let group = steps[i].group;
@@ -858,8 +839,7 @@ mod tests {
             owner: "synapse".into(),
             owned_by_us: true,
             replica_identity: identity,
-            replica_index: (identity == ReplicaIdentity::Index)
-                .then(|| t.unique_index().to_owned()),
+            replica_index: (identity == ReplicaIdentity::Index).then(|| t.unique_index().to_owned()),
             unique_index_exists: true,
             other_publications: vec![],
         }
@@ -895,19 +875,11 @@ mod tests {
     fn setup_sets_replica_identity_before_the_publication_in_one_transaction() {
         let plan = setup_plan(&fresh(), NAMES).unwrap();
         let sql: Vec<&str> = plan.iter().map(|s| s.sql.as_str()).collect();
-        let create = sql
-            .iter()
-            .position(|s| s.starts_with("CREATE PUBLICATION"))
-            .unwrap();
+        let create = sql.iter().position(|s| s.starts_with("CREATE PUBLICATION")).unwrap();
         for t in SynapseTable::ALL {
             let alter = sql
                 .iter()
-                .position(|s| {
-                    s.contains(&format!(
-                        "ALTER TABLE \"{}\" REPLICA IDENTITY USING INDEX",
-                        t.name()
-                    ))
-                })
+                .position(|s| s.contains(&format!("ALTER TABLE \"{}\" REPLICA IDENTITY USING INDEX", t.name())))
                 .unwrap();
             assert!(alter < create, "{sql:#?}");
             assert_eq!(plan[alter].group, plan[create].group, "same transaction");
@@ -919,13 +891,9 @@ mod tests {
                 .contains("pg_create_logical_replication_slot('relay_slot', 'pgoutput')")
         );
         let script = plan_to_sql(&plan);
+        assert!(script.contains("BEGIN;") && script.contains("COMMIT;"), "{script}");
         assert!(
-            script.contains("BEGIN;") && script.contains("COMMIT;"),
-            "{script}"
-        );
-        assert!(
-            script.find("COMMIT;").unwrap()
-                < script.find("pg_create_logical_replication_slot").unwrap(),
+            script.find("COMMIT;").unwrap() < script.find("pg_create_logical_replication_slot").unwrap(),
             "{script}"
         );
         assert!(!sql.iter().any(|s| s.contains("ALL TABLES")));
@@ -939,10 +907,7 @@ mod tests {
             .map(|t| table(*t, ReplicaIdentity::Index))
             .collect();
         s.publication = Some(PublicationState {
-            tables: SynapseTable::ALL
-                .iter()
-                .map(|t| t.name().to_owned())
-                .collect(),
+            tables: SynapseTable::ALL.iter().map(|t| t.name().to_owned()).collect(),
             all_tables: false,
             publishes_insert: true,
             publishes_update: true,
@@ -968,19 +933,9 @@ mod tests {
         s.wal_level = "replica".into();
         s.replication_role = false;
         let errs = setup_plan(&s, NAMES).unwrap_err();
-        let text = errs
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert!(
-            text.contains("wal_level") && text.contains("restart"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ALTER ROLE \"synapse\" WITH REPLICATION"),
-            "{text}"
-        );
+        let text = errs.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n");
+        assert!(text.contains("wal_level") && text.contains("restart"), "{text}");
+        assert!(text.contains("ALTER ROLE \"synapse\" WITH REPLICATION"), "{text}");
     }
 
     #[test]
@@ -996,8 +951,7 @@ mod tests {
         let p = problems(&s, NAMES);
         assert!(
             p.iter()
-                .any(|p| p.severity == Severity::Error
-                    && p.message.contains("FAILING Synapse's writes")),
+                .any(|p| p.severity == Severity::Error && p.message.contains("FAILING Synapse's writes")),
             "{p:?}"
         );
     }
@@ -1022,10 +976,7 @@ mod tests {
         let (plan, notes) = teardown_plan(&s, NAMES);
         assert!(notes.is_empty(), "{notes:?}");
         let sql: Vec<&str> = plan.iter().map(|p| p.sql.as_str()).collect();
-        let drop = sql
-            .iter()
-            .position(|s| s.starts_with("DROP PUBLICATION"))
-            .unwrap();
+        let drop = sql.iter().position(|s| s.starts_with("DROP PUBLICATION")).unwrap();
         let alters: Vec<usize> = sql
             .iter()
             .enumerate()
@@ -1053,10 +1004,7 @@ mod tests {
             .collect();
         s.tables[0].other_publications = vec!["someone_elses".into()];
         let (plan, notes) = teardown_plan(&s, NAMES);
-        assert!(
-            !plan.iter().any(|p| p.sql.contains("\"account_data\"")),
-            "{plan:#?}"
-        );
+        assert!(!plan.iter().any(|p| p.sql.contains("\"account_data\"")), "{plan:#?}");
         assert!(notes[0].message.contains("someone_elses"));
         s.slot = Some(SlotState {
             plugin: Some("pgoutput".into()),

@@ -130,12 +130,7 @@ impl Router {
             out.extend_from_slice(s);
         }
         if !self.set_owner.is_empty() {
-            out.extend(
-                self.set
-                    .matches(user_id)
-                    .into_iter()
-                    .map(|p| self.set_owner[p]),
-            );
+            out.extend(self.set.matches(user_id).into_iter().map(|p| self.set_owner[p]));
         }
         for (r, i) in &self.fancy {
             // A pattern that exceeds fancy-regex's backtrack limit counts as no match.
@@ -192,15 +187,10 @@ fn translate_python_syntax(p: &str) -> String {
 /// Constructs Python reads differently from Rust's engines.
 fn python_difference(p: &str) -> Option<String> {
     if p.contains("[:") && p.contains(":]") {
-        return Some(
-            "POSIX classes like [[:alpha:]] are literal characters in Python but classes here"
-                .into(),
-        );
+        return Some("POSIX classes like [[:alpha:]] are literal characters in Python but classes here".into());
     }
     if p.contains("&&") || p.contains("--") || p.contains("~~") {
-        return Some(
-            "`&&`, `--` and `~~` inside [...] are literal in Python but set operations here".into(),
-        );
+        return Some("`&&`, `--` and `~~` inside [...] are literal in Python but set operations here".into());
     }
     None
 }
@@ -237,26 +227,14 @@ mod tests {
         ("@a:example.org", "@a:exampleXorg", true),
         ("@a:example\\.org", "@a:exampleXorg", false),
         // Escaped punctuation Python accepts.
-        (
-            "\\@telegram_\\d+:example\\.org",
-            "@telegram_123:example.org",
-            true,
-        ),
-        (
-            "\\@telegram_\\d+:example\\.org",
-            "@telegram_abc:example.org",
-            false,
-        ),
+        ("\\@telegram_\\d+:example\\.org", "@telegram_123:example.org", true),
+        ("\\@telegram_\\d+:example\\.org", "@telegram_abc:example.org", false),
         // Case-sensitive.
         ("@IRC_.*", "@irc_a:example.org", false),
         ("(?i)@IRC_.*", "@irc_a:example.org", true),
         // Lookahead (needs fancy-regex).
         ("@(?!admin)[a-z]+:example\\.org", "@alice:example.org", true),
-        (
-            "@(?!admin)[a-z]+:example\\.org",
-            "@admin:example.org",
-            false,
-        ),
+        ("@(?!admin)[a-z]+:example\\.org", "@admin:example.org", false),
         // Lookbehind and backreference.
         ("@(a)\\1:x", "@aa:x", true),
         ("@(a)\\1:x", "@ab:x", false),
@@ -272,11 +250,7 @@ mod tests {
         // Character classes and counted repetition.
         ("@[0-9]{3}:x", "@123:x", true),
         ("@[0-9]{3}:x", "@12:x", false),
-        (
-            "@_discord_[0-9]+:example\\.org",
-            "@_discord_5:example.org",
-            true,
-        ),
+        ("@_discord_[0-9]+:example\\.org", "@_discord_5:example.org", true),
         // Empty pattern matches everything (as in Python).
         ("", "@anyone:example.org", true),
     ];
@@ -309,11 +283,7 @@ mod tests {
     fn several_appservices_and_engines_route_together() {
         let r = Router::new(&[
             interest("irc", "@ircbot:x", &["@irc_.*", "@shared_.*"]),
-            interest(
-                "tg",
-                "@tgbot:x",
-                &["@tg_.*", "@shared_.*", "@(?!tg_admin)tg.*"],
-            ),
+            interest("tg", "@tgbot:x", &["@tg_.*", "@shared_.*", "@(?!tg_admin)tg.*"]),
             interest("none", "@nonebot:x", &[]),
         ])
         .unwrap();
@@ -328,13 +298,10 @@ mod tests {
 
     #[test]
     fn an_impossible_pattern_names_file_appservice_and_pattern() {
-        let err =
-            Router::new(&[interest("broken", "@b:x", &["@ok_.*", "@bad_(unclosed"])]).unwrap_err();
+        let err = Router::new(&[interest("broken", "@b:x", &["@ok_.*", "@bad_(unclosed"])]).unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("/etc/broken.yaml")
-                && text.contains("\"broken\"")
-                && text.contains("@bad_(unclosed"),
+            text.contains("/etc/broken.yaml") && text.contains("\"broken\"") && text.contains("@bad_(unclosed"),
             "{text}"
         );
     }
@@ -350,9 +317,7 @@ mod tests {
     fn five_thousand_namespaces_compile_and_route() {
         let mut list = Vec::new();
         for i in 0..100 {
-            let regexes: Vec<String> = (0..50)
-                .map(|j| format!("@as{i}_ns{j}_.*:example\\.org"))
-                .collect();
+            let regexes: Vec<String> = (0..50).map(|j| format!("@as{i}_ns{j}_.*:example\\.org")).collect();
             list.push(AppserviceInterest {
                 id: format!("as{i}"),
                 sender_user_id: format!("@as{i}bot:example.org"),

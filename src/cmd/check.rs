@@ -9,7 +9,9 @@ use crate::synapse::files::{HomeserverConfig, Registration};
 
 /// Validate config, registrations, connectivity and the database; exit 1 listing what is wrong.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  synapse-account-data-relay check --synapse-config /etc/matrix-synapse/homeserver.yaml")]
+#[command(
+    after_help = "Example:\n  synapse-account-data-relay check --synapse-config /etc/matrix-synapse/homeserver.yaml"
+)]
 pub struct CheckArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -49,7 +51,11 @@ pub async fn check(args: &CheckArgs) -> u8 {
         Ok(h) => {
             r.ok(format!(
                 "Synapse config ({}): server_name {:?}, {} appservice registration(s)",
-                h.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+                h.files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 h.server_name,
                 h.app_service_config_files.len()
             ));
@@ -70,7 +76,12 @@ pub async fn check(args: &CheckArgs) -> u8 {
     let settings = match Settings::resolve(&paths, &relay, &relay_path, &process_env) {
         Ok(s) => {
             for a in &s.appservices {
-                r.ok(format!("appservice {:?} is served ({}), {} user namespace(s)", a.id, a.url, a.user_regexes.len()));
+                r.ok(format!(
+                    "appservice {:?} is served ({}), {} user namespace(s)",
+                    a.id,
+                    a.url,
+                    a.user_regexes.len()
+                ));
             }
             for k in &s.skipped {
                 r.ok(format!("appservice {:?} is skipped: {}", k.id, k.reason));
@@ -113,14 +124,26 @@ pub async fn check(args: &CheckArgs) -> u8 {
             }
         },
     };
-    let slot = settings.as_ref().map(|s| s.slot_name.clone()).unwrap_or_else(|| crate::config::DEFAULT_NAME.into());
-    let publication = settings.as_ref().map(|s| s.publication_name.clone()).unwrap_or_else(|| crate::config::DEFAULT_NAME.into());
+    let slot = settings
+        .as_ref()
+        .map(|s| s.slot_name.clone())
+        .unwrap_or_else(|| crate::config::DEFAULT_NAME.into());
+    let publication = settings
+        .as_ref()
+        .map(|s| s.publication_name.clone())
+        .unwrap_or_else(|| crate::config::DEFAULT_NAME.into());
     match crate::postgres_sql::connect_sql(&pg).await {
         Ok(client) => {
             r.ok(format!("connected to PostgreSQL at {}", pg.describe()));
             match inspect(&client, &slot, &publication).await {
                 Ok(state) => {
-                    let found = problems(&state, Names { slot: &slot, publication: &publication });
+                    let found = problems(
+                        &state,
+                        Names {
+                            slot: &slot,
+                            publication: &publication,
+                        },
+                    );
                     for p in &found {
                         match p.severity {
                             Severity::Warning => r.warn(&p.message),
@@ -152,7 +175,10 @@ pub async fn check(args: &CheckArgs) -> u8 {
     match ReplicationConnection::connect(&pg).await {
         Ok(mut conn) => match conn.identify_system().await {
             Ok(id) => {
-                r.ok(format!("replication connection works (IDENTIFY_SYSTEM: timeline {}, WAL at {})", id.timeline, id.xlogpos));
+                r.ok(format!(
+                    "replication connection works (IDENTIFY_SYSTEM: timeline {}, WAL at {})",
+                    id.timeline, id.xlogpos
+                ));
                 conn.close().await;
             }
             Err(e) => r.fail(format!("replication connection: {e}")),

@@ -17,8 +17,10 @@ use crate::testkit::{LocalCluster, SYNAPSE_SCHEMA_SQL, synapse_writes as w};
 
 /// Show the relay working end to end on a throw-away PostgreSQL.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Needs the PostgreSQL server binaries (Debian: apt-get install postgresql); \
-uses nothing else and leaves nothing behind.\n\nExample:\n  synapse-account-data-relay demo")]
+#[command(
+    after_help = "Needs the PostgreSQL server binaries (Debian: apt-get install postgresql); \
+uses nothing else and leaves nothing behind.\n\nExample:\n  synapse-account-data-relay demo"
+)]
 pub struct DemoArgs {
     /// How long to wait for the appservice to receive everything.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -73,7 +75,10 @@ async fn demo_inner(args: &DemoArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    admin.batch_execute("CREATE DATABASE synapse").await.map_err(|e| e.to_string())?;
+    admin
+        .batch_execute("CREATE DATABASE synapse")
+        .await
+        .map_err(|e| e.to_string())?;
     let (db, conn) = tokio_postgres::connect(&cluster.connection_string("synapse"), tokio_postgres::NoTls)
         .await
         .map_err(|e| e.to_string())?;
@@ -96,11 +101,20 @@ async fn demo_inner(args: &DemoArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
 
     println!("== setup");
-    let mut setup_client = crate::postgres_sql::connect_sql(&settings.postgres).await.map_err(|e| e.to_string())?;
-    let names = Names { slot: &settings.slot_name, publication: &settings.publication_name };
-    let state = inspect(&setup_client, names.slot, names.publication).await.map_err(|e| e.to_string())?;
+    let mut setup_client = crate::postgres_sql::connect_sql(&settings.postgres)
+        .await
+        .map_err(|e| e.to_string())?;
+    let names = Names {
+        slot: &settings.slot_name,
+        publication: &settings.publication_name,
+    };
+    let state = inspect(&setup_client, names.slot, names.publication)
+        .await
+        .map_err(|e| e.to_string())?;
     let plan = setup_plan(&state, names).map_err(|p| p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))?;
-    execute_plan(&mut setup_client, &plan).await.map_err(|e| e.to_string())?;
+    execute_plan(&mut setup_client, &plan)
+        .await
+        .map_err(|e| e.to_string())?;
     for step in plan.iter().filter(|s| !s.sql.starts_with("SET ")) {
         println!("   {}", step.sql);
     }
@@ -115,12 +129,36 @@ async fn demo_inner(args: &DemoArgs) -> Result<(), String> {
     let carol = format!("@carol:{SERVER_NAME}");
     let room = format!("!room:{SERVER_NAME}");
     let steps: Vec<(String, Result<(), tokio_postgres::Error>)> = vec![
-        (format!("{alice}: m.direct"), w::set_global(&db, &alice, "m.direct", &format!("{{\"@bob:{SERVER_NAME}\":[\"{room}\"]}}")).await),
-        (format!("{alice}: org.example.settings"), w::set_global(&db, &alice, "org.example.settings", "{\"theme\":\"dark\"}").await),
-        (format!("{alice}: tag u.work on {room}"), w::add_tag(&db, &alice, &room, "u.work", "{\"order\":0.5}").await),
-        (format!("{alice}: m.fully_read in {room}"), w::set_room(&db, &alice, &room, "m.fully_read", "{\"event_id\":\"$ev1\"}").await),
-        (format!("{alice}: delete org.example.settings (MSC3391)"), w::delete_global(&db, &alice, "org.example.settings").await),
-        (format!("{carol}: m.direct (in no appservice's namespace)"), w::set_global(&db, &carol, "m.direct", "{}").await),
+        (
+            format!("{alice}: m.direct"),
+            w::set_global(
+                &db,
+                &alice,
+                "m.direct",
+                &format!("{{\"@bob:{SERVER_NAME}\":[\"{room}\"]}}"),
+            )
+            .await,
+        ),
+        (
+            format!("{alice}: org.example.settings"),
+            w::set_global(&db, &alice, "org.example.settings", "{\"theme\":\"dark\"}").await,
+        ),
+        (
+            format!("{alice}: tag u.work on {room}"),
+            w::add_tag(&db, &alice, &room, "u.work", "{\"order\":0.5}").await,
+        ),
+        (
+            format!("{alice}: m.fully_read in {room}"),
+            w::set_room(&db, &alice, &room, "m.fully_read", "{\"event_id\":\"$ev1\"}").await,
+        ),
+        (
+            format!("{alice}: delete org.example.settings (MSC3391)"),
+            w::delete_global(&db, &alice, "org.example.settings").await,
+        ),
+        (
+            format!("{carol}: m.direct (in no appservice's namespace)"),
+            w::set_global(&db, &carol, "m.direct", "{}").await,
+        ),
     ];
     for (what, result) in steps {
         result.map_err(|e| format!("{what}: {e}"))?;
@@ -128,7 +166,11 @@ async fn demo_inner(args: &DemoArgs) -> Result<(), String> {
     }
 
     let expected = 4;
-    let ok = receiver.wait_for(args.timeout, |state| state.len() >= expected && state.values().any(|v| v == &serde_json::json!({}))).await;
+    let ok = receiver
+        .wait_for(args.timeout, |state| {
+            state.len() >= expected && state.values().any(|v| v == &serde_json::json!({}))
+        })
+        .await;
     println!("== the appservice received:");
     for t in receiver.transactions() {
         println!("PUT /_matrix/app/v1/transactions/{}", t.txn_id);
@@ -138,9 +180,15 @@ async fn demo_inner(args: &DemoArgs) -> Result<(), String> {
     let _ = running.await;
     drop(cluster);
     if ok {
-        println!("== done: {} transaction(s); @carol's change went to nobody; the not-opted-in appservice got nothing", receiver.transactions().len());
+        println!(
+            "== done: {} transaction(s); @carol's change went to nobody; the not-opted-in appservice got nothing",
+            receiver.transactions().len()
+        );
         Ok(())
     } else {
-        Err(format!("the appservice did not receive everything within {:?}", args.timeout))
+        Err(format!(
+            "the appservice did not receive everything within {:?}",
+            args.timeout
+        ))
     }
 }

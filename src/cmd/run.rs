@@ -7,9 +7,11 @@ use crate::pipeline::{Relay, RunError};
 
 /// Stream account-data changes to the appservices that opted in.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Runs until SIGTERM or SIGINT; run `setup` once before.\n\nExample:\n  \
+#[command(
+    after_help = "Runs until SIGTERM or SIGINT; run `setup` once before.\n\nExample:\n  \
 synapse-account-data-relay run --synapse-config /etc/matrix-synapse/homeserver.yaml \\\n      \
---config /etc/synapse-account-data-relay/config.toml")]
+--config /etc/synapse-account-data-relay/config.toml"
+)]
 pub struct RunArgs {
     #[command(flatten)]
     pub config: ConfigArgs,

@@ -5,8 +5,10 @@ use crate::provision::{Names, Severity, execute_plan, inspect, plan_to_sql, prob
 
 /// Check the server and prepare it for the relay.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml\n  \
-synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml --dry-run > setup.sql")]
+#[command(
+    after_help = "Example:\n  synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml\n  \
+synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml --dry-run > setup.sql"
+)]
 pub struct SetupArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -30,7 +32,10 @@ pub async fn setup(args: &SetupArgs) -> u8 {
             return EXIT_FAILURE;
         }
     };
-    let names = Names { slot: &settings.slot_name, publication: &settings.publication_name };
+    let names = Names {
+        slot: &settings.slot_name,
+        publication: &settings.publication_name,
+    };
     let state = match inspect(&client, names.slot, names.publication).await {
         Ok(s) => s,
         Err(e) => {
@@ -52,20 +57,30 @@ pub async fn setup(args: &SetupArgs) -> u8 {
         if plan.is_empty() {
             println!("-- nothing to do: database {:?} is ready for the relay", state.database);
         } else {
-            println!("-- synapse-account-data-relay setup for database {:?} (dry run)", state.database);
+            println!(
+                "-- synapse-account-data-relay setup for database {:?} (dry run)",
+                state.database
+            );
             print!("{}", plan_to_sql(&plan));
         }
         return 0;
     }
     if plan.is_empty() {
-        println!("nothing to do: database {:?} is ready (slot {:?}, publication {:?})", state.database, names.slot, names.publication);
+        println!(
+            "nothing to do: database {:?} is ready (slot {:?}, publication {:?})",
+            state.database, names.slot, names.publication
+        );
     } else {
         if let Err(e) = execute_plan(&mut client, &plan).await {
             eprintln!("error: {e}");
             if e.sqlstate.as_deref() == Some("55P03") {
-                eprintln!("  a Synapse transaction held a lock for longer than the lock timeout; try again in a moment");
+                eprintln!(
+                    "  a Synapse transaction held a lock for longer than the lock timeout; try again in a moment"
+                );
             }
-            eprintln!("(each step runs in a transaction: a failed step changed nothing; steps before it are done, and setup can be run again)");
+            eprintln!(
+                "(each step runs in a transaction: a failed step changed nothing; steps before it are done, and setup can be run again)"
+            );
             return EXIT_FAILURE;
         }
         for step in plan.iter().filter(|s| !s.sql.starts_with("SET ")) {

@@ -31,7 +31,10 @@ pub async fn teardown(args: &TeardownArgs) -> u8 {
             return EXIT_FAILURE;
         }
     };
-    let names = Names { slot: &settings.slot_name, publication: &settings.publication_name };
+    let names = Names {
+        slot: &settings.slot_name,
+        publication: &settings.publication_name,
+    };
     let state = match inspect(&client, names.slot, names.publication).await {
         Ok(s) => s,
         Err(e) => {
@@ -48,7 +51,14 @@ pub async fn teardown(args: &TeardownArgs) -> u8 {
         return EXIT_FAILURE;
     }
     if args.dry_run {
-        print!("{}", if plan.is_empty() { "-- nothing to do\n".to_owned() } else { plan_to_sql(&plan) });
+        print!(
+            "{}",
+            if plan.is_empty() {
+                "-- nothing to do\n".to_owned()
+            } else {
+                plan_to_sql(&plan)
+            }
+        );
         return 0;
     }
     if plan.is_empty() {

@@ -31,19 +31,11 @@ pub struct Batch {
 impl Batch {
     /// The smallest `first_lsn` of the batch.
     pub fn first_lsn(&self) -> Lsn {
-        self.entries
-            .iter()
-            .map(|e| e.first_lsn)
-            .min()
-            .unwrap_or_default()
+        self.entries.iter().map(|e| e.first_lsn).min().unwrap_or_default()
     }
     /// The largest `last_lsn` of the batch.
     pub fn last_lsn(&self) -> Lsn {
-        self.entries
-            .iter()
-            .map(|e| e.last_lsn)
-            .max()
-            .unwrap_or_default()
+        self.entries.iter().map(|e| e.last_lsn).max().unwrap_or_default()
     }
 }
 
@@ -150,13 +142,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn change(
-        user: &str,
-        room: Option<&str>,
-        ty: &str,
-        content: &str,
-        lsn: u64,
-    ) -> AccountDataChange {
+    fn change(user: &str, room: Option<&str>, ty: &str, content: &str, lsn: u64) -> AccountDataChange {
         AccountDataChange {
             key: AccountDataKey {
                 user_id: user.into(),
@@ -191,11 +177,7 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            vec![
-                ("@a:x", "3", 10, 30),
-                ("@b:x", "2", 20, 20),
-                ("@a:x", "4", 30, 30)
-            ]
+            vec![("@a:x", "3", 10, 30), ("@b:x", "2", 20, 20), ("@a:x", "4", 30, 30)]
         );
         assert_eq!((b.first_lsn(), b.last_lsn()), (Lsn(10), Lsn(30)));
     }
@@ -207,10 +189,7 @@ mod tests {
         let first = q.take_batch(100).unwrap();
         assert_eq!(first.entries.len(), 1);
         q.push(change("@a:x", None, "t", "new", 20));
-        assert!(
-            q.take_batch(100).is_none(),
-            "only one transaction in flight"
-        );
+        assert!(q.take_batch(100).is_none(), "only one transaction in flight");
         assert_eq!(q.oldest_undelivered(), Some(Lsn(10)));
         q.complete_in_flight();
         assert_eq!(q.oldest_undelivered(), Some(Lsn(20)));

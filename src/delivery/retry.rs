@@ -92,14 +92,8 @@ mod tests {
 
     #[test]
     fn only_2xx_with_json_is_delivered() {
-        assert_eq!(
-            classify_response(200, None, b"{}"),
-            AttemptOutcome::Delivered
-        );
-        assert_eq!(
-            classify_response(204, None, b"[]"),
-            AttemptOutcome::Delivered
-        );
+        assert_eq!(classify_response(200, None, b"{}"), AttemptOutcome::Delivered);
+        assert_eq!(classify_response(204, None, b"[]"), AttemptOutcome::Delivered);
         for (status, body) in [
             (200u16, &b""[..]),
             (200, b"OK"),
@@ -109,10 +103,7 @@ mod tests {
             (301, b"{}"),
         ] {
             assert!(
-                matches!(
-                    classify_response(status, None, body),
-                    AttemptOutcome::Retry { .. }
-                ),
+                matches!(classify_response(status, None, body), AttemptOutcome::Retry { .. }),
                 "{status} {body:?}"
             );
         }
@@ -138,10 +129,7 @@ mod tests {
         };
         let mut s = policy.schedule();
         let delays: Vec<Duration> = (0..12).map(|_| s.next_delay(None)).collect();
-        assert!(
-            delays.iter().all(|d| *d <= Duration::from_secs(2)),
-            "{delays:?}"
-        );
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)), "{delays:?}");
         assert!(delays[0] >= Duration::from_millis(100), "{delays:?}");
         assert!(
             delays[11] >= Duration::from_secs(1),

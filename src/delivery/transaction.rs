@@ -199,11 +199,8 @@ mod tests {
     #[test]
     fn empty_fields_are_omitted() {
         let k = key("@a:x", Some("!r:x"), "t");
-        let v: serde_json::Value = serde_json::from_slice(&build_body(&[ResolvedEntry {
-            key: &k,
-            content: "{}",
-        }]))
-        .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&build_body(&[ResolvedEntry { key: &k, content: "{}" }])).unwrap();
         assert!(v.get(ACCOUNT_DATA_FIELD).is_none());
         assert!(v.get(ROOM_ACCOUNT_DATA_FIELD).is_some());
         assert_eq!(build_body(&[]), br#"{"events":[]}"#);
@@ -214,10 +211,7 @@ mod tests {
         let a = transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}");
         assert!(a.starts_with("msc3682-16B374D848-16B374D900-"), "{a}");
         assert!(a.parse::<u64>().is_err());
-        assert!(
-            a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
-            "{a}"
-        );
+        assert!(a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{a}");
         assert_eq!(
             a,
             transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}"),
@@ -225,16 +219,9 @@ mod tests {
         );
         assert_ne!(
             a,
-            transaction_id(
-                Lsn(0x16_B374_D848),
-                Lsn(0x16_B374_D900),
-                b"{\"events\":[1]}"
-            ),
+            transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[1]}"),
             "other body, other id"
         );
-        assert_ne!(
-            a,
-            transaction_id(Lsn(0), Lsn(0x16_B374_D900), b"{\"events\":[]}")
-        );
+        assert_ne!(a, transaction_id(Lsn(0), Lsn(0x16_B374_D900), b"{\"events\":[]}"));
     }
 }

@@ -95,13 +95,18 @@ pub fn http_client(settings: &DeliverySettings) -> Result<reqwest::Client, Deliv
         .user_agent(concat!("synapse-account-data-relay/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none());
     if let Some(path) = &settings.ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| DeliveryError::CaFile { path: path.display().to_string(), message: e.to_string() })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| DeliveryError::CaFile { path: path.display().to_string(), message: e.without_url().to_string() })?;
+        let pem = std::fs::read(path).map_err(|e| DeliveryError::CaFile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| DeliveryError::CaFile {
+            path: path.display().to_string(),
+            message: e.without_url().to_string(),
+        })?;
         b = b.tls_certs_merge(certs);
     }
-    b.build().map_err(|e| DeliveryError::Client(e.without_url().to_string()))
+    b.build()
+        .map_err(|e| DeliveryError::Client(e.without_url().to_string()))
 }
 
 /// A lazily (re)connected SQL connection for reading current content.
@@ -112,7 +117,10 @@ pub struct CurrentContentReader {
 
 impl CurrentContentReader {
     pub fn new(config: PgConnectionConfig) -> CurrentContentReader {
-        CurrentContentReader { config, client: tokio::sync::Mutex::new(None) }
+        CurrentContentReader {
+            config,
+            client: tokio::sync::Mutex::new(None),
+        }
     }
 
     async fn client(&self) -> Result<Arc<tokio_postgres::Client>, ReadError> {
@@ -122,12 +130,14 @@ impl CurrentContentReader {
         {
             return Ok(c.clone());
         }
-        let c = crate::postgres_sql::connect_sql(&self.config).await.map_err(|e| ReadError {
-            table: "(connecting)",
-            message: e.to_string(),
-            sqlstate: None,
-            connection_lost: true,
-        })?;
+        let c = crate::postgres_sql::connect_sql(&self.config)
+            .await
+            .map_err(|e| ReadError {
+                table: "(connecting)",
+                message: e.to_string(),
+                sqlstate: None,
+                connection_lost: true,
+            })?;
         let c = Arc::new(c);
         *guard = Some(c.clone());
         Ok(c)
@@ -178,7 +188,10 @@ async fn resolve(batch: &Batch, current: &CurrentContentReader) -> Result<Vec<(A
         .iter()
         .filter_map(|e| match &e.content {
             ChangeContent::Json(j) => Some((e.key.clone(), j.clone())),
-            ChangeContent::ReadCurrent(t) => read.get(t).and_then(|m| m.get(&e.key)).map(|c| (e.key.clone(), c.clone())),
+            ChangeContent::ReadCurrent(t) => read
+                .get(t)
+                .and_then(|m| m.get(&e.key))
+                .map(|c| (e.key.clone(), c.clone())),
         })
         .collect())
 }
@@ -197,7 +210,10 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) ->
 /// The worker loop of one appservice. Returns when shutdown is requested.
 pub async fn run_worker(handle: Arc<AppserviceHandle>, ctx: Arc<DeliveryContext>) {
     let mut shutdown = ctx.shutdown.clone();
-    let policy = RetryPolicy { initial: ctx.settings.retry_initial_delay, max: ctx.settings.retry_max_delay };
+    let policy = RetryPolicy {
+        initial: ctx.settings.retry_initial_delay,
+        max: ctx.settings.retry_max_delay,
+    };
     let id = handle.settings.id.clone();
     let base = format!("{}/_matrix/app/v1/transactions/", handle.settings.url);
     loop {
@@ -232,7 +248,10 @@ pub async fn run_worker(handle: Arc<AppserviceHandle>, ctx: Arc<DeliveryContext>
             ctx.progress.notify_one();
             continue;
         }
-        let entries: Vec<ResolvedEntry<'_>> = resolved.iter().map(|(k, c)| ResolvedEntry { key: k, content: c }).collect();
+        let entries: Vec<ResolvedEntry<'_>> = resolved
+            .iter()
+            .map(|(k, c)| ResolvedEntry { key: k, content: c })
+            .collect();
         let body = bytes::Bytes::from(build_body(&entries));
         let txn_id = transaction_id(batch.first_lsn(), batch.last_lsn(), &body);
         let url = format!("{base}{txn_id}");
@@ -293,19 +312,34 @@ async fn put_transaction(
 ) -> AttemptOutcome {
     let mut target = match reqwest::Url::parse(url) {
         Ok(u) => u,
-        Err(e) => return AttemptOutcome::Retry { reason: format!("invalid appservice URL: {e}"), retry_after: None },
+        Err(e) => {
+            return AttemptOutcome::Retry {
+                reason: format!("invalid appservice URL: {e}"),
+                retry_after: None,
+            };
+        }
     };
     if settings.legacy_authorization {
-        target.query_pairs_mut().append_pair("access_token", settings.hs_token.expose());
+        target
+            .query_pairs_mut()
+            .append_pair("access_token", settings.hs_token.expose());
     }
     let req = http
         .put(target)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header(reqwest::header::AUTHORIZATION, format!("Bearer {}", settings.hs_token.expose()))
+        .header(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", settings.hs_token.expose()),
+        )
         .body(body);
     let resp = match req.send().await {
         Ok(r) => r,
-        Err(e) => return AttemptOutcome::Retry { reason: describe_http_error(e), retry_after: None },
+        Err(e) => {
+            return AttemptOutcome::Retry {
+                reason: describe_http_error(e),
+                retry_after: None,
+            };
+        }
     };
     let status = resp.status().as_u16();
     let retry_after = resp
@@ -316,7 +350,10 @@ async fn put_transaction(
     match resp.bytes().await {
         Ok(b) => classify_response(status, retry_after.as_deref(), &b),
         Err(e) => AttemptOutcome::Retry {
-            reason: format!("HTTP status {status}, reading the body failed: {}", describe_http_error(e)),
+            reason: format!(
+                "HTTP status {status}, reading the body failed: {}",
+                describe_http_error(e)
+            ),
             retry_after: None,
         },
     }

@@ -14,12 +14,20 @@ pub enum LogFormat {
 /// Install the global subscriber. `filter` is a `RUST_LOG`-style directive (e.g. `info`,
 /// `synapse_account_data_relay=debug`); an invalid one falls back to `info` with a warning.
 pub fn init(format: LogFormat, filter: Option<&str>) {
-    let directive = filter.map(str::to_owned).or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info".into());
+    let directive = filter
+        .map(str::to_owned)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
     let (env_filter, bad) = match EnvFilter::try_new(&directive) {
         Ok(f) => (f, None),
-        Err(e) => (EnvFilter::new("info"), Some(format!("invalid log filter {directive:?} ({e}); using \"info\""))),
+        Err(e) => (
+            EnvFilter::new("info"),
+            Some(format!("invalid log filter {directive:?} ({e}); using \"info\"")),
+        ),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(env_filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

@@ -7,6 +7,12 @@
 //!
 //! Both are pure (bytes in, typed values out; no I/O, no clock reads) and never panic on any
 //! input: malformed bytes are typed errors.
+//!
+//! - [`connection`]: the one I/O part: our own replication connection (TCP or Unix socket, TLS,
+//!   authentication, simple queries, `START_REPLICATION` and the CopyBoth stream), with typed
+//!   errors carrying the SQLSTATE ([`error`]).
 
+pub mod connection;
+pub mod error;
 pub mod pgoutput;
 pub mod wire;

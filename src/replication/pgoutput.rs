@@ -290,9 +290,7 @@ pub enum DecodeError {
         available: usize,
     },
     /// The input ends inside a NUL-terminated string (no terminator found): a truncation.
-    #[error(
-        "truncated {message} message: string `{field}` at offset {offset} has no NUL terminator"
-    )]
+    #[error("truncated {message} message: string `{field}` at offset {offset} has no NUL terminator")]
     UnterminatedString {
         /// Message type.
         message: &'static str,
@@ -324,9 +322,7 @@ pub enum DecodeError {
         kind: u8,
     },
     /// A column value's kind byte is not `'n'`, `'u'`, `'t'` or `'b'`.
-    #[error(
-        "{message} message: unknown column value kind {kind:#04x} for column {column} at offset {offset}"
-    )]
+    #[error("{message} message: unknown column value kind {kind:#04x} for column {column} at offset {offset}")]
     UnknownColumnKind {
         /// Message type.
         message: &'static str,
@@ -366,9 +362,7 @@ impl DecodeError {
     pub fn is_truncation(&self) -> bool {
         matches!(
             self,
-            DecodeError::Empty
-                | DecodeError::Truncated { .. }
-                | DecodeError::UnterminatedString { .. }
+            DecodeError::Empty | DecodeError::Truncated { .. } | DecodeError::UnterminatedString { .. }
         )
     }
 }
@@ -406,16 +400,10 @@ impl<'a> Reader<'a> {
     }
 
     /// Consumes `n` bytes, returning their range in `buf`.
-    fn advance(
-        &mut self,
-        field: &'static str,
-        n: usize,
-    ) -> Result<std::ops::Range<usize>, DecodeError> {
+    fn advance(&mut self, field: &'static str, n: usize) -> Result<std::ops::Range<usize>, DecodeError> {
         self.require(field, n)?;
         let start = self.pos;
-        let end = start
-            .checked_add(n)
-            .ok_or_else(|| self.truncated(field, n))?;
+        let end = start.checked_add(n).ok_or_else(|| self.truncated(field, n))?;
         self.pos = end;
         Ok(start..end)
     }
@@ -461,10 +449,7 @@ impl<'a> Reader<'a> {
             offset: start,
         };
         let rest = self.buf.get(start..).ok_or(unterminated.clone())?;
-        let len = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(unterminated.clone())?;
+        let len = rest.iter().position(|&b| b == 0).ok_or(unterminated.clone())?;
         let bytes = rest.get(..len).ok_or(unterminated.clone())?;
         let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8 {
             message: self.message,
@@ -481,11 +466,7 @@ impl<'a> Reader<'a> {
     }
 
     /// An `Int32` length followed by that many bytes, returned as a zero-copy slice.
-    fn counted_bytes(
-        &mut self,
-        length_field: &'static str,
-        field: &'static str,
-    ) -> Result<Bytes, DecodeError> {
+    fn counted_bytes(&mut self, length_field: &'static str, field: &'static str) -> Result<Bytes, DecodeError> {
         let offset = self.pos;
         let length = self.i32(length_field)?;
         let n = usize::try_from(length).map_err(|_| DecodeError::NegativeLength {
@@ -526,12 +507,8 @@ impl<'a> Reader<'a> {
             let value = match self.u8("tuple column kind")? {
                 b'n' => ColumnValue::Null,
                 b'u' => ColumnValue::UnchangedToast,
-                b't' => ColumnValue::Text(
-                    self.counted_bytes("tuple column length", "tuple column value")?,
-                ),
-                b'b' => ColumnValue::Binary(
-                    self.counted_bytes("tuple column length", "tuple column value")?,
-                ),
+                b't' => ColumnValue::Text(self.counted_bytes("tuple column length", "tuple column value")?),
+                b'b' => ColumnValue::Binary(self.counted_bytes("tuple column length", "tuple column value")?),
                 kind => {
                     return Err(DecodeError::UnknownColumnKind {
                         message: self.message,
@@ -690,8 +667,7 @@ pub fn decode(data: Bytes) -> Result<PgOutputMessage, DecodeError> {
             let count = r.u32("relation count")?;
             let options = r.u8("options")?;
             // All OIDs are fixed-size: check they are all there before allocating for them.
-            let count =
-                usize::try_from(count).map_err(|_| r.truncated("relation oids", usize::MAX))?;
+            let count = usize::try_from(count).map_err(|_| r.truncated("relation oids", usize::MAX))?;
             let needed = count
                 .checked_mul(4)
                 .ok_or_else(|| r.truncated("relation oids", usize::MAX))?;
@@ -700,10 +676,7 @@ pub fn decode(data: Bytes) -> Result<PgOutputMessage, DecodeError> {
             for _ in 0..count {
                 relation_oids.push(r.u32("relation oid")?);
             }
-            PgOutputMessage::Truncate {
-                options,
-                relation_oids,
-            }
+            PgOutputMessage::Truncate { options, relation_oids }
         }
         b'M' => {
             let flags = r.u8("flags")?;
@@ -746,11 +719,7 @@ pub(crate) mod test_encode {
                 ColumnValue::Null => out.put_u8(b'n'),
                 ColumnValue::UnchangedToast => out.put_u8(b'u'),
                 ColumnValue::Text(b) | ColumnValue::Binary(b) => {
-                    out.put_u8(if matches!(v, ColumnValue::Text(_)) {
-                        b't'
-                    } else {
-                        b'b'
-                    });
+                    out.put_u8(if matches!(v, ColumnValue::Text(_)) { b't' } else { b'b' });
                     out.put_i32(len32(b.len()));
                     out.put_slice(b);
                 }
@@ -816,11 +785,7 @@ pub(crate) mod test_encode {
                     out.put_i32(c.type_modifier);
                 }
             }
-            PgOutputMessage::Type {
-                oid,
-                namespace,
-                name,
-            } => {
+            PgOutputMessage::Type { oid, namespace, name } => {
                 out.put_u8(b'Y');
                 out.put_u32(*oid);
                 string(&mut out, namespace);
@@ -856,10 +821,7 @@ pub(crate) mod test_encode {
                 out.put_u32(*relation_oid);
                 old_tuple(&mut out, old);
             }
-            PgOutputMessage::Truncate {
-                options,
-                relation_oids,
-            } => {
+            PgOutputMessage::Truncate { options, relation_oids } => {
                 out.put_u8(b'T');
                 out.put_u32(u32::try_from(relation_oids.len()).expect("too many test relations"));
                 out.put_u8(*options);
@@ -1002,8 +964,7 @@ mod tests {
                 old_tuple: OldTuple::Full(mixed_tuple()),
             },
             PgOutputMessage::Truncate {
-                options: PgOutputMessage::TRUNCATE_CASCADE
-                    | PgOutputMessage::TRUNCATE_RESTART_IDENTITY,
+                options: PgOutputMessage::TRUNCATE_CASCADE | PgOutputMessage::TRUNCATE_RESTART_IDENTITY,
                 relation_oids: vec![16_385, 16_390, u32::MAX],
             },
             PgOutputMessage::Truncate {
@@ -1028,8 +989,7 @@ mod tests {
     #[test]
     fn every_sample_round_trips() {
         let samples = samples();
-        let kinds: std::collections::BTreeSet<_> =
-            samples.iter().map(PgOutputMessage::kind).collect();
+        let kinds: std::collections::BTreeSet<_> = samples.iter().map(PgOutputMessage::kind).collect();
         assert_eq!(kinds.len(), 10, "a message type has no sample: {kinds:?}");
         for msg in samples {
             let bytes = encode(&msg);
@@ -1119,9 +1079,7 @@ mod tests {
     #[test]
     fn unknown_message_tags_are_rejected() {
         // Includes protocol-version-2+ tags (stream start/stop/commit/abort, two-phase).
-        for tag in [
-            b'S', b'E', b'c', b'A', b'b', b'P', b'K', b'r', b'N', b'w', 0, 0xff,
-        ] {
+        for tag in [b'S', b'E', b'c', b'A', b'b', b'P', b'K', b'r', b'N', b'w', 0, 0xff] {
             assert_eq!(
                 decode(Bytes::from(vec![tag; 32])),
                 Err(DecodeError::UnknownMessageTag { tag })
@@ -1272,10 +1230,7 @@ mod tests {
         b[at..].copy_from_slice(&i32::MIN.to_be_bytes());
         assert!(matches!(
             decode(Bytes::from(b)),
-            Err(DecodeError::NegativeLength {
-                message: "Message",
-                ..
-            })
+            Err(DecodeError::NegativeLength { message: "Message", .. })
         ));
     }
 
@@ -1401,10 +1356,7 @@ mod tests {
         let t = mixed_tuple();
         assert_eq!(t.len(), 6);
         assert!(!t.is_empty());
-        assert_eq!(
-            t.get(0).and_then(ColumnValue::as_text),
-            Some(Ok("@alice:example.org"))
-        );
+        assert_eq!(t.get(0).and_then(ColumnValue::as_text), Some(Ok("@alice:example.org")));
         assert!(t.get(1).is_some_and(ColumnValue::is_null));
         assert_eq!(t.get(2).and_then(ColumnValue::as_text), None);
         assert_eq!(t.get(3).and_then(ColumnValue::as_text), None);
@@ -1457,9 +1409,7 @@ mod tests {
     }
 
     fn texts(t: &TupleData) -> Vec<Option<&str>> {
-        t.iter()
-            .map(|v| v.as_text().map(|r| r.expect("utf-8")))
-            .collect()
+        t.iter().map(|v| v.as_text().map(|r| r.expect("utf-8"))).collect()
     }
 
     #[test]
@@ -1493,8 +1443,7 @@ mod tests {
                     assert!(end_lsn > commit_lsn);
                 }
                 PgOutputMessage::Message {
-                    transactional: false,
-                    ..
+                    transactional: false, ..
                 } => assert!(open.is_none()),
                 _ => assert!(open.is_some(), "{m:?} outside a transaction"),
             }
@@ -1510,11 +1459,7 @@ mod tests {
             panic!("{:?}", msgs[1])
         };
         assert_eq!(
-            (
-                rad.namespace.as_str(),
-                rad.name.as_str(),
-                rad.replica_identity
-            ),
+            (rad.namespace.as_str(), rad.name.as_str(), rad.replica_identity),
             ("public", "room_account_data", b'd')
         );
         let cols: Vec<_> = rad
@@ -1598,10 +1543,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            new_tuple
-                .get(4)
-                .and_then(ColumnValue::as_text)
-                .map(|t| t.map(str::len)),
+            new_tuple.get(4).and_then(ColumnValue::as_text).map(|t| t.map(str::len)),
             Some(Ok(2108))
         );
         let PgOutputMessage::Update {
@@ -1618,18 +1560,12 @@ mod tests {
         let PgOutputMessage::Relation(fi) = &msgs[20] else {
             panic!()
         };
-        assert_eq!(
-            (fi.name.as_str(), fi.replica_identity),
-            ("full_ident", b'f')
-        );
+        assert_eq!((fi.name.as_str(), fi.replica_identity), ("full_ident", b'f'));
         assert_eq!(fi.columns[1].type_modifier, 24); // varchar(20): 20 + VARHDRSZ
         let PgOutputMessage::Insert { new_tuple, .. } = &msgs[21] else {
             panic!()
         };
-        assert_eq!(
-            texts(new_tuple),
-            [Some("1"), Some("ünïcødé"), Some("\\x00ff")]
-        );
+        assert_eq!(texts(new_tuple), [Some("1"), Some("ünïcødé"), Some("\\x00ff")]);
         let PgOutputMessage::Update {
             old_tuple: Some(OldTuple::Full(old)),
             new_tuple,
@@ -1658,10 +1594,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(
-            (prefix.as_str(), &content[..]),
-            ("relay", &b"transactional"[..])
-        );
+        assert_eq!((prefix.as_str(), &content[..]), ("relay", &b"transactional"[..]));
         let PgOutputMessage::Message {
             transactional: false,
             content,
@@ -1672,11 +1605,7 @@ mod tests {
         };
         assert_eq!(&content[..], b"not transactional");
         // TRUNCATE … RESTART IDENTITY CASCADE of both tables, after their Relation messages.
-        let PgOutputMessage::Truncate {
-            options,
-            relation_oids,
-        } = &msgs[37]
-        else {
+        let PgOutputMessage::Truncate { options, relation_oids } = &msgs[37] else {
             panic!()
         };
         assert_eq!(
@@ -1716,22 +1645,13 @@ mod tests {
             inserts[2].0[0],
             ColumnValue::Binary(Bytes::copy_from_slice(&1i32.to_be_bytes()))
         );
-        assert_eq!(
-            inserts[2].0[2],
-            ColumnValue::Binary(Bytes::from_static(&[0x00, 0xff]))
-        );
-        assert!(
-            msgs.iter()
-                .all(|m| !matches!(m, PgOutputMessage::Message { .. }))
-        );
+        assert_eq!(inserts[2].0[2], ColumnValue::Binary(Bytes::from_static(&[0x00, 0xff])));
+        assert!(msgs.iter().all(|m| !matches!(m, PgOutputMessage::Message { .. })));
     }
 
     #[test]
     fn pg15_capture_prefixes_are_errors() {
-        for bytes in fixture_messages(PG15_TEXT)
-            .into_iter()
-            .filter(|b| b.len() < 200)
-        {
+        for bytes in fixture_messages(PG15_TEXT).into_iter().filter(|b| b.len() < 200) {
             for len in 0..bytes.len() {
                 assert!(decode(bytes.slice(..len)).is_err_and(|e| e.is_truncation()));
             }
@@ -1743,25 +1663,19 @@ mod tests {
     #[ignore = "writes files; run by hand to regenerate fuzz/seeds/pgoutput_decode"]
     fn write_fuzz_seeds() {
         use std::io::Write as _;
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/pgoutput_decode");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/pgoutput_decode");
         std::fs::create_dir_all(&dir).unwrap();
         let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).unwrap();
         // Bare pgoutput messages: every synthetic sample, and the real capture's distinct kinds.
         for (i, msg) in samples().iter().enumerate() {
-            write(
-                &format!("synthetic-{i:02}-{}", msg.kind().to_lowercase()),
-                &encode(msg),
-            );
+            write(&format!("synthetic-{i:02}-{}", msg.kind().to_lowercase()), &encode(msg));
         }
         let captured = fixture_messages(PG15_TEXT);
         let mut seen_begin_commit = std::collections::BTreeSet::new();
         for (i, bytes) in captured.iter().enumerate().filter(|(_, b)| b.len() < 200) {
             let kind = decode(bytes.clone()).unwrap().kind().to_lowercase();
             // Every transaction has a Begin and Commit; one of each is enough.
-            if matches!(kind.as_str(), "begin" | "commit")
-                && !seen_begin_commit.insert(kind.clone())
-            {
+            if matches!(kind.as_str(), "begin" | "commit") && !seen_begin_commit.insert(kind.clone()) {
                 continue;
             }
             write(&format!("pg15-{i:02}-{kind}"), bytes);
@@ -1824,10 +1738,7 @@ mod tests {
     }
 
     fn old_tuple() -> impl Strategy<Value = OldTuple> {
-        prop_oneof![
-            tuple().prop_map(OldTuple::Key),
-            tuple().prop_map(OldTuple::Full)
-        ]
+        prop_oneof![tuple().prop_map(OldTuple::Key), tuple().prop_map(OldTuple::Full)]
     }
 
     fn lsn() -> impl Strategy<Value = Lsn> {
@@ -1835,14 +1746,15 @@ mod tests {
     }
 
     fn message() -> impl Strategy<Value = PgOutputMessage> {
-        let column = (any::<u8>(), name(), any::<u32>(), any::<i32>()).prop_map(
-            |(flags, name, type_oid, type_modifier)| RelationColumn {
-                flags,
-                name,
-                type_oid,
-                type_modifier,
-            },
-        );
+        let column =
+            (any::<u8>(), name(), any::<u32>(), any::<i32>()).prop_map(|(flags, name, type_oid, type_modifier)| {
+                RelationColumn {
+                    flags,
+                    name,
+                    type_oid,
+                    type_modifier,
+                }
+            });
         prop_oneof![
             (lsn(), any::<i64>(), any::<u32>()).prop_map(|(final_lsn, commit_time_micros, xid)| {
                 PgOutputMessage::Begin {
@@ -1851,18 +1763,15 @@ mod tests {
                     xid,
                 }
             }),
-            (any::<u8>(), lsn(), lsn(), any::<i64>()).prop_map(
-                |(flags, commit_lsn, end_lsn, commit_time_micros)| {
-                    PgOutputMessage::Commit {
-                        flags,
-                        commit_lsn,
-                        end_lsn,
-                        commit_time_micros,
-                    }
+            (any::<u8>(), lsn(), lsn(), any::<i64>()).prop_map(|(flags, commit_lsn, end_lsn, commit_time_micros)| {
+                PgOutputMessage::Commit {
+                    flags,
+                    commit_lsn,
+                    end_lsn,
+                    commit_time_micros,
                 }
-            ),
-            (lsn(), name())
-                .prop_map(|(commit_lsn, name)| PgOutputMessage::Origin { commit_lsn, name }),
+            }),
+            (lsn(), name()).prop_map(|(commit_lsn, name)| PgOutputMessage::Origin { commit_lsn, name }),
             (
                 any::<u32>(),
                 name(),
@@ -1879,13 +1788,8 @@ mod tests {
                         columns,
                     })
                 }),
-            (any::<u32>(), name(), name()).prop_map(|(oid, namespace, name)| {
-                PgOutputMessage::Type {
-                    oid,
-                    namespace,
-                    name,
-                }
-            }),
+            (any::<u32>(), name(), name())
+                .prop_map(|(oid, namespace, name)| { PgOutputMessage::Type { oid, namespace, name } }),
             (any::<u32>(), tuple()).prop_map(|(relation_oid, new_tuple)| PgOutputMessage::Insert {
                 relation_oid,
                 new_tuple
@@ -1905,22 +1809,16 @@ mod tests {
                     old_tuple,
                 }
             }),
-            (any::<u8>(), proptest::collection::vec(any::<u32>(), 0..8)).prop_map(
-                |(options, relation_oids)| PgOutputMessage::Truncate {
-                    options,
-                    relation_oids
+            (any::<u8>(), proptest::collection::vec(any::<u32>(), 0..8))
+                .prop_map(|(options, relation_oids)| PgOutputMessage::Truncate { options, relation_oids }),
+            (any::<bool>(), lsn(), name(), payload()).prop_map(|(transactional, lsn, prefix, content)| {
+                PgOutputMessage::Message {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
                 }
-            ),
-            (any::<bool>(), lsn(), name(), payload()).prop_map(
-                |(transactional, lsn, prefix, content)| {
-                    PgOutputMessage::Message {
-                        transactional,
-                        lsn,
-                        prefix,
-                        content,
-                    }
-                }
-            ),
+            }),
         ]
     }
 

@@ -281,12 +281,7 @@ mod tests {
 
     #[test]
     fn parses_xlog_data_zero_copy() {
-        let payload = xlog(
-            0x16_B374_D848,
-            0x16_B374_D900,
-            746_000_000_123_456,
-            b"B\x00\x01",
-        );
+        let payload = xlog(0x16_B374_D848, 0x16_B374_D900, 746_000_000_123_456, b"B\x00\x01");
         let msg = parse_copy_data(payload.clone()).unwrap();
         let ReplicationMessage::XLogData {
             wal_start,
@@ -434,17 +429,11 @@ mod tests {
         assert_eq!(micros_since_pg_epoch(t), 757_382_400_000_042);
         assert_eq!(pg_micros_to_system_time(757_382_400_000_042), Some(t));
         assert_eq!(pg_micros_to_system_time(0), Some(pg_epoch));
-        assert_eq!(
-            pg_micros_to_system_time(-946_684_800_000_000),
-            Some(UNIX_EPOCH)
-        );
+        assert_eq!(pg_micros_to_system_time(-946_684_800_000_000), Some(UNIX_EPOCH));
         assert_eq!(pg_micros_to_system_time(i64::MAX), None);
         assert_eq!(pg_micros_to_system_time(i64::MIN), None);
         // Sub-microsecond precision is truncated, not rounded.
-        assert_eq!(
-            micros_since_pg_epoch(pg_epoch + Duration::from_nanos(1_999)),
-            1
-        );
+        assert_eq!(micros_since_pg_epoch(pg_epoch + Duration::from_nanos(1_999)), 1);
     }
 
     proptest! {

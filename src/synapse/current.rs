@@ -22,7 +22,10 @@ pub struct ReadError {
 fn read_error(table: &'static str, e: &tokio_postgres::Error) -> ReadError {
     ReadError {
         table,
-        message: e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string()),
+        message: e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_else(|| e.to_string()),
         sqlstate: e.code().map(|c| c.code().to_owned()),
         connection_lost: e.is_closed() || e.as_db_error().is_none(),
     }
@@ -94,10 +97,15 @@ pub async fn read_current(
                 .map_err(|e| read_error("room_tags", &e))?;
             let mut by_room: HashMap<(&str, &str), Vec<(&str, &str)>> = HashMap::new();
             for r in &rows {
-                by_room.entry((r.get(0), r.get(1))).or_default().push((r.get(2), r.get(3)));
+                by_room
+                    .entry((r.get(0), r.get(1)))
+                    .or_default()
+                    .push((r.get(2), r.get(3)));
             }
             for key in keys {
-                let tags = by_room.remove(&(&*key.user_id, key.room_id.as_deref().unwrap_or(""))).unwrap_or_default();
+                let tags = by_room
+                    .remove(&(&*key.user_id, key.room_id.as_deref().unwrap_or("")))
+                    .unwrap_or_default();
                 let (content, invalid) = assemble_tags(tags);
                 for tag in invalid {
                     tracing::error!(

@@ -45,10 +45,7 @@ fn yaml_options() -> serde_saphyr::Options {
     }
 }
 
-fn parse_yaml<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    what: &'static str,
-) -> Result<T, SynapseFileError> {
+fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) -> Result<T, SynapseFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| SynapseFileError::Read {
         path: path.into(),
         source,
@@ -154,8 +151,7 @@ impl HomeserverConfig {
         if files.is_empty() {
             return Err(SynapseFileError::Invalid {
                 path: paths.first().cloned().unwrap_or_default(),
-                message: "no Synapse config file found (a directory contributes its *.yaml files)"
-                    .into(),
+                message: "no Synapse config file found (a directory contributes its *.yaml files)".into(),
             });
         }
         let mut server_name: Option<(String, PathBuf)> = None;
@@ -190,9 +186,7 @@ impl HomeserverConfig {
         })?;
         let (database, db_file) = database.ok_or_else(|| SynapseFileError::Invalid {
             path: first.clone(),
-            message:
-                "no `database` section: Synapse is using SQLite, and the relay needs PostgreSQL"
-                    .into(),
+            message: "no `database` section: Synapse is using SQLite, and the relay needs PostgreSQL".into(),
         })?;
         match database.name.as_deref() {
             Some("psycopg2") | Some("psycopg") => {}
@@ -328,10 +322,7 @@ mod tests {
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
-        std::fs::File::create(&p)
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
+        std::fs::File::create(&p).unwrap().write_all(text.as_bytes()).unwrap();
         p
     }
 
@@ -368,26 +359,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let null = REG.replace("url: http://localhost:9000", "url: null");
         assert_eq!(
-            Registration::load(&write(dir.path(), "a.yaml", &null))
-                .unwrap()
-                .url,
+            Registration::load(&write(dir.path(), "a.yaml", &null)).unwrap().url,
             None
         );
         let tilde = REG.replace("url: http://localhost:9000", "url: ~");
         assert_eq!(
-            Registration::load(&write(dir.path(), "b.yaml", &tilde))
-                .unwrap()
-                .url,
+            Registration::load(&write(dir.path(), "b.yaml", &tilde)).unwrap().url,
             None
         );
         let missing = REG.replace("url: http://localhost:9000\n", "");
         let err = Registration::load(&write(dir.path(), "c.yaml", &missing))
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("`url` is missing") && err.contains("c.yaml"),
-            "{err}"
-        );
+        assert!(err.contains("`url` is missing") && err.contains("c.yaml"), "{err}");
     }
 
     #[test]
@@ -428,14 +412,8 @@ mod tests {
         let hs = HomeserverConfig::load(&[main, confd]).unwrap();
         assert_eq!(hs.server_name, "example.org");
         assert_eq!(hs.database.args.database.as_deref(), Some("synapse"));
-        assert_eq!(
-            hs.database.args.password.as_ref().map(|p| p.expose()),
-            Some("pw")
-        );
-        assert_eq!(
-            hs.database.args.port,
-            Some(IntOrString::String("5433".into()))
-        );
+        assert_eq!(hs.database.args.password.as_ref().map(|p| p.expose()), Some("pw"));
+        assert_eq!(hs.database.args.port, Some(IntOrString::String("5433".into())));
         assert_eq!(
             hs.app_service_config_files,
             vec![

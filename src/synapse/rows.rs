@@ -61,9 +61,7 @@ impl SynapseTable {
     fn required_columns(self) -> &'static [&'static str] {
         match self {
             SynapseTable::AccountData => &["user_id", "account_data_type", "content"],
-            SynapseTable::RoomAccountData => {
-                &["user_id", "room_id", "account_data_type", "content"]
-            }
+            SynapseTable::RoomAccountData => &["user_id", "room_id", "account_data_type", "content"],
             SynapseTable::RoomTagsRevisions => &["user_id", "room_id"],
         }
     }
@@ -119,10 +117,7 @@ pub enum MappingError {
 impl MappingError {
     /// Whether the relay can skip this row and go on (as opposed to reconnecting or stopping).
     pub fn is_row_level(&self) -> bool {
-        matches!(
-            self,
-            MappingError::BadRow { .. } | MappingError::InvalidJson { .. }
-        )
+        matches!(self, MappingError::BadRow { .. } | MappingError::InvalidJson { .. })
     }
 }
 
@@ -148,22 +143,17 @@ pub struct RowMapper {
     relations: HashMap<u32, Option<Layout>>,
 }
 
-fn column(
-    rel: &RelationBody,
-    table: SynapseTable,
-    name: &'static str,
-) -> Result<usize, MappingError> {
-    rel.column_index(name)
-        .ok_or_else(|| MappingError::MissingColumn {
-            table: table.name(),
-            column: name,
-            columns: rel
-                .columns
-                .iter()
-                .map(|c| c.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+fn column(rel: &RelationBody, table: SynapseTable, name: &'static str) -> Result<usize, MappingError> {
+    rel.column_index(name).ok_or_else(|| MappingError::MissingColumn {
+        table: table.name(),
+        column: name,
+        columns: rel
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 fn text<'t>(
@@ -195,11 +185,7 @@ impl RowMapper {
     }
 
     /// Map one decoded message of a transaction that commits at `commit_lsn`.
-    pub fn map(
-        &mut self,
-        message: &PgOutputMessage,
-        commit_lsn: Lsn,
-    ) -> Result<RowOutcome, MappingError> {
+    pub fn map(&mut self, message: &PgOutputMessage, commit_lsn: Lsn) -> Result<RowOutcome, MappingError> {
         match message {
             PgOutputMessage::Relation(rel) => self.on_relation(rel),
             PgOutputMessage::Insert {
@@ -264,30 +250,18 @@ impl RowMapper {
         }
     }
 
-    fn on_row(
-        &self,
-        oid: u32,
-        tuple: &TupleData,
-        commit_lsn: Lsn,
-    ) -> Result<RowOutcome, MappingError> {
+    fn on_row(&self, oid: u32, tuple: &TupleData, commit_lsn: Lsn) -> Result<RowOutcome, MappingError> {
         let Some(layout) = self.layout(oid)? else {
-            return Ok(RowOutcome::Ignored(
-                "a row of a table the relay does not read",
-            ));
+            return Ok(RowOutcome::Ignored("a row of a table the relay does not read"));
         };
         let table = layout.table;
         let user_id = text(tuple, layout.user_id, table, "user_id")?;
         let room_id = match layout.room_id {
-            Some(i) if table != SynapseTable::AccountData => {
-                Some(text(tuple, i, table, "room_id")?)
-            }
+            Some(i) if table != SynapseTable::AccountData => Some(text(tuple, i, table, "room_id")?),
             _ => None,
         };
         let (data_type, content) = match table {
-            SynapseTable::RoomTagsRevisions => (
-                TAG_EVENT_TYPE,
-                ChangeContent::ReadCurrent(SourceTable::RoomTags),
-            ),
+            SynapseTable::RoomTagsRevisions => (TAG_EVENT_TYPE, ChangeContent::ReadCurrent(SourceTable::RoomTags)),
             SynapseTable::AccountData | SynapseTable::RoomAccountData => {
                 let (Some(t), Some(c)) = (layout.data_type, layout.content) else {
                     return Err(MappingError::BadRow {
@@ -336,9 +310,7 @@ impl RowMapper {
 /// Assemble the `m.tag` content from a room's tags (`room_tags.tag`, `room_tags.content` as raw
 /// JSON): `{"tags": {"<tag>": <content>, ...}}`, `{"tags": {}}` when there are none. A tag whose
 /// content is not valid JSON is left out and returned in the second list.
-pub fn assemble_tags<'a>(
-    tags: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> (String, Vec<String>) {
+pub fn assemble_tags<'a>(tags: impl IntoIterator<Item = (&'a str, &'a str)>) -> (String, Vec<String>) {
     let mut out = String::from("{\"tags\":{");
     let mut invalid = Vec::new();
     let mut first = true;
@@ -397,13 +369,7 @@ mod tests {
         )
     }
 
-    const AD: &[&str] = &[
-        "user_id",
-        "account_data_type",
-        "stream_id",
-        "content",
-        "instance_name",
-    ];
+    const AD: &[&str] = &["user_id", "account_data_type", "stream_id", "content", "instance_name"];
     const RAD: &[&str] = &[
         "user_id",
         "room_id",
@@ -425,21 +391,13 @@ mod tests {
     fn the_three_tables_map_to_changes() {
         let mut m = RowMapper::new();
         m.map(&relation(1, "account_data", AD), Lsn(0)).unwrap();
-        m.map(&relation(2, "room_account_data", RAD), Lsn(0))
-            .unwrap();
-        m.map(&relation(3, "room_tags_revisions", RTR), Lsn(0))
-            .unwrap();
+        m.map(&relation(2, "room_account_data", RAD), Lsn(0)).unwrap();
+        m.map(&relation(3, "room_tags_revisions", RTR), Lsn(0)).unwrap();
         let c = change(
             m.map(
                 &PgOutputMessage::Insert {
                     relation_oid: 1,
-                    new_tuple: tuple(&[
-                        Some("@a:x"),
-                        Some("m.direct"),
-                        Some("7"),
-                        Some("{\"k\":1}"),
-                        None,
-                    ]),
+                    new_tuple: tuple(&[Some("@a:x"), Some("m.direct"), Some("7"), Some("{\"k\":1}"), None]),
                 },
                 Lsn(100),
             )
@@ -508,20 +466,12 @@ mod tests {
             "account_data_type",
             "instance_name",
         ];
-        m.map(&relation(1, "account_data", &reordered), Lsn(0))
-            .unwrap();
+        m.map(&relation(1, "account_data", &reordered), Lsn(0)).unwrap();
         let c = change(
             m.map(
                 &PgOutputMessage::Insert {
                     relation_oid: 1,
-                    new_tuple: tuple(&[
-                        Some("x"),
-                        Some("[1]"),
-                        Some("@a:x"),
-                        Some("1"),
-                        Some("t"),
-                        None,
-                    ]),
+                    new_tuple: tuple(&[Some("x"), Some("[1]"), Some("@a:x"), Some("1"), Some("t"), None]),
                 },
                 Lsn(5),
             )
@@ -540,22 +490,13 @@ mod tests {
                 &PgOutputMessage::Update {
                     relation_oid: 1,
                     old_tuple: None,
-                    new_tuple: tuple(&[
-                        Some("@a:x"),
-                        Some("big"),
-                        Some("9"),
-                        Some("<toast>"),
-                        None,
-                    ]),
+                    new_tuple: tuple(&[Some("@a:x"), Some("big"), Some("9"), Some("<toast>"), None]),
                 },
                 Lsn(5),
             )
             .unwrap(),
         );
-        assert_eq!(
-            c.content,
-            ChangeContent::ReadCurrent(SourceTable::AccountData)
-        );
+        assert_eq!(c.content, ChangeContent::ReadCurrent(SourceTable::AccountData));
     }
 
     #[test]
@@ -566,13 +507,7 @@ mod tests {
             .map(
                 &PgOutputMessage::Insert {
                     relation_oid: 1,
-                    new_tuple: tuple(&[
-                        Some("@a:x"),
-                        Some("t"),
-                        Some("1"),
-                        Some("{not json"),
-                        None,
-                    ]),
+                    new_tuple: tuple(&[Some("@a:x"), Some("t"), Some("1"), Some("{not json"), None]),
                 },
                 Lsn(5),
             )
@@ -618,34 +553,19 @@ mod tests {
         ));
         let del = PgOutputMessage::Delete {
             relation_oid: 1,
-            old_tuple: crate::replication::pgoutput::OldTuple::Key(tuple(&[
-                Some("@a:x"),
-                Some("t"),
-                None,
-                None,
-                None,
-            ])),
+            old_tuple: crate::replication::pgoutput::OldTuple::Key(tuple(&[Some("@a:x"), Some("t"), None, None, None])),
         };
-        assert!(matches!(
-            m.map(&del, Lsn(1)).unwrap(),
-            RowOutcome::Ignored(_)
-        ));
+        assert!(matches!(m.map(&del, Lsn(1)).unwrap(), RowOutcome::Ignored(_)));
         let ins = PgOutputMessage::Insert {
             relation_oid: 9,
             new_tuple: tuple(&[Some("x")]),
         };
-        assert!(matches!(
-            m.map(&ins, Lsn(1)).unwrap(),
-            RowOutcome::Ignored(_)
-        ));
+        assert!(matches!(m.map(&ins, Lsn(1)).unwrap(), RowOutcome::Ignored(_)));
         let tr = PgOutputMessage::Truncate {
             options: 0,
             relation_oids: vec![1, 9],
         };
-        assert_eq!(
-            m.map(&tr, Lsn(1)).unwrap(),
-            RowOutcome::Truncated(vec!["account_data"])
-        );
+        assert_eq!(m.map(&tr, Lsn(1)).unwrap(), RowOutcome::Truncated(vec!["account_data"]));
     }
 
     #[test]
@@ -659,10 +579,7 @@ mod tests {
         assert_eq!(err, MappingError::UnknownRelation { oid: 4 });
         assert!(!err.is_row_level());
         let err = m
-            .map(
-                &relation(1, "account_data", &["user_id", "account_data_type"]),
-                Lsn(0),
-            )
+            .map(&relation(1, "account_data", &["user_id", "account_data_type"]), Lsn(0))
             .unwrap_err();
         assert!(err.to_string().contains("content"), "{err}");
         assert!(!err.is_row_level());
@@ -670,11 +587,7 @@ mod tests {
 
     #[test]
     fn tags_assemble_into_one_m_tag_content() {
-        let (c, bad) = assemble_tags([
-            ("u.work", "{\"order\":0.5}"),
-            ("m.favourite", "{}"),
-            ("broken", "{"),
-        ]);
+        let (c, bad) = assemble_tags([("u.work", "{\"order\":0.5}"), ("m.favourite", "{}"), ("broken", "{")]);
         assert_eq!(bad, vec!["broken".to_owned()]);
         let v: serde_json::Value = serde_json::from_str(&c).unwrap();
         assert_eq!(

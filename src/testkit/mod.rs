@@ -143,9 +143,7 @@ fn postgres_user_ids() -> Result<(u32, u32), TestkitError> {
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
-            .map_err(|_| {
-                TestkitError::NoPostgresUser(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-            })
+            .map_err(|_| TestkitError::NoPostgresUser(String::from_utf8_lossy(&out.stderr).trim().to_owned()))
     };
     Ok((id("-u")?, id("-g")?))
 }
@@ -153,9 +151,7 @@ fn postgres_user_ids() -> Result<(u32, u32), TestkitError> {
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16, TestkitError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("binding a free port"))?;
-    Ok(l.local_addr()
-        .map_err(io_err("reading a free port"))?
-        .port())
+    Ok(l.local_addr().map_err(io_err("reading a free port"))?.port())
 }
 
 impl LocalCluster {
@@ -215,8 +211,7 @@ impl LocalCluster {
              local replication all trust\nhost replication all 127.0.0.1/32 trust\n",
         );
         // pg_hba.conf belongs to the postgres user; rewriting it in place keeps its owner.
-        std::fs::write(cluster.data_dir.join("pg_hba.conf"), hba)
-            .map_err(io_err("writing pg_hba.conf"))?;
+        std::fs::write(cluster.data_dir.join("pg_hba.conf"), hba).map_err(io_err("writing pg_hba.conf"))?;
         let mut last_error = None;
         for _ in 0..5 {
             cluster.port = free_port()?;
@@ -388,10 +383,7 @@ impl LocalCluster {
 
     /// A libpq-style connection string for `dbname` as `postgres` (for tokio-postgres, psql).
     pub fn connection_string(&self, dbname: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname={dbname}",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
     }
 }
 

@@ -111,12 +111,20 @@ async fn put_transaction(
         Err(_) => return (StatusCode::BAD_REQUEST, r#"{"errcode":"M_NOT_JSON"}"#).into_response(),
     };
     if parsed.get("events").and_then(|e| e.as_array()).is_none() {
-        return (StatusCode::BAD_REQUEST, r#"{"errcode":"M_BAD_JSON","error":"events missing"}"#).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            r#"{"errcode":"M_BAD_JSON","error":"events missing"}"#,
+        )
+            .into_response();
     }
     {
         let mut inner = shared.lock();
         if inner.seen_ids.insert(txn_id.clone()) {
-            inner.accepted.push(ReceivedTransaction { txn_id, body: parsed, received_at: Instant::now() });
+            inner.accepted.push(ReceivedTransaction {
+                txn_id,
+                body: parsed,
+                received_at: Instant::now(),
+            });
         } else {
             inner.duplicates += 1;
         }
@@ -128,7 +136,11 @@ async fn put_transaction(
 impl RecordingAppservice {
     /// Start on 127.0.0.1 on a free port, expecting `hs_token` as the bearer token.
     pub async fn start(hs_token: &str) -> std::io::Result<RecordingAppservice> {
-        RecordingAppservice::start_on("127.0.0.1:0".parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))), hs_token).await
+        RecordingAppservice::start_on(
+            "127.0.0.1:0".parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            hs_token,
+        )
+        .await
     }
 
     /// Start on `addr` (port 0 for a free one).
@@ -146,7 +158,10 @@ impl RecordingAppservice {
             changed: Notify::new(),
         });
         let app = axum::Router::new()
-            .route("/_matrix/app/v1/transactions/{txn_id}", axum::routing::put(put_transaction))
+            .route(
+                "/_matrix/app/v1/transactions/{txn_id}",
+                axum::routing::put(put_transaction),
+            )
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;

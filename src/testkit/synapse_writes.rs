@@ -6,7 +6,9 @@
 use tokio_postgres::Client;
 
 async fn next_stream_id(c: &Client) -> Result<i64, tokio_postgres::Error> {
-    Ok(c.query_one("SELECT nextval('account_data_sequence')", &[]).await?.get(0))
+    Ok(c.query_one("SELECT nextval('account_data_sequence')", &[])
+        .await?
+        .get(0))
 }
 
 /// `PUT /user/{user}/account_data/{type}` (content as compact JSON text).
@@ -27,7 +29,13 @@ pub async fn delete_global(c: &Client, user: &str, data_type: &str) -> Result<()
 }
 
 /// `PUT /user/{user}/rooms/{room}/account_data/{type}`.
-pub async fn set_room(c: &Client, user: &str, room: &str, data_type: &str, content: &str) -> Result<(), tokio_postgres::Error> {
+pub async fn set_room(
+    c: &Client,
+    user: &str,
+    room: &str,
+    data_type: &str,
+    content: &str,
+) -> Result<(), tokio_postgres::Error> {
     let id = next_stream_id(c).await?;
     c.execute(
         "INSERT INTO room_account_data (user_id, room_id, account_data_type, stream_id, content) VALUES ($1, $2, $3, $4, $5) \
@@ -49,7 +57,13 @@ async fn bump_tag_revision(c: &Client, user: &str, room: &str, id: i64) -> Resul
 }
 
 /// `PUT /user/{user}/rooms/{room}/tags/{tag}`.
-pub async fn add_tag(c: &Client, user: &str, room: &str, tag: &str, content: &str) -> Result<(), tokio_postgres::Error> {
+pub async fn add_tag(
+    c: &Client,
+    user: &str,
+    room: &str,
+    tag: &str,
+    content: &str,
+) -> Result<(), tokio_postgres::Error> {
     let id = next_stream_id(c).await?;
     c.batch_execute("BEGIN").await?;
     let r = async {
@@ -71,7 +85,11 @@ pub async fn remove_tag(c: &Client, user: &str, room: &str, tag: &str) -> Result
     let id = next_stream_id(c).await?;
     c.batch_execute("BEGIN").await?;
     let r = async {
-        c.execute("DELETE FROM room_tags WHERE user_id = $1 AND room_id = $2 AND tag = $3", &[&user, &room, &tag]).await?;
+        c.execute(
+            "DELETE FROM room_tags WHERE user_id = $1 AND room_id = $2 AND tag = $3",
+            &[&user, &room, &tag],
+        )
+        .await?;
         bump_tag_revision(c, user, room, id).await
     }
     .await;

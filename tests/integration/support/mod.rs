@@ -1,1 +1,468 @@
+//! Test support: the PostgreSQL servers (PostgreSQL 15 from this machine's binaries, PostgreSQL
+//! 17 in a container through `testcontainers`), one fresh database per test with Synapse's
+//! tables, the relay binary as a child process, and the database's final state to compare
+//! receivers against.
 
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use synapse_account_data_relay::testkit::receiver::ReceivedKey;
+use synapse_account_data_relay::testkit::{LocalCluster, SYNAPSE_SCHEMA_SQL};
+use tokio_postgres::{Client, NoTls};
+
+/// The image `.ci/build-pg17-image.sh` builds.
+pub const DEFAULT_PG17_IMAGE: &str = "synapse-relay-test-postgres:17";
+
+/// A running PostgreSQL server the tests share.
+pub struct Server {
+    pub label: &'static str,
+    pub host: String,
+    pub port: u16,
+    pub local: Option<LocalCluster>,
+}
+
+impl Server {
+    pub fn connection_string(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={db} connect_timeout=10",
+            self.host, self.port
+        )
+    }
+}
+
+static PG15: OnceLock<Result<Server, String>> = OnceLock::new();
+static PG17: OnceLock<Result<Server, String>> = OnceLock::new();
+
+/// PostgreSQL from this machine's binaries (15 here), shared by the whole test binary.
+pub fn pg15() -> &'static Server {
+    PG15.get_or_init(|| {
+        let mut c =
+            LocalCluster::start(Default::default()).map_err(|e| format!("cannot start a local PostgreSQL: {e}"))?;
+        c.stop_when_process_exits().map_err(|e| e.to_string())?;
+        Ok(Server {
+            label: "local",
+            host: "127.0.0.1".into(),
+            port: c.port(),
+            local: Some(c),
+        })
+    })
+    .as_ref()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// PostgreSQL 17 in a container (image from `RELAY_TEST_PG_IMAGE`), shared by the whole test binary.
+pub fn pg17() -> &'static Server {
+    PG17.get_or_init(|| {
+        std::thread::spawn(start_container)
+            .join()
+            .unwrap_or_else(|_| Err("container start panicked".into()))
+    })
+    .as_ref()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn start_container() -> Result<Server, String> {
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::SyncRunner;
+    use testcontainers::{GenericImage, ImageExt};
+    let image = std::env::var("RELAY_TEST_PG_IMAGE").unwrap_or_else(|_| DEFAULT_PG17_IMAGE.into());
+    let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+    let present = Command::new("docker").args(["image", "inspect", &image]).output();
+    match present {
+        Ok(o) if o.status.success() => {}
+        Ok(_) => {
+            return Err(format!(
+                "the PostgreSQL 17 test image {image:?} does not exist: build it with `.ci/build-pg17-image.sh` \
+                 (debootstrap + docker import, no registry needed), or set RELAY_TEST_PG_IMAGE"
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot run `docker` ({e}): install Docker and start its daemon for the PostgreSQL 17 tests"
+            ));
+        }
+    }
+    let script = "set -e; export PATH=/usr/lib/postgresql/17/bin:$PATH; \
+        initdb -D /tmp/pgdata -U postgres --auth=trust --no-sync >/dev/null; \
+        echo 'host all all all trust' >> /tmp/pgdata/pg_hba.conf; \
+        echo 'host replication all all trust' >> /tmp/pgdata/pg_hba.conf; \
+        exec postgres -D /tmp/pgdata -c listen_addresses='*' -c wal_level=logical -c max_replication_slots=200 \
+          -c max_wal_senders=200 -c max_connections=300 -c fsync=off -c full_page_writes=off -c unix_socket_directories=/tmp";
+    let container = GenericImage::new(name, tag)
+        .with_exposed_port(5432.tcp())
+        .with_wait_for(WaitFor::message_on_stderr(
+            "database system is ready to accept connections",
+        ))
+        .with_user("postgres")
+        .with_cmd(["sh", "-c", script])
+        .start()
+        .map_err(|e| format!("cannot start the PostgreSQL 17 container from {image:?}: {e}"))?;
+    let port = container.get_host_port_ipv4(5432).map_err(|e| e.to_string())?;
+    let id = container.id().to_owned();
+    // The container must outlive every test of the binary: remove it when this process exits.
+    let script = format!(
+        "while kill -0 {} 2>/dev/null; do sleep 1; done; docker rm -f {id} >/dev/null 2>&1",
+        std::process::id()
+    );
+    Command::new("setsid")
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    std::mem::forget(container);
+    Ok(Server {
+        label: "container",
+        host: "127.0.0.1".into(),
+        port,
+        local: None,
+    })
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh database with Synapse's tables, and names for this test's slot and publication.
+pub struct TestDb {
+    pub server: &'static Server,
+    pub name: String,
+    pub client: Client,
+}
+
+pub async fn connect(server: &Server, db: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(&server.connection_string(db), NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {} database {db}: {e}", server.label));
+    tokio::spawn(conn);
+    client
+}
+
+impl TestDb {
+    pub async fn new(server: &'static Server) -> TestDb {
+        let name = format!(
+            "relay_t{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let admin = connect(server, "postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let client = connect(server, &name).await;
+        client.batch_execute(SYNAPSE_SCHEMA_SQL).await.expect("Synapse schema");
+        TestDb { server, name, client }
+    }
+
+    /// A second connection (for concurrent writers).
+    pub async fn connect(&self) -> Client {
+        connect(self.server, &self.name).await
+    }
+
+    /// The slot's `confirmed_flush_lsn` and the server's current WAL position, as numbers.
+    pub async fn slot_position(&self) -> (u64, u64) {
+        let r = self
+            .client
+            .query_one(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint, (pg_current_wal_lsn() - '0/0')::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.name],
+            )
+            .await
+            .expect("slot exists");
+        (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64)
+    }
+
+    /// Drop this test's slot if it exists (so it stops holding WAL on the shared server).
+    pub async fn drop_slot(&self) {
+        let _ = self
+            .client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&self.name],
+            )
+            .await;
+    }
+
+    /// The final state the database holds for users matching `interested` (what an appservice
+    /// interested in them should end with): global and room account data, and one `m.tag` per
+    /// (user, room) that ever had a tag revision.
+    pub async fn final_state(&self, interested: impl Fn(&str) -> bool) -> BTreeMap<ReceivedKey, serde_json::Value> {
+        let mut out = BTreeMap::new();
+        let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("valid JSON in the database");
+        for r in self
+            .client
+            .query("SELECT user_id, account_data_type, content FROM account_data", &[])
+            .await
+            .unwrap()
+        {
+            let user: String = r.get(0);
+            if interested(&user) {
+                out.insert((user, None, r.get(1)), parse(r.get(2)));
+            }
+        }
+        for r in self
+            .client
+            .query(
+                "SELECT user_id, room_id, account_data_type, content FROM room_account_data",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            let user: String = r.get(0);
+            if interested(&user) {
+                out.insert((user, Some(r.get(1)), r.get(2)), parse(r.get(3)));
+            }
+        }
+        for r in self
+            .client
+            .query("SELECT user_id, room_id FROM room_tags_revisions", &[])
+            .await
+            .unwrap()
+        {
+            let user: String = r.get(0);
+            let room: String = r.get(1);
+            if !interested(&user) {
+                continue;
+            }
+            let mut tags = serde_json::Map::new();
+            for t in self
+                .client
+                .query(
+                    "SELECT tag, content FROM room_tags WHERE user_id = $1 AND room_id = $2",
+                    &[&user, &room],
+                )
+                .await
+                .unwrap()
+            {
+                tags.insert(t.get(0), parse(t.get(1)));
+            }
+            out.insert((user, Some(room), "m.tag".into()), serde_json::json!({ "tags": tags }));
+        }
+        out
+    }
+}
+
+/// One appservice registration to write.
+pub struct RegistrationSpec<'a> {
+    pub id: &'a str,
+    pub url: Option<&'a str>,
+    pub hs_token: &'a str,
+    pub sender_localpart: &'a str,
+    pub user_regexes: &'a [&'a str],
+    pub opt_in: bool,
+}
+
+/// A directory holding homeserver.yaml, registrations and relay.toml for one test.
+pub struct RelayFiles {
+    pub dir: tempfile::TempDir,
+}
+
+pub const SERVER_NAME: &str = "example.org";
+
+impl RelayFiles {
+    pub fn new(db: &TestDb, registrations: &[RegistrationSpec<'_>], extra_toml: &str) -> RelayFiles {
+        let dir = tempfile::tempdir().unwrap();
+        let mut list = String::new();
+        for r in registrations {
+            let file = format!("{}.yaml", r.id);
+            list.push_str(&format!("  - {file}\n"));
+            let mut text = format!(
+                "id: {}\nurl: {}\nas_token: as_{}\nhs_token: {}\nsender_localpart: {}\nnamespaces:\n  users:\n",
+                r.id,
+                r.url.map(|u| format!("'{u}'")).unwrap_or_else(|| "null".into()),
+                r.id,
+                r.hs_token,
+                r.sender_localpart
+            );
+            for re in r.user_regexes {
+                text.push_str(&format!("    - regex: '{re}'\n      exclusive: true\n"));
+            }
+            if r.opt_in {
+                text.push_str("org.matrix.msc3682.account_data: true\n");
+            }
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("homeserver.yaml"),
+            format!(
+                "server_name: {SERVER_NAME}\ndatabase:\n  name: psycopg2\n  args:\n    user: postgres\n    dbname: {}\n    \
+                 host: {}\n    port: {}\n    cp_min: 5\n    cp_max: 10\napp_service_config_files:\n{list}",
+                db.name, db.server.host, db.server.port
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("relay.toml"),
+            format!(
+                "[replication]\nslot_name = \"{0}\"\npublication_name = \"{0}\"\nstatus_interval = \"200ms\"\n\
+                 [delivery]\nretry_initial_delay = \"50ms\"\nretry_max_delay = \"500ms\"\nrequest_timeout = \"2s\"\n{extra_toml}",
+                db.name
+            ),
+        )
+        .unwrap();
+        RelayFiles { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn args(&self, subcommand: &str) -> Vec<String> {
+        vec![
+            subcommand.into(),
+            "--synapse-config".into(),
+            self.path().join("homeserver.yaml").display().to_string(),
+            "--config".into(),
+            self.path().join("relay.toml").display().to_string(),
+        ]
+    }
+
+    /// Run a subcommand to completion.
+    pub fn command(&self, subcommand: &str, extra: &[&str]) -> Output {
+        Command::new(relay_binary())
+            .args(self.args(subcommand))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    }
+
+    /// Start `run` in the background.
+    pub fn spawn_run(&self) -> RelayProcess {
+        let log = self
+            .path()
+            .join(format!("relay-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(relay_binary())
+            .args(self.args("run"))
+            .env("RUST_LOG", "synapse_account_data_relay=debug,info")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        RelayProcess {
+            child: Some(child),
+            log,
+        }
+    }
+}
+
+pub fn relay_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_synapse-account-data-relay"))
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The relay binary running `run`.
+pub struct RelayProcess {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl RelayProcess {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to confirm anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Wait until the relay's log contains `needle`.
+pub async fn wait_for_log(relay: &RelayProcess, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if relay.log_text().contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Print what differs between two states (for assertion messages).
+pub fn diff(got: &BTreeMap<ReceivedKey, serde_json::Value>, want: &BTreeMap<ReceivedKey, serde_json::Value>) -> String {
+    let mut out = String::new();
+    for (k, v) in want {
+        match got.get(k) {
+            None => out.push_str(&format!("missing {k:?} = {v}\n")),
+            Some(g) if g != v => out.push_str(&format!("wrong   {k:?}: got {g}, want {v}\n")),
+            _ => {}
+        }
+    }
+    for k in got.keys().filter(|k| !want.contains_key(*k)) {
+        out.push_str(&format!("extra   {k:?}\n"));
+    }
+    out
+}
+
+/// Instantiate an async test `fn name(server: &'static Server)` for both servers.
+#[macro_export]
+macro_rules! on_both_servers {
+    ($($name:ident),* $(,)?) => {
+        mod pg15_local {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::support::pg15()).await
+                }
+            )*
+        }
+        mod pg17_container {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::support::pg17()).await
+                }
+            )*
+        }
+    };
+}

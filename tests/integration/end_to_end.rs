@@ -1,0 +1,335 @@
+//! The relay end to end: Synapse-style writes into real PostgreSQL, the relay binary, real HTTP
+//! receivers; each receiver must end with exactly the database's final state for its users.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use synapse_account_data_relay::testkit::receiver::{ReceiverMode, RecordingAppservice};
+use synapse_account_data_relay::testkit::synapse_writes as w;
+use tokio_postgres::Client;
+
+use crate::on_both_servers;
+use crate::support::{RegistrationSpec, RelayFiles, RelayProcess, Server, TestDb, diff, text, wait_for_log};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Appservice A: `@a_*`, `@shared_*` and its sender; B: `@b_*`, `@shared_*`; C: `@c_*`, not opted in.
+fn interested_a(u: &str) -> bool {
+    u.starts_with("@a_") || u.starts_with("@shared_") || u == "@abot:example.org"
+}
+fn interested_b(u: &str) -> bool {
+    u.starts_with("@b_") || u.starts_with("@shared_") || u == "@bbot:example.org"
+}
+
+struct Setup {
+    db: TestDb,
+    a: RecordingAppservice,
+    b: RecordingAppservice,
+    c: RecordingAppservice,
+    files: RelayFiles,
+}
+
+async fn prepare(server: &'static Server) -> Setup {
+    let db = TestDb::new(server).await;
+    let a = RecordingAppservice::start("hs_token_a").await.unwrap();
+    let b = RecordingAppservice::start("hs_token_b").await.unwrap();
+    let c = RecordingAppservice::start("hs_token_c").await.unwrap();
+    let (ua, ub, uc) = (a.url(), b.url(), c.url());
+    let files = RelayFiles::new(
+        &db,
+        &[
+            RegistrationSpec {
+                id: "a",
+                url: Some(&ua),
+                hs_token: "hs_token_a",
+                sender_localpart: "abot",
+                user_regexes: &["@a_.*", "@shared_.*"],
+                opt_in: true,
+            },
+            RegistrationSpec {
+                id: "b",
+                url: Some(&ub),
+                hs_token: "hs_token_b",
+                sender_localpart: "bbot",
+                user_regexes: &["@b_.*:example\\.org", "@shared_.*"],
+                opt_in: true,
+            },
+            RegistrationSpec {
+                id: "c",
+                url: Some(&uc),
+                hs_token: "hs_token_c",
+                sender_localpart: "cbot",
+                user_regexes: &["@c_.*"],
+                opt_in: false,
+            },
+        ],
+        "",
+    );
+    let out = files.command("setup", &[]);
+    assert!(out.status.success(), "setup: {}", text(&out));
+    Setup { db, a, b, c, files }
+}
+
+async fn start_relay(s: &Setup) -> RelayProcess {
+    let relay = s.files.spawn_run();
+    assert!(
+        wait_for_log(&relay, "streaming account-data changes", Duration::from_secs(20)).await,
+        "relay did not start streaming:\n{}",
+        relay.log_text()
+    );
+    relay
+}
+
+const USERS: &[&str] = &[
+    "@a_1:example.org",
+    "@a_2:example.org",
+    "@b_1:example.org",
+    "@b_2:example.org",
+    "@b_3:example.org.evil",
+    "@shared_1:example.org",
+    "@c_1:example.org",
+    "@nobody:example.org",
+    "@abot:example.org",
+];
+const ROOMS: &[&str] = &["!r1:example.org", "!r2:example.org"];
+
+/// One random Synapse-style write.
+async fn random_write(c: &Client, rng: &mut StdRng, i: usize) {
+    let user = USERS[rng.random_range(0..USERS.len())];
+    let room = ROOMS[rng.random_range(0..ROOMS.len())];
+    let r = match rng.random_range(0..10) {
+        0..=2 => {
+            let ty = ["m.direct", "org.example.config", "m.ignored_user_list"][rng.random_range(0..3)];
+            w::set_global(c, user, ty, &format!("{{\"n\":{i},\"s\":\"caf\\u00e9\"}}")).await
+        }
+        3 => w::delete_global(c, user, ["m.direct", "org.example.config"][rng.random_range(0..2)]).await,
+        4..=5 => {
+            let ty = ["m.fully_read", "org.example.room"][rng.random_range(0..2)];
+            w::set_room(c, user, room, ty, &format!("{{\"event_id\":\"$e{i}\"}}")).await
+        }
+        6..=7 => {
+            w::add_tag(
+                c,
+                user,
+                room,
+                ["u.work", "m.favourite"][rng.random_range(0..2)],
+                &format!("{{\"order\":{}}}", i % 7),
+            )
+            .await
+        }
+        8 => w::remove_tag(c, user, room, ["u.work", "m.favourite"][rng.random_range(0..2)]).await,
+        _ => {
+            // A large value (stored TOASTed), then an UPDATE that leaves it alone: pgoutput sends
+            // "unchanged TOAST" for content, which must be read back, not sent as empty.
+            let big = format!("{{\"blob\":\"{}\",\"n\":{i}}}", "x".repeat(20_000 + i));
+            w::set_global(c, user, "org.example.big", &big).await.unwrap();
+            c.execute(
+                "UPDATE account_data SET stream_id = stream_id + 1 WHERE user_id = $1 AND account_data_type = 'org.example.big'",
+                &[&user],
+            )
+            .await
+            .map(|_| ())
+        }
+    };
+    r.unwrap_or_else(|e| panic!("write {i} failed: {e}"));
+}
+
+async fn write_randomly(s: &Setup, seed: u64, ops: usize, writers: usize) {
+    let mut tasks = Vec::new();
+    for wi in 0..writers {
+        let c = s.db.connect().await;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed + wi as u64);
+            for i in 0..ops {
+                random_write(&c, &mut rng, i * writers + wi).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn assert_final_states(s: &Setup, relay: &RelayProcess) {
+    let want_a = s.db.final_state(interested_a).await;
+    let want_b = s.db.final_state(interested_b).await;
+    assert!(!want_a.is_empty() && !want_b.is_empty());
+    let ok_a = s.a.wait_for(WAIT, |got| *got == want_a).await;
+    let ok_b = s.b.wait_for(WAIT, |got| *got == want_b).await;
+    assert!(
+        ok_a,
+        "appservice A differs from the database:\n{}\nrelay log:\n{}",
+        diff(&s.a.state(), &want_a),
+        relay.log_text()
+    );
+    assert!(
+        ok_b,
+        "appservice B differs from the database:\n{}\nrelay log:\n{}",
+        diff(&s.b.state(), &want_b),
+        relay.log_text()
+    );
+    assert_eq!(
+        s.c.attempts(),
+        0,
+        "the appservice that did not opt in received something"
+    );
+    assert_eq!(s.a.bad_auth() + s.b.bad_auth(), 0, "hs_token sent as the bearer token");
+}
+
+/// Random writes the way Synapse makes them, for two appservices with different namespaces, a
+/// user of neither, and an appservice that did not opt in.
+async fn end_to_end_random_writes(server: &'static Server) {
+    let s = prepare(server).await;
+    let mut relay = start_relay(&s).await;
+    let seed = rand::random::<u64>();
+    eprintln!("seed {seed}");
+    write_randomly(&s, seed, 150, 2).await;
+    assert_final_states(&s, &relay).await;
+    // Every txnId is unique and never purely numeric.
+    for t in s.a.transactions().iter().chain(s.b.transactions().iter()) {
+        assert!(
+            t.txn_id.parse::<u64>().is_err() && t.txn_id.starts_with("msc3682-"),
+            "{}",
+            t.txn_id
+        );
+    }
+    assert_eq!(relay.terminate(), Some(0), "SIGTERM exits 0:\n{}", relay.log_text());
+    s.db.drop_slot().await;
+}
+
+/// `kill -9` of the relay in the middle of a stream of writes; the restarted relay delivers
+/// everything that was not confirmed.
+async fn restart_after_kill_loses_nothing(server: &'static Server) {
+    let s = prepare(server).await;
+    let mut relay = start_relay(&s).await;
+    let seed = rand::random::<u64>();
+    eprintln!("seed {seed}");
+    let writer = {
+        let c = s.db.connect().await;
+        tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed);
+            for i in 0..400 {
+                random_write(&c, &mut rng, i).await;
+                if i % 20 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.kill9();
+    let first_log = relay.log_text();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let relay = start_relay(&s).await;
+    writer.await.unwrap();
+    assert_final_states(&s, &relay).await;
+    assert!(first_log.contains("streaming"), "{first_log}");
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// One appservice answers 500 for a while: the other keeps receiving meanwhile, and nothing is
+/// lost for the failing one once it recovers.
+async fn failing_appservice_loses_nothing_and_delays_nobody(server: &'static Server) {
+    let s = prepare(server).await;
+    let relay = start_relay(&s).await;
+    s.a.set_mode(ReceiverMode::Fail(500));
+    write_randomly(&s, 7, 60, 1).await;
+    let want_b = s.db.final_state(interested_b).await;
+    assert!(
+        s.b.wait_for(WAIT, |got| *got == want_b).await,
+        "B must not wait for A:\n{}\n{}",
+        diff(&s.b.state(), &want_b),
+        relay.log_text()
+    );
+    assert!(s.a.attempts() > 1, "A was tried and retried");
+    assert!(s.a.transactions().is_empty());
+    // The slot must not pass A's undelivered changes.
+    let (confirmed, _) = s.db.slot_position().await;
+    s.a.set_mode(ReceiverMode::NonJson);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(s.a.transactions().is_empty(), "200 with a non-JSON body is a failure");
+    s.a.set_mode(ReceiverMode::Accept);
+    write_randomly(&s, 8, 20, 1).await;
+    assert_final_states(&s, &relay).await;
+    let log = relay.log_text();
+    assert!(log.contains("retrying with the same txnId"), "{log}");
+    let (after, _) = s.db.slot_position().await;
+    assert!(after >= confirmed);
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// Writes only to a table outside the publication: the slot's confirmed position still moves,
+/// so an idle slot never holds WAL.
+async fn idle_slot_advances(server: &'static Server) {
+    let s = prepare(server).await;
+    let relay = start_relay(&s).await;
+    for i in 0..300 {
+        s.db.client
+            .execute(
+                "INSERT INTO user_ips (user_id, access_token, ip, user_agent, last_seen) VALUES ($1, 'tok', '1.2.3.4', 'ua', $2) \
+                 ON CONFLICT (user_id, access_token, ip) DO UPDATE SET last_seen = EXCLUDED.last_seen",
+                &[&format!("@u{}:example.org", i % 30), &(i as i64)],
+            )
+            .await
+            .unwrap();
+    }
+    let (_, target) = s.db.slot_position().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (confirmed, current) = s.db.slot_position().await;
+        if confirmed >= target {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "confirmed_flush_lsn stuck {} bytes behind (current {current}):\n{}",
+            target - confirmed,
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(s.a.transactions().is_empty() && s.b.transactions().is_empty());
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// A row whose content is not JSON is logged with its key and skipped; the relay carries on.
+async fn invalid_json_is_skipped_and_named(server: &'static Server) {
+    let s = prepare(server).await;
+    let relay = start_relay(&s).await;
+    s.db.client
+        .execute(
+            "INSERT INTO account_data (user_id, account_data_type, stream_id, content) VALUES ('@a_bad:example.org', 'org.example.broken', 1, '{not json')",
+            &[],
+        )
+        .await
+        .unwrap();
+    w::set_global(&s.db.client, "@a_good:example.org", "m.direct", "{}")
+        .await
+        .unwrap();
+    let got =
+        s.a.wait_for(WAIT, |st| {
+            st.contains_key(&("@a_good:example.org".into(), None, "m.direct".into()))
+        })
+        .await;
+    assert!(got, "{}", relay.log_text());
+    assert!(!s.a.state().keys().any(|k| k.0 == "@a_bad:example.org"));
+    let log = relay.log_text();
+    assert!(
+        log.contains("@a_bad:example.org") && log.contains("org.example.broken") && log.contains("not valid JSON"),
+        "{log}"
+    );
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+on_both_servers!(
+    end_to_end_random_writes,
+    restart_after_kill_loses_nothing,
+    failing_appservice_loses_nothing_and_delays_nobody,
+    idle_slot_advances,
+    invalid_json_is_skipped_and_named,
+);

@@ -1,0 +1,227 @@
+//! `setup`, `check` and `teardown` against a real server, and the replica-identity landmine.
+
+use crate::on_both_servers;
+use crate::support::{RegistrationSpec, RelayFiles, Server, TestDb, text};
+use synapse_account_data_relay::testkit::synapse_writes as w;
+
+fn files(db: &TestDb) -> RelayFiles {
+    RelayFiles::new(
+        db,
+        &[RegistrationSpec {
+            id: "a",
+            url: Some("http://127.0.0.1:9"),
+            hs_token: "hs_a",
+            sender_localpart: "abot",
+            user_regexes: &["@a_.*"],
+            opt_in: true,
+        }],
+        "",
+    )
+}
+
+async fn replica_identities(db: &TestDb) -> Vec<(String, String)> {
+    db.client
+        .query(
+            "SELECT relname::text, relreplident::text FROM pg_class \
+             WHERE relname IN ('account_data', 'room_account_data', 'room_tags_revisions', 'room_tags') ORDER BY relname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn synapse_writes_succeed(db: &TestDb) -> Result<(), tokio_postgres::Error> {
+    w::set_global(&db.client, "@a_1:example.org", "m.direct", "{\"x\":1}").await?;
+    w::set_global(&db.client, "@a_1:example.org", "m.direct", "{\"x\":2}").await?;
+    w::delete_global(&db.client, "@a_1:example.org", "m.direct").await?;
+    w::set_room(&db.client, "@a_1:example.org", "!r:example.org", "m.fully_read", "{}").await?;
+    w::set_room(
+        &db.client,
+        "@a_1:example.org",
+        "!r:example.org",
+        "m.fully_read",
+        "{\"event_id\":\"$e\"}",
+    )
+    .await?;
+    w::add_tag(&db.client, "@a_1:example.org", "!r:example.org", "u.work", "{}").await?;
+    w::add_tag(
+        &db.client,
+        "@a_1:example.org",
+        "!r:example.org",
+        "u.work",
+        "{\"order\":1}",
+    )
+    .await?;
+    w::remove_tag(&db.client, "@a_1:example.org", "!r:example.org", "u.work").await?;
+    Ok(())
+}
+
+/// The landmine is real: a publication over a table without replica identity fails Synapse's
+/// upserts. After `setup`, every kind of Synapse write succeeds.
+async fn setup_defuses_the_replica_identity_landmine(server: &'static Server) {
+    let db = TestDb::new(server).await;
+    // First show the failure the relay must never cause, on a throw-away publication.
+    db.client
+        .batch_execute("CREATE PUBLICATION landmine FOR TABLE account_data")
+        .await
+        .unwrap();
+    w::set_global(&db.client, "@a_1:example.org", "t", "{}")
+        .await
+        .expect("insert of a new key still works");
+    let err = w::set_global(&db.client, "@a_1:example.org", "t", "{\"v\":2}")
+        .await
+        .expect_err("the upsert's UPDATE must fail");
+    assert!(
+        err.to_string().contains("replica identity") || format!("{err:?}").contains("replica identity"),
+        "{err:?}"
+    );
+    db.client.batch_execute("DROP PUBLICATION landmine").await.unwrap();
+
+    // A guard that fails any publication DDL while a published table lacks replica identity.
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION refuse_unsafe_publication() RETURNS event_trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF EXISTS (SELECT 1 FROM pg_publication_tables pt JOIN pg_class c ON c.relname = pt.tablename
+                          WHERE c.relreplident IN ('d', 'n')) THEN
+                 RAISE EXCEPTION 'a published table lacks a replica identity';
+               END IF;
+             END $$;
+             CREATE EVENT TRIGGER guard ON ddl_command_end WHEN TAG IN ('CREATE PUBLICATION', 'ALTER PUBLICATION')
+               EXECUTE FUNCTION refuse_unsafe_publication();",
+        )
+        .await
+        .unwrap();
+
+    let f = files(&db);
+    let dry = f.command("setup", &["--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry));
+    let dry_text = String::from_utf8_lossy(&dry.stdout).to_string();
+    assert!(
+        dry_text.contains("REPLICA IDENTITY USING INDEX \"account_data_uniqueness\"")
+            && dry_text.contains("CREATE PUBLICATION"),
+        "{dry_text}"
+    );
+    assert!(
+        replica_identities(&db).await.iter().all(|(_, r)| r == "d"),
+        "--dry-run changed nothing"
+    );
+
+    let out = f.command("setup", &[]);
+    assert!(out.status.success(), "setup failed: {}", text(&out));
+    let ids = replica_identities(&db).await;
+    assert_eq!(
+        ids,
+        vec![
+            ("account_data".into(), "i".into()),
+            ("room_account_data".into(), "i".into()),
+            ("room_tags".into(), "d".into()),
+            ("room_tags_revisions".into(), "i".into())
+        ]
+    );
+    synapse_writes_succeed(&db)
+        .await
+        .expect("Synapse's writes succeed after setup");
+
+    let again = f.command("setup", &[]);
+    assert!(
+        again.status.success() && text(&again).contains("nothing to do"),
+        "setup is idempotent: {}",
+        text(&again)
+    );
+
+    let check = f.command("check", &[]);
+    assert!(check.status.success(), "check after setup: {}", text(&check));
+
+    let down = f.command("teardown", &[]);
+    assert!(down.status.success(), "teardown: {}", text(&down));
+    assert!(
+        replica_identities(&db).await.iter().all(|(_, r)| r == "d"),
+        "restored: {:?}",
+        replica_identities(&db).await
+    );
+    let left: i64 = db
+        .client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_publication WHERE pubname = $1) + (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "slot and publication dropped");
+    synapse_writes_succeed(&db)
+        .await
+        .expect("Synapse's writes succeed after teardown");
+}
+
+/// `check` lists everything wrong and exits 1 before setup; `run` refuses to start, naming the
+/// missing pieces, and changes nothing.
+async fn check_and_run_refuse_an_unprepared_database(server: &'static Server) {
+    let db = TestDb::new(server).await;
+    let f = files(&db);
+    let out = f.command("check", &[]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("replica identity default") && t.contains("publication") && t.contains("does not exist"),
+        "{t}"
+    );
+    let run = f.command("run", &[]);
+    let t = text(&run);
+    assert_eq!(run.status.code(), Some(1), "{t}");
+    assert!(t.contains("refusing to start"), "{t}");
+    assert!(replica_identities(&db).await.iter().all(|(_, r)| r == "d"));
+
+    // A table rebuilt by a migration after setup loses its replica identity: run refuses.
+    assert!(f.command("setup", &[]).status.success());
+    db.client
+        .batch_execute("ALTER TABLE room_account_data REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    let run = f.command("run", &[]);
+    let t = text(&run);
+    assert_eq!(run.status.code(), Some(1), "{t}");
+    assert!(t.contains("FAILING Synapse's writes"), "{t}");
+    assert!(f.command("setup", &[]).status.success());
+    assert!(f.command("teardown", &[]).status.success());
+}
+
+on_both_servers!(
+    setup_defuses_the_replica_identity_landmine,
+    check_and_run_refuse_an_unprepared_database
+);
+
+/// Without `wal_level=logical`, setup says how to fix it and that a restart is needed.
+#[tokio::test]
+async fn setup_explains_a_missing_wal_level() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        synapse_account_data_relay::testkit::LocalCluster::start(
+            synapse_account_data_relay::testkit::LocalClusterOptions {
+                settings: vec![("wal_level".into(), "replica".into())],
+                hba_lines: vec![],
+            },
+        )
+    })
+    .await
+    .unwrap()
+    .expect("local cluster");
+    let server: &'static Server = Box::leak(Box::new(Server {
+        label: "replica",
+        host: "127.0.0.1".into(),
+        port: cluster.port(),
+        local: None,
+    }));
+    let db = TestDb::new(server).await;
+    let out = files(&db).command("setup", &[]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("wal_level") && t.contains("restart PostgreSQL") && t.contains("nothing was changed"),
+        "{t}"
+    );
+    drop(cluster);
+}
