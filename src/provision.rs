@@ -229,7 +229,7 @@ pub async fn inspect(
             other_publications: r.get(8),
         });
     }
-    let publication = match client
+    let publication = client
         .query_opt(
             "SELECT p.puballtables, p.pubinsert, p.pubupdate, obj_description(p.oid, 'pg_publication'), \
                     coalesce((SELECT array_agg(pt.tablename::text ORDER BY pt.tablename) FROM pg_publication_tables pt \
@@ -239,16 +239,13 @@ pub async fn inspect(
         )
         .await
         .map_err(err("reading the publication"))?
-    {
-        Some(r) => Some(PublicationState {
+        .map(|r| PublicationState {
             all_tables: r.get(0),
             publishes_insert: r.get(1),
             publishes_update: r.get(2),
             comment: r.get(3),
             tables: r.get(4),
-        }),
-        None => None,
-    };
+        });
     let slot = client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, active, active_pid, wal_status, \
