@@ -209,13 +209,18 @@ pub async fn inspect(
                         AND (p.pubupdate OR p.pubdelete)), '{}') \
              FROM unnest($1::text[], $2::text[]) AS t(name, index_name) \
              LEFT JOIN pg_class c ON c.oid = to_regclass(quote_ident(t.name)) \
-             LEFT JOIN pg_namespace n ON n.oid = c.relnamespace",
+             LEFT JOIN pg_namespace n ON n.oid = c.relnamespace \
+             ORDER BY t.name",
             &[&names, &index_names, &publication_name],
         )
         .await
         .map_err(err("reading the account-data tables"))?;
-    let mut tables = Vec::new();
-    for (r, table) in rows.iter().zip(SynapseTable::ALL) {
+    let mut tables: Vec<TableState> = Vec::new();
+    for r in &rows {
+        // Rows come back in no particular order: match them by name.
+        let Some(table) = SynapseTable::from_name(r.get(0)) else {
+            continue;
+        };
         let ident: String = r.get(5);
         tables.push(TableState {
             table,
@@ -229,6 +234,7 @@ pub async fn inspect(
             other_publications: r.get(8),
         });
     }
+    tables.sort_by_key(|t| SynapseTable::ALL.iter().position(|x| *x == t.table));
     let publication = client
         .query_opt(
             "SELECT p.puballtables, p.pubinsert, p.pubupdate, obj_description(p.oid, 'pg_publication'), \
