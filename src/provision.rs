@@ -1045,3 +1045,112 @@ mod tests {
         assert_eq!(identity_comment(&after, Some(&c)), c);
     }
 }
+
+/// The SQL shipped in `sql/` for admins who apply it by hand: `setup` and `teardown` for a stock
+/// Synapse database (no replica identities set, no publication, no slot) with the default names.
+pub fn stock_synapse_scripts() -> (String, String) {
+    let names = Names {
+        slot: crate::config::DEFAULT_NAME,
+        publication: crate::config::DEFAULT_NAME,
+    };
+    let table = |t: SynapseTable, identity: ReplicaIdentity| TableState {
+        table: t,
+        exists: true,
+        schema: "public".into(),
+        owner: "synapse".into(),
+        owned_by_us: true,
+        replica_identity: identity,
+        replica_index: (identity == ReplicaIdentity::Index).then(|| t.unique_index().to_owned()),
+        unique_index_exists: true,
+        other_publications: vec![],
+    };
+    let stock = DatabaseState {
+        server_version_num: 150000,
+        server_version: "15".into(),
+        wal_level: "logical".into(),
+        max_replication_slots: 10,
+        max_wal_senders: 10,
+        database: "synapse".into(),
+        role: "synapse".into(),
+        superuser: false,
+        replication_role: true,
+        tables: SynapseTable::ALL
+            .iter()
+            .map(|t| table(*t, ReplicaIdentity::Default))
+            .collect(),
+        publication: None,
+        slot: None,
+        current_wal_lsn: Lsn(0),
+    };
+    let setup = setup_plan(&stock, names).unwrap_or_default();
+    let after = DatabaseState {
+        tables: SynapseTable::ALL
+            .iter()
+            .map(|t| table(*t, ReplicaIdentity::Index))
+            .collect(),
+        publication: Some(PublicationState {
+            tables: SynapseTable::ALL.iter().map(|t| t.name().to_owned()).collect(),
+            all_tables: false,
+            publishes_insert: true,
+            publishes_update: true,
+            comment: Some(identity_comment(&stock, None)),
+        }),
+        slot: Some(SlotState {
+            plugin: Some("pgoutput".into()),
+            slot_type: "logical".into(),
+            database: Some("synapse".into()),
+            active: false,
+            active_pid: None,
+            wal_status: Some("reserved".into()),
+            confirmed_flush_lsn: None,
+            restart_lsn: None,
+        }),
+        ..stock.clone()
+    };
+    let (teardown, _) = teardown_plan(&after, names);
+    let header = |what: &str| {
+        format!(
+            "-- synapse-account-data-relay {what} for a stock Synapse database, default names.\n\
+             -- Generated from the same plan `synapse-account-data-relay {what} --dry-run` prints for your database;\n\
+             -- prefer that command, which adapts to what it finds. Run as the owner of Synapse's tables\n\
+             -- (Synapse's database role) connected to Synapse's database, e.g. `psql -U synapse -d synapse -f {what}.sql`.\n"
+        )
+    };
+    (
+        format!(
+            "{}-- Prerequisites: wal_level = logical (needs a restart), and the role has REPLICATION:\n\
+             --   ALTER SYSTEM SET wal_level = logical;   -- then restart PostgreSQL\n\
+             --   ALTER ROLE synapse WITH REPLICATION;     -- as a superuser\n{}",
+            header("setup"),
+            plan_to_sql(&setup)
+        ),
+        format!(
+            "{}-- Stop the relay first.\n{}",
+            header("teardown"),
+            plan_to_sql(&teardown)
+        ),
+    )
+}
+
+#[cfg(test)]
+mod shipped_sql {
+    #[test]
+    fn the_sql_directory_matches_the_plans() {
+        let (setup, teardown) = super::stock_synapse_scripts();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
+        if std::env::var_os("RELAY_WRITE_SQL").is_some() {
+            std::fs::write(dir.join("setup.sql"), &setup).unwrap();
+            std::fs::write(dir.join("teardown.sql"), &teardown).unwrap();
+        }
+        let shipped = std::fs::read_to_string(dir.join("setup.sql")).unwrap_or_default();
+        assert_eq!(
+            shipped, setup,
+            "sql/setup.sql is stale: regenerate with RELAY_WRITE_SQL=1 cargo test --lib shipped_sql"
+        );
+        let shipped = std::fs::read_to_string(dir.join("teardown.sql")).unwrap_or_default();
+        assert_eq!(
+            shipped, teardown,
+            "sql/teardown.sql is stale: regenerate with RELAY_WRITE_SQL=1 cargo test --lib shipped_sql"
+        );
+    }
+}

@@ -62,7 +62,14 @@ impl AppserviceQueue {
     pub fn push(&mut self, change: AccountDataChange) {
         match self.waiting.get_mut(&change.key) {
             Some(entry) => {
-                entry.content = change.content;
+                // A value read from the table when the transaction is built is at least as new
+                // as any value queued after it: keep reading it.
+                if !matches!(
+                    (&entry.content, &change.content),
+                    (ChangeContent::ReadCurrent(_), ChangeContent::Json(_))
+                ) {
+                    entry.content = change.content;
+                }
                 entry.last_lsn = change.commit_lsn;
             }
             None => {
@@ -180,6 +187,18 @@ mod tests {
             vec![("@a:x", "3", 10, 30), ("@b:x", "2", 20, 20), ("@a:x", "4", 30, 30)]
         );
         assert_eq!((b.first_lsn(), b.last_lsn()), (Lsn(10), Lsn(30)));
+    }
+
+    #[test]
+    fn a_value_read_at_delivery_is_not_replaced_by_an_older_queued_one() {
+        let mut q = AppserviceQueue::new();
+        let mut c = change("@a:x", None, "t", "", 10);
+        c.content = ChangeContent::ReadCurrent(crate::model::SourceTable::AccountData);
+        q.push(c);
+        q.push(change("@a:x", None, "t", "later", 20));
+        let b = q.take_batch(10).unwrap();
+        assert_eq!(json(&b.entries[0]), "read");
+        assert_eq!(b.entries[0].last_lsn, Lsn(20));
     }
 
     #[test]

@@ -191,11 +191,6 @@ async fn check_and_run_refuse_an_unprepared_database(server: &'static Server) {
     assert!(down.status.success(), "{}", text(&down));
 }
 
-on_both_servers!(
-    setup_defuses_the_replica_identity_landmine,
-    check_and_run_refuse_an_unprepared_database
-);
-
 /// Without `wal_level=logical`, setup says how to fix it and that a restart is needed.
 #[tokio::test]
 async fn setup_explains_a_missing_wal_level() {
@@ -226,3 +221,42 @@ async fn setup_explains_a_missing_wal_level() {
     );
     drop(cluster);
 }
+
+/// The SQL shipped in `sql/` for admins who apply it by hand prepares a stock Synapse database
+/// exactly as `setup` does, and `teardown.sql` undoes it.
+async fn shipped_sql_prepares_and_restores(server: &'static Server) {
+    use synapse_account_data_relay::config::DEFAULT_NAME;
+    use synapse_account_data_relay::provision::{Names, inspect, problems};
+    let db = TestDb::new(server).await;
+    // The default slot name is cluster-wide: rename ours to this test's database name.
+    let script = |name: &str| {
+        std::fs::read_to_string(format!("{}/sql/{name}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap()
+            .replace(DEFAULT_NAME, &db.name)
+    };
+    db.client
+        .batch_execute(&script("setup.sql"))
+        .await
+        .expect("sql/setup.sql applies");
+    let state = inspect(&db.client, &db.name, &db.name).await.unwrap();
+    let found = problems(
+        &state,
+        Names {
+            slot: &db.name,
+            publication: &db.name,
+        },
+    );
+    assert!(found.is_empty(), "{found:?}");
+    synapse_writes_succeed(&db).await.expect("Synapse's writes succeed");
+    db.client
+        .batch_execute(&script("teardown.sql"))
+        .await
+        .expect("sql/teardown.sql applies");
+    assert!(replica_identities(&db).await.iter().all(|(_, r)| r == "d"));
+}
+
+on_both_servers!(
+    setup_defuses_the_replica_identity_landmine,
+    check_and_run_refuse_an_unprepared_database,
+    shipped_sql_prepares_and_restores,
+);

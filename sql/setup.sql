@@ -1,0 +1,23 @@
+-- synapse-account-data-relay setup for a stock Synapse database, default names.
+-- Generated from the same plan `synapse-account-data-relay setup --dry-run` prints for your database;
+-- prefer that command, which adapts to what it finds. Run as the owner of Synapse's tables
+-- (Synapse's database role) connected to Synapse's database, e.g. `psql -U synapse -d synapse -f setup.sql`.
+-- Prerequisites: wal_level = logical (needs a restart), and the role has REPLICATION:
+--   ALTER SYSTEM SET wal_level = logical;   -- then restart PostgreSQL
+--   ALTER ROLE synapse WITH REPLICATION;     -- as a superuser
+-- wait at most 5s for table locks, so Synapse's writes never queue behind setup
+SET lock_timeout = '5s';
+BEGIN;
+-- give account_data a replica identity (its unique index) BEFORE it enters a publication, so Synapse's updates keep working
+ALTER TABLE "account_data" REPLICA IDENTITY USING INDEX "account_data_uniqueness";
+-- give room_account_data a replica identity (its unique index) BEFORE it enters a publication, so Synapse's updates keep working
+ALTER TABLE "room_account_data" REPLICA IDENTITY USING INDEX "room_account_data_uniqueness";
+-- give room_tags_revisions a replica identity (its unique index) BEFORE it enters a publication, so Synapse's updates keep working
+ALTER TABLE "room_tags_revisions" REPLICA IDENTITY USING INDEX "room_tag_revisions_uniqueness";
+-- create publication "synapse_account_data_relay" for the three account-data tables
+CREATE PUBLICATION "synapse_account_data_relay" FOR TABLE "account_data", "room_account_data", "room_tags_revisions" WITH (publish = 'insert, update, truncate');
+-- record each table's replica identity before setup, for teardown to restore
+COMMENT ON PUBLICATION "synapse_account_data_relay" IS 'synapse-account-data-relay; replica identity before setup: account_data=default room_account_data=default room_tags_revisions=default';
+COMMIT;
+-- create logical replication slot "synapse_account_data_relay" with pgoutput (after the publication: a slot cannot decode changes made before a publication it is asked for existed)
+SELECT pg_create_logical_replication_slot('synapse_account_data_relay', 'pgoutput');
