@@ -179,6 +179,18 @@ pub struct AppserviceSettings {
     pub registration_path: PathBuf,
 }
 
+impl AppserviceSettings {
+    /// What the router needs to know about this appservice.
+    pub fn interest(&self) -> crate::routing::AppserviceInterest {
+        crate::routing::AppserviceInterest {
+            id: self.id.clone(),
+            sender_user_id: self.sender_user_id.clone(),
+            user_regexes: self.user_regexes.clone(),
+            source: self.registration_path.clone(),
+        }
+    }
+}
+
 /// An appservice in Synapse's config that the relay does not serve, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedAppservice {

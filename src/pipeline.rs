@@ -86,16 +86,7 @@ pub struct Relay {
 impl Relay {
     /// Build the router and handles (no I/O). Errors name the registration file and pattern.
     pub fn new(settings: Settings) -> Result<Relay, RunError> {
-        let interests: Vec<AppserviceInterest> = settings
-            .appservices
-            .iter()
-            .map(|a| AppserviceInterest {
-                id: a.id.clone(),
-                sender_user_id: a.sender_user_id.clone(),
-                user_regexes: a.user_regexes.clone(),
-                source: a.registration_path.clone(),
-            })
-            .collect();
+        let interests: Vec<AppserviceInterest> = settings.appservices.iter().map(|a| a.interest()).collect();
         let router = Router::new(&interests)?;
         let handles = settings
             .appservices

@@ -90,6 +90,21 @@ pub struct TableState {
 }
 
 impl TableState {
+    /// A table of a stock Synapse database (owned by `synapse`) with the given replica identity.
+    pub fn stock(table: SynapseTable, identity: ReplicaIdentity) -> TableState {
+        TableState {
+            table,
+            exists: true,
+            schema: "public".into(),
+            owner: "synapse".into(),
+            owned_by_us: true,
+            replica_identity: identity,
+            replica_index: (identity == ReplicaIdentity::Index).then(|| table.unique_index().to_owned()),
+            unique_index_exists: true,
+            other_publications: vec![],
+        }
+    }
+
     /// Whether its replica identity is the one `setup` sets (or any index, which also works).
     pub fn has_usable_identity(&self) -> bool {
         matches!(self.replica_identity, ReplicaIdentity::Index | ReplicaIdentity::Full)
@@ -136,6 +151,31 @@ pub struct DatabaseState {
     pub publication: Option<PublicationState>,
     pub slot: Option<SlotState>,
     pub current_wal_lsn: Lsn,
+}
+
+impl DatabaseState {
+    /// A stock Synapse database on PostgreSQL 15, ready for `setup`: `wal_level=logical`, the
+    /// role `synapse` with REPLICATION, default replica identities, no publication, no slot.
+    pub fn stock_synapse() -> DatabaseState {
+        DatabaseState {
+            server_version_num: 150000,
+            server_version: "15".into(),
+            wal_level: "logical".into(),
+            max_replication_slots: 10,
+            max_wal_senders: 10,
+            database: "synapse".into(),
+            role: "synapse".into(),
+            superuser: false,
+            replication_role: true,
+            tables: SynapseTable::ALL
+                .iter()
+                .map(|t| TableState::stock(*t, ReplicaIdentity::Default))
+                .collect(),
+            publication: None,
+            slot: None,
+            current_wal_lsn: Lsn(0),
+        }
+    }
 }
 
 /// What a database error during inspection or a plan was about.
@@ -835,38 +875,11 @@ mod tests {
     use super::*;
 
     fn table(t: SynapseTable, identity: ReplicaIdentity) -> TableState {
-        TableState {
-            table: t,
-            exists: true,
-            schema: "public".into(),
-            owner: "synapse".into(),
-            owned_by_us: true,
-            replica_identity: identity,
-            replica_index: (identity == ReplicaIdentity::Index).then(|| t.unique_index().to_owned()),
-            unique_index_exists: true,
-            other_publications: vec![],
-        }
+        TableState::stock(t, identity)
     }
 
     fn fresh() -> DatabaseState {
-        DatabaseState {
-            server_version_num: 150000,
-            server_version: "15.0".into(),
-            wal_level: "logical".into(),
-            max_replication_slots: 10,
-            max_wal_senders: 10,
-            database: "synapse".into(),
-            role: "synapse".into(),
-            superuser: false,
-            replication_role: true,
-            tables: SynapseTable::ALL
-                .iter()
-                .map(|t| table(*t, ReplicaIdentity::Default))
-                .collect(),
-            publication: None,
-            slot: None,
-            current_wal_lsn: Lsn(1),
-        }
+        DatabaseState::stock_synapse()
     }
 
     const NAMES: Names<'static> = Names {
@@ -1053,35 +1066,8 @@ pub fn stock_synapse_scripts() -> (String, String) {
         slot: crate::config::DEFAULT_NAME,
         publication: crate::config::DEFAULT_NAME,
     };
-    let table = |t: SynapseTable, identity: ReplicaIdentity| TableState {
-        table: t,
-        exists: true,
-        schema: "public".into(),
-        owner: "synapse".into(),
-        owned_by_us: true,
-        replica_identity: identity,
-        replica_index: (identity == ReplicaIdentity::Index).then(|| t.unique_index().to_owned()),
-        unique_index_exists: true,
-        other_publications: vec![],
-    };
-    let stock = DatabaseState {
-        server_version_num: 150000,
-        server_version: "15".into(),
-        wal_level: "logical".into(),
-        max_replication_slots: 10,
-        max_wal_senders: 10,
-        database: "synapse".into(),
-        role: "synapse".into(),
-        superuser: false,
-        replication_role: true,
-        tables: SynapseTable::ALL
-            .iter()
-            .map(|t| table(*t, ReplicaIdentity::Default))
-            .collect(),
-        publication: None,
-        slot: None,
-        current_wal_lsn: Lsn(0),
-    };
+    let table = TableState::stock;
+    let stock = DatabaseState::stock_synapse();
     let setup = setup_plan(&stock, names).unwrap_or_default();
     let after = DatabaseState {
         tables: SynapseTable::ALL

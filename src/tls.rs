@@ -59,9 +59,12 @@ pub fn client_config(mode: SslMode, root_cert: Option<&Path>) -> Result<Option<A
     let algorithms = provider.signature_verification_algorithms;
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         SslMode::Disable => return Ok(None),
-        SslMode::Prefer | SslMode::Require => Arc::new(AcceptAnyCertificate { algorithms }),
-        SslMode::VerifyCa => Arc::new(ChainOnlyVerifier {
-            roots: Arc::new(load_roots(root_cert)?),
+        SslMode::Prefer | SslMode::Require => Arc::new(NoHostNameVerifier {
+            roots: None,
+            algorithms,
+        }),
+        SslMode::VerifyCa => Arc::new(NoHostNameVerifier {
+            roots: Some(Arc::new(load_roots(root_cert)?)),
             algorithms,
         }),
         SslMode::VerifyFull => {
@@ -127,57 +130,17 @@ fn load_roots(root_cert: Option<&Path>) -> Result<RootCertStore, TlsConfigError>
     Ok(roots)
 }
 
-/// `sslmode=prefer`/`require`: any certificate is accepted, but the handshake signatures are still
-/// checked (so the peer holds the key of the certificate it presented, which channel binding
-/// relies on).
+/// The verifier for the modes that do not check the host name: `sslmode=prefer`/`require`
+/// (`roots: None`: any certificate is accepted) and `verify-ca` (the chain must lead to one of
+/// `roots`). Handshake signatures are always checked, so the peer holds the key of the
+/// certificate it presented, which channel binding relies on.
 #[derive(Debug)]
-struct AcceptAnyCertificate {
+struct NoHostNameVerifier {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `sslmode=verify-ca`: the chain must lead to a trusted root; the host name is not checked.
-#[derive(Debug)]
-struct ChainOnlyVerifier {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainOnlyVerifier {
+impl ServerCertVerifier for NoHostNameVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -186,8 +149,10 @@ impl ServerCertVerifier for ChainOnlyVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algorithms.all)?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(&cert, roots, intermediates, now, self.algorithms.all)?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 

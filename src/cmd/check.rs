@@ -86,16 +86,7 @@ pub async fn check(args: &CheckArgs) -> u8 {
             for k in &s.skipped {
                 r.ok(format!("appservice {:?} is skipped: {}", k.id, k.reason));
             }
-            let interests: Vec<AppserviceInterest> = s
-                .appservices
-                .iter()
-                .map(|a| AppserviceInterest {
-                    id: a.id.clone(),
-                    sender_user_id: a.sender_user_id.clone(),
-                    user_regexes: a.user_regexes.clone(),
-                    source: a.registration_path.clone(),
-                })
-                .collect();
+            let interests: Vec<AppserviceInterest> = s.appservices.iter().map(|a| a.interest()).collect();
             match Router::new(&interests) {
                 Ok(router) => {
                     r.ok("all users namespace regexes compile");

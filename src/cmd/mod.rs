@@ -11,6 +11,7 @@ pub mod teardown;
 use std::path::PathBuf;
 
 use crate::config::{ConfigError, DEFAULT_SYNAPSE_CONFIG, RelayConfig, Settings, process_env};
+use crate::provision::{DatabaseState, inspect};
 
 /// Exit status: a check found problems, or the relay failed at run time.
 pub const EXIT_FAILURE: u8 = 1;
@@ -61,4 +62,26 @@ impl ConfigArgs {
         let (relay, relay_path) = self.relay_config()?;
         Settings::resolve(&self.synapse_paths(&relay), &relay, &relay_path, &process_env)
     }
+}
+
+/// The prologue of `setup` and `teardown`: resolve the settings, connect, read the database's
+/// state. On failure the error is printed and the exit code returned.
+pub async fn connect_and_inspect(config: &ConfigArgs) -> Result<(Settings, tokio_postgres::Client, DatabaseState), u8> {
+    let settings = config.settings().map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_CONFIG
+    })?;
+    let client = crate::postgres_sql::connect_sql(&settings.postgres)
+        .await
+        .map_err(|e| {
+            eprintln!("error: cannot connect to PostgreSQL: {e}");
+            EXIT_FAILURE
+        })?;
+    let state = inspect(&client, &settings.slot_name, &settings.publication_name)
+        .await
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            EXIT_FAILURE
+        })?;
+    Ok((settings, client, state))
 }

@@ -1,6 +1,6 @@
 //! `setup`: check the server and prepare it (replica identity, publication, slot). Idempotent.
 
-use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
+use crate::cmd::{ConfigArgs, EXIT_FAILURE, connect_and_inspect};
 use crate::provision::{Names, Severity, execute_plan, inspect, plan_to_sql, problems, setup_plan};
 
 /// Check the server and prepare it for the relay.
@@ -18,30 +18,13 @@ pub struct SetupArgs {
 }
 
 pub async fn setup(args: &SetupArgs) -> u8 {
-    let settings = match args.config.settings() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_CONFIG;
-        }
-    };
-    let mut client = match crate::postgres_sql::connect_sql(&settings.postgres).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: cannot connect to PostgreSQL: {e}");
-            return EXIT_FAILURE;
-        }
+    let (settings, mut client, state) = match connect_and_inspect(&args.config).await {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let names = Names {
         slot: &settings.slot_name,
         publication: &settings.publication_name,
-    };
-    let state = match inspect(&client, names.slot, names.publication).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_FAILURE;
-        }
     };
     let plan = match setup_plan(&state, names) {
         Ok(p) => p,

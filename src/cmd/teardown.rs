@@ -1,8 +1,8 @@
 //! `teardown`: drop the slot and the publication, and restore each table's replica identity as
 //! `setup` found it.
 
-use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
-use crate::provision::{Names, Severity, execute_plan, inspect, plan_to_sql, teardown_plan};
+use crate::cmd::{ConfigArgs, EXIT_FAILURE, connect_and_inspect};
+use crate::provision::{Names, Severity, execute_plan, plan_to_sql, teardown_plan};
 
 /// Remove everything setup created, leaving the database as it was found.
 #[derive(Debug, clap::Args)]
@@ -17,30 +17,13 @@ pub struct TeardownArgs {
 }
 
 pub async fn teardown(args: &TeardownArgs) -> u8 {
-    let settings = match args.config.settings() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_CONFIG;
-        }
-    };
-    let mut client = match crate::postgres_sql::connect_sql(&settings.postgres).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: cannot connect to PostgreSQL: {e}");
-            return EXIT_FAILURE;
-        }
+    let (settings, mut client, state) = match connect_and_inspect(&args.config).await {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let names = Names {
         slot: &settings.slot_name,
         publication: &settings.publication_name,
-    };
-    let state = match inspect(&client, names.slot, names.publication).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_FAILURE;
-        }
     };
     let (plan, notes) = teardown_plan(&state, names);
     for n in &notes {
