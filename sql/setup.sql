@@ -18,6 +18,16 @@ ALTER TABLE "room_tags_revisions" REPLICA IDENTITY USING INDEX "room_tag_revisio
 CREATE PUBLICATION "synapse_account_data_relay" FOR TABLE "account_data", "room_account_data", "room_tags_revisions" WITH (publish = 'insert, update, truncate');
 -- record each table's replica identity before setup, for teardown to restore
 COMMENT ON PUBLICATION "synapse_account_data_relay" IS 'synapse-account-data-relay; replica identity before setup: account_data=default room_account_data=default room_tags_revisions=default';
+-- create the relay's state schema "synapse_account_data_relay" (keys to resync for appservices that are down)
+CREATE SCHEMA IF NOT EXISTS "synapse_account_data_relay";
+-- create the relay's state schema "synapse_account_data_relay" (keys to resync for appservices that are down)
+COMMENT ON SCHEMA "synapse_account_data_relay" IS 'synapse-account-data-relay state: recorded keys to resync (dropped by teardown)';
+-- create the relay's state schema "synapse_account_data_relay" (keys to resync for appservices that are down)
+CREATE TABLE IF NOT EXISTS "synapse_account_data_relay".pending_keys (appservice_id text NOT NULL, user_id text NOT NULL, room_id text NOT NULL, data_type text NOT NULL, version bigint NOT NULL, PRIMARY KEY (appservice_id, user_id, room_id, data_type));
+-- create the relay's state schema "synapse_account_data_relay" (keys to resync for appservices that are down)
+CREATE SEQUENCE IF NOT EXISTS "synapse_account_data_relay".pending_key_version;
+-- create the relay's state schema "synapse_account_data_relay" (keys to resync for appservices that are down)
+CREATE TABLE IF NOT EXISTS "synapse_account_data_relay".appservices (appservice_id text PRIMARY KEY, first_served timestamptz NOT NULL DEFAULT now());
 COMMIT;
 -- create logical replication slot "synapse_account_data_relay" with pgoutput (after the publication: a slot cannot decode changes made before a publication it is asked for existed)
 SELECT pg_create_logical_replication_slot('synapse_account_data_relay', 'pgoutput');

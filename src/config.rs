@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::delivery::state::RetentionBudget;
 use crate::model::Secret;
 use crate::pgconfig::{PgConnectionConfig, PgHost, SslMode};
 use crate::synapse::files::{HomeserverConfig, Registration, SynapseFileError};
@@ -84,6 +85,79 @@ pub struct ReplicationSection {
     pub publication_name: Option<String>,
     /// How often a standby status update is sent (at most 1 s).
     pub status_interval: Option<ConfigDuration>,
+    /// The schema of the relay's own tables in Synapse's database (created by `setup`).
+    pub state_schema: Option<String>,
+    /// What to do when the slot is invalidated or missing: `resync` (re-create it and resync
+    /// every appservice) or `fail` (stop with an error).
+    pub on_slot_lost: Option<SlotLostPolicy>,
+    /// Create the slot with `failover = true` (PostgreSQL 17+), so it survives the promotion of
+    /// a standby that synchronises slots.
+    pub failover: Option<bool>,
+}
+
+/// `replication.on_slot_lost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotLostPolicy {
+    #[default]
+    Resync,
+    Fail,
+}
+
+/// `[retention]`: what a failing appservice may hold back before its changes are reduced to
+/// recorded keys and the slot moves on.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// How long an appservice may fail before its pending changes are recorded as keys.
+    pub max_failing: Option<ConfigDuration>,
+    /// How much WAL one appservice may hold back (e.g. "256MiB").
+    pub max_retained_wal: Option<ByteSize>,
+}
+
+/// A size written as `"256MiB"`, `"1GB"`, `"512kB"` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like \"256MiB\""))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" | "kib" | "k" => 1 << 10,
+            "mb" | "mib" | "m" => 1 << 20,
+            "gb" | "gib" | "g" => 1 << 30,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit {unit:?} (use B, kB, MB or GB; 1 MB = 1024 kB as in PostgreSQL)"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// `[delivery]`.
@@ -97,6 +171,9 @@ pub struct DeliverySection {
     pub retry_max_delay: Option<ConfigDuration>,
     /// Extra root certificates (PEM) trusted for `https` appservice URLs, beside the system's.
     pub ca_file: Option<PathBuf>,
+    /// Send an appservice that opts in for the first time the current account data of all its
+    /// users (default true).
+    pub backfill_new_appservices: Option<bool>,
 }
 
 /// `[appservices.<id>]`: per-appservice choices.
@@ -123,6 +200,8 @@ pub struct RelayConfig {
     #[serde(default)]
     pub delivery: DeliverySection,
     #[serde(default)]
+    pub retention: RetentionSection,
+    #[serde(default)]
     pub appservices: BTreeMap<String, AppserviceSection>,
 }
 
@@ -148,6 +227,7 @@ pub struct DeliverySettings {
     pub retry_initial_delay: Duration,
     pub retry_max_delay: Duration,
     pub ca_file: Option<PathBuf>,
+    pub backfill_new_appservices: bool,
 }
 
 impl Default for DeliverySettings {
@@ -161,6 +241,7 @@ impl Default for DeliverySettings {
             retry_initial_delay: Duration::from_secs(2),
             retry_max_delay: Duration::from_secs(300),
             ca_file: None,
+            backfill_new_appservices: true,
         }
     }
 }
@@ -207,10 +288,25 @@ pub struct Settings {
     pub slot_name: String,
     pub publication_name: String,
     pub status_interval: Duration,
+    pub state_schema: String,
+    pub on_slot_lost: SlotLostPolicy,
+    pub failover_slot: bool,
+    pub retention: RetentionBudget,
     pub delivery: DeliverySettings,
     pub appservices: Vec<AppserviceSettings>,
     pub skipped: Vec<SkippedAppservice>,
     pub synapse_files: Vec<PathBuf>,
+}
+
+impl Settings {
+    /// The names of the slot, publication and state schema.
+    pub fn names(&self) -> crate::provision::Names<'_> {
+        crate::provision::Names {
+            slot: &self.slot_name,
+            publication: &self.publication_name,
+            state_schema: &self.state_schema,
+        }
+    }
 }
 
 /// Reads the environment variable `name` (libpq's fallbacks). Kept behind a function so tests
@@ -303,7 +399,24 @@ impl Settings {
                 .unwrap_or(defaults.retry_initial_delay),
             retry_max_delay: d.retry_max_delay.map(|x| x.0).unwrap_or(defaults.retry_max_delay),
             ca_file: d.ca_file.clone(),
+            backfill_new_appservices: d.backfill_new_appservices.unwrap_or(defaults.backfill_new_appservices),
         };
+        let retention = RetentionBudget {
+            max_failing: relay
+                .retention
+                .max_failing
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(300)),
+            max_retained_bytes: relay.retention.max_retained_wal.map(|b| b.0).unwrap_or(256 << 20),
+        };
+        let state_schema = relay
+            .replication
+            .state_schema
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAME.into());
+        if state_schema.is_empty() || state_schema.len() > 63 {
+            return Err(invalid(relay_path, "replication.state_schema", "must be 1 to 63 bytes"));
+        }
         if delivery.max_entries_per_transaction == 0 {
             return Err(invalid(
                 relay_path,
@@ -423,6 +536,10 @@ impl Settings {
             slot_name,
             publication_name,
             status_interval,
+            state_schema,
+            on_slot_lost: relay.replication.on_slot_lost.unwrap_or_default(),
+            failover_slot: relay.replication.failover.unwrap_or(false),
+            retention,
             delivery,
             appservices,
             skipped,
@@ -712,6 +829,41 @@ mod tests {
         assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("from-file"));
         assert_eq!(s.postgres.ssl_mode, SslMode::VerifyFull);
         assert_eq!(s.postgres.host, PgHost::Tcp("127.0.0.1".into()));
+    }
+
+    #[test]
+    fn retention_and_slot_settings() {
+        let f = Fixture::new(&[("a.yaml", &reg("a", "http://localhost:1", ""))]);
+        let s = f.resolve("").unwrap();
+        assert_eq!(
+            s.retention,
+            RetentionBudget {
+                max_failing: Duration::from_secs(300),
+                max_retained_bytes: 256 << 20
+            }
+        );
+        assert_eq!(s.on_slot_lost, SlotLostPolicy::Resync);
+        assert!(!s.failover_slot && s.delivery.backfill_new_appservices);
+        let s = f
+            .resolve("[retention]\nmax_failing = \"2s\"\nmax_retained_wal = \"1MB\"\n[replication]\non_slot_lost = \"fail\"\nfailover = true\n")
+            .unwrap();
+        assert_eq!(
+            s.retention,
+            RetentionBudget {
+                max_failing: Duration::from_secs(2),
+                max_retained_bytes: 1 << 20
+            }
+        );
+        assert_eq!(s.on_slot_lost, SlotLostPolicy::Fail);
+        assert!(s.failover_slot);
+        assert_eq!("512kB".parse::<ByteSize>(), Ok(ByteSize(512 << 10)));
+        assert_eq!("1048576".parse::<ByteSize>(), Ok(ByteSize(1 << 20)));
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        let err = f
+            .resolve("[replication]\non_slot_lost = \"ignore\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ignore"), "{err}");
     }
 
     #[test]

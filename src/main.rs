@@ -36,6 +36,8 @@ enum Command {
     Run(cmd::run::RunArgs),
     /// Validate config, registrations, connectivity and the database; list everything wrong.
     Check(cmd::check::CheckArgs),
+    /// Send an appservice the current account data of its users (safe while `run` is live).
+    Backfill(cmd::backfill::BackfillArgs),
     /// Drop the slot and publication and restore replica identity as setup found it.
     Teardown(cmd::teardown::TeardownArgs),
     /// Show the relay working on a throw-away PostgreSQL with a sample appservice.
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             Command::Run(a) => cmd::run::run(a).await,
             Command::Check(a) => cmd::check::check(a).await,
             Command::Teardown(a) => cmd::teardown::teardown(a).await,
+            Command::Backfill(a) => cmd::backfill::backfill(a).await,
             Command::Demo(a) => cmd::demo::demo(a).await,
         }
     });

@@ -1,37 +1,46 @@
-//! Wiring: replication stream → pgoutput decoder → row mapping → routing → per-appservice queues
-//! → workers, and the checkpoint back to PostgreSQL.
+//! Wiring: replication stream → pgoutput decoder → row mapping → routing → per-appservice state
+//! → workers and recorder, and the checkpoint back to PostgreSQL.
 //!
-//! One task (this module's [`Relay::run`]) owns the replication connection, the decoder state,
-//! the router and the [`CheckpointTracker`]; it pushes each change into the queue of every
-//! interested appservice and never waits for an appservice. Each appservice has its own worker
-//! task ([`crate::delivery::worker`]). The replication task sends a standby status update at
-//! least every `status_interval` (1 s), at once when a keepalive asks for one, and a last one on
-//! shutdown; it confirms only what [`CheckpointTracker::safe_lsn`] allows.
+//! One task ([`Relay::run`]) owns the replication connection, the decoder state, the router and
+//! the [`CheckpointTracker`]; it hands each change to every interested appservice and never waits
+//! for one. It sends a standby status update at least every `status_interval` (1 s), at once when
+//! a keepalive asks for one, and a last one on shutdown; it confirms only what
+//! [`CheckpointTracker::safe_lsn`] allows. At each status update it also applies the retention
+//! budget: an appservice failing for too long, or holding back too much WAL, is switched to
+//! recording mode (see [`crate::delivery::state`]).
 //!
-//! When the connection fails, the task reconnects with backoff and resumes streaming after the
-//! last transaction it received (what it already has waits in the queues); the relation map is
-//! rebuilt from the Relation messages PostgreSQL sends again. After a restart of the process,
-//! streaming resumes from the slot's confirmed position, so nothing confirmed is undelivered.
+//! Life cycle: wait for the slot (a slot in use by another relay, SQLSTATE 55006, is waited for
+//! calmly: a standby); become active (decide each appservice's mode, request backfills for
+//! appservices opting in for the first time, start the workers and the recorder); stream,
+//! reconnecting with backoff after connection losses and resuming after the last transaction
+//! received; if the slot is lost (invalidated or dropped), re-create it and resync every
+//! appservice (or stop, with `on_slot_lost = "fail"`); if another relay took the slot over, drop
+//! everything in memory and go back to waiting.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use tokio::sync::{Notify, watch};
 
 use crate::checkpoint::CheckpointTracker;
-use crate::config::Settings;
+use crate::config::{Settings, SlotLostPolicy};
 use crate::delivery::retry::RetryPolicy;
+use crate::delivery::state::{DeliveryMode, Pushed};
 use crate::delivery::worker::{
-    AppserviceHandle, CurrentContentReader, DeliveryContext, DeliveryError, http_client, run_worker,
+    AppserviceHandle, DeliveryContext, DeliveryError, SynapseDb, http_client, run_recorder, run_worker,
 };
 use crate::model::Lsn;
-use crate::provision::{Names, Problem, ProvisionError, Severity, inspect, problems};
+use crate::ops::health::Health;
+use crate::provision::{Problem, ProvisionError, Severity, inspect, problems};
 use crate::replication::connection::{LogicalReplicationStream, ReplicationConnection};
 use crate::replication::error::ReplicationError;
 use crate::replication::pgoutput::{self, DecodeError, PgOutputMessage};
 use crate::replication::wire::{self, ReplicationMessage, StandbyStatusUpdate, WireError};
-use crate::routing::{AppserviceInterest, Router, RoutingError};
+use crate::resync::enqueue_backfill;
+use crate::routing::{Router, RoutingError};
+use crate::state_store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
 use crate::synapse::rows::{MappingError, RowMapper, RowOutcome};
 
 /// Why `run` stopped with an error.
@@ -51,11 +60,22 @@ pub enum RunError {
     Replication(#[from] ReplicationError),
     #[error("{0}")]
     Mapping(#[from] MappingError),
+    #[error(
+        "the replication slot {slot:?} was lost ({what}) and replication.on_slot_lost = \"fail\": changes since its last \
+             confirmed position are gone from the stream. Re-create it with `setup` and resync the appservices with `backfill`"
+    )]
+    SlotLost { slot: String, what: String },
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
 }
 
-/// How one replication session ended (other than by an error).
+/// How a streaming session ended.
 enum SessionEnd {
     Shutdown,
+    /// Another process holds the slot now.
+    SlotTaken,
+    /// The slot is gone or invalidated.
+    SlotLost(String),
 }
 
 /// Errors inside a session, with what to do about them.
@@ -73,39 +93,59 @@ enum SessionError {
     StreamEnded,
 }
 
-/// The running relay: settings, router and appservice handles.
+/// The running relay: settings, router, appservice handles, checkpoint.
 pub struct Relay {
     settings: Settings,
     router: Router,
     handles: Vec<Arc<AppserviceHandle>>,
+    by_id: HashMap<String, usize>,
     tracker: CheckpointTracker,
     targets: Vec<usize>,
     last_status: Option<(Lsn, Lsn)>,
+    store: StateStore,
+    health: Arc<Health>,
+    recorder_wake: Arc<Notify>,
 }
 
 impl Relay {
     /// Build the router and handles (no I/O). Errors name the registration file and pattern.
     pub fn new(settings: Settings) -> Result<Relay, RunError> {
-        let interests: Vec<AppserviceInterest> = settings.appservices.iter().map(|a| a.interest()).collect();
+        let interests: Vec<_> = settings.appservices.iter().map(|a| a.interest()).collect();
         let router = Router::new(&interests)?;
-        let handles = settings
+        let handles: Vec<Arc<AppserviceHandle>> = settings
             .appservices
             .iter()
             .map(|a| Arc::new(AppserviceHandle::new(a.clone())))
             .collect();
+        let by_id = settings
+            .appservices
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.id.clone(), i))
+            .collect();
+        let store = StateStore::new(&settings.state_schema);
         Ok(Relay {
             settings,
             router,
             handles,
+            by_id,
             tracker: CheckpointTracker::new(Lsn::ZERO),
             targets: Vec::new(),
             last_status: None,
+            store,
+            health: Arc::new(Health::new()),
+            recorder_wake: Arc::new(Notify::new()),
         })
     }
 
     /// The appservice handles (for status and tests).
     pub fn handles(&self) -> &[Arc<AppserviceHandle>] {
         &self.handles
+    }
+
+    /// Whether the pipeline is making progress (for readiness checks).
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// Log which appservices are served and which are skipped, and routing warnings.
@@ -132,85 +172,156 @@ impl Relay {
     }
 
     /// Check the database before streaming: refuse to start (changing nothing) if a published
-    /// table lacks its replica identity or the publication or slot is missing or unusable.
-    pub async fn preflight(&self) -> Result<Lsn, RunError> {
+    /// table lacks its replica identity, or the publication or the state schema is missing. A
+    /// missing or invalidated slot is handled by the slot-lost policy instead.
+    pub async fn preflight(&self) -> Result<(), RunError> {
         let client = crate::postgres_sql::connect_sql(&self.settings.postgres)
             .await
             .map_err(|e| RunError::Connect {
                 target: self.settings.postgres.describe(),
                 message: e.to_string(),
             })?;
-        let state = inspect(&client, &self.settings.slot_name, &self.settings.publication_name).await?;
-        let names = Names {
-            slot: &self.settings.slot_name,
-            publication: &self.settings.publication_name,
-        };
-        let all = problems(&state, names);
+        let state = inspect(&client, self.settings.names()).await?;
+        let all = problems(&state, self.settings.names());
         for p in all.iter().filter(|p| p.severity == Severity::Warning) {
             tracing::warn!("{}", p.message);
         }
-        let blocking: Vec<Problem> = all.into_iter().filter(|p| p.severity != Severity::Warning).collect();
+        let slot_recoverable = |p: &Problem| {
+            self.settings.on_slot_lost == SlotLostPolicy::Resync
+                && (p.message.contains("does not exist") || p.message.contains("wal_status = lost"))
+                && p.message.starts_with("replication slot")
+        };
+        let blocking: Vec<Problem> = all
+            .into_iter()
+            .filter(|p| p.severity != Severity::Warning && !slot_recoverable(p))
+            .collect();
         if !blocking.is_empty() {
             return Err(RunError::Refused(blocking));
         }
-        Ok(state.slot.and_then(|s| s.confirmed_flush_lsn).unwrap_or_default())
+        Ok(())
     }
 
-    /// Stream until `shutdown` becomes true. Spawns one worker per appservice.
-    pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    /// Stream until `shutdown` becomes true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
         self.log_appservices();
-        let start = self.preflight().await?;
-        self.tracker = CheckpointTracker::new(start);
+        self.preflight().await?;
+        let db = Arc::new(SynapseDb::new(self.settings.postgres.clone()));
         let ctx = Arc::new(DeliveryContext {
             http: http_client(&self.settings.delivery)?,
             settings: self.settings.delivery.clone(),
-            current: Arc::new(CurrentContentReader::new(self.settings.postgres.clone())),
+            db: db.clone(),
+            store: self.store.clone(),
             progress: Arc::new(Notify::new()),
+            recorder_wake: self.recorder_wake.clone(),
             shutdown: shutdown.clone(),
         });
-        let mut workers = tokio::task::JoinSet::new();
-        for h in &self.handles {
-            workers.spawn(run_worker(h.clone(), ctx.clone()));
+        loop {
+            let Some(stream) = self.acquire_slot(&mut shutdown).await? else {
+                return Ok(());
+            };
+            if let Err(e) = self.activate(&db).await {
+                stream.finish().await;
+                return Err(e);
+            }
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let ctx = Arc::new(DeliveryContext {
+                http: ctx.http.clone(),
+                settings: ctx.settings.clone(),
+                db: ctx.db.clone(),
+                store: ctx.store.clone(),
+                progress: ctx.progress.clone(),
+                recorder_wake: ctx.recorder_wake.clone(),
+                shutdown: stop_rx,
+            });
+            let mut tasks = tokio::task::JoinSet::new();
+            for h in &self.handles {
+                tasks.spawn(run_worker(h.clone(), ctx.clone()));
+            }
+            tasks.spawn(run_recorder(self.handles.clone(), ctx.clone()));
+            self.spawn_first_opt_in_backfills(&db, &mut tasks).await;
+            let result = self.replicate(stream, &mut shutdown).await;
+            let _ = stop_tx.send(true);
+            // Give workers a moment to notice; requests in flight are abandoned.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
+            tasks.shutdown().await;
+            self.health.set_connected(false);
+            match result? {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::SlotTaken => {
+                    tracing::warn!(slot = %self.settings.slot_name, "another process took the replication slot over; dropping what was in memory (it is not confirmed, so the slot still has it) and waiting as a standby");
+                    self.deactivate();
+                }
+                SessionEnd::SlotLost(what) => {
+                    self.deactivate();
+                    self.recover_slot(&what).await?;
+                }
+            }
         }
-        let result = self.replicate(shutdown).await;
-        workers.shutdown().await;
-        result
     }
 
-    async fn replicate(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
-        let reconnect = RetryPolicy {
+    /// Forget in-memory state: nothing of it is confirmed, so the slot holds it all.
+    fn deactivate(&mut self) {
+        for h in &self.handles {
+            h.reset(DeliveryMode::Live);
+        }
+        self.tracker = CheckpointTracker::new(Lsn::ZERO);
+        self.last_status = None;
+    }
+
+    /// Connect and start replication, waiting while another process holds the slot. Handles a
+    /// lost slot by the policy. `None` on shutdown.
+    async fn acquire_slot(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<LogicalReplicationStream>, RunError> {
+        let mut schedule = RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(2),
+        }
+        .schedule();
+        let mut errors = RetryPolicy {
             initial: Duration::from_millis(500),
             max: Duration::from_secs(30),
-        };
-        let mut schedule = reconnect.schedule();
-        let mut slot_busy_logged = false;
+        }
+        .schedule();
+        let mut busy_logged = false;
         loop {
             if *shutdown.borrow() {
-                return Ok(());
+                return Ok(None);
             }
-            let resume_at = self.tracker.last_commit_end();
-            let result = self.session(resume_at, &mut shutdown).await;
-            let err = match result {
-                Ok(SessionEnd::Shutdown) => return Ok(()),
-                Err(e) => e,
-            };
-            match err {
-                SessionError::Replication(r) if r.is_slot_in_use() => {
-                    if !slot_busy_logged {
-                        tracing::warn!(slot = %self.settings.slot_name, error = %r, "the replication slot is in use by another process (another relay?); waiting for it to become free");
-                        slot_busy_logged = true;
+            let wait = match self.start_stream(Lsn::ZERO).await {
+                Ok(s) => {
+                    if busy_logged {
+                        tracing::info!(slot = %self.settings.slot_name, "the replication slot is free: taking over");
                     }
+                    return Ok(Some(s));
                 }
-                SessionError::Replication(r) if r.is_slot_missing() || r.is_slot_invalidated() || !r.is_transient() => {
-                    return Err(RunError::Replication(r));
+                Err(SessionError::Replication(r)) if r.is_slot_in_use() => {
+                    if !busy_logged {
+                        tracing::warn!(slot = %self.settings.slot_name, error = %r, "the replication slot is in use by another process (another relay?): waiting as a standby until it is free");
+                        busy_logged = true;
+                    }
+                    schedule.next_delay(None)
                 }
-                SessionError::Mapping(m @ MappingError::MissingColumn { .. }) => return Err(RunError::Mapping(m)),
-                other => {
-                    slot_busy_logged = false;
-                    tracing::warn!(error = %other, "replication connection lost; reconnecting");
+                Err(SessionError::Replication(r)) if r.is_slot_missing() || r.is_slot_invalidated() => {
+                    let what = if r.is_slot_missing() {
+                        "it does not exist"
+                    } else {
+                        "PostgreSQL invalidated it"
+                    };
+                    self.recover_slot(&format!("{what}: {r}")).await?;
+                    continue;
                 }
-            }
-            let wait = schedule.next_delay(None);
+                Err(SessionError::Replication(r)) if !r.is_transient() => return Err(RunError::Replication(r)),
+                Err(e) => {
+                    let wait = errors.next_delay(None);
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot start replication; retrying");
+                    wait
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
@@ -218,16 +329,13 @@ impl Relay {
         }
     }
 
-    async fn session(
-        &mut self,
-        resume_at: Lsn,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<SessionEnd, SessionError> {
+    async fn start_stream(&mut self, resume_at: Lsn) -> Result<LogicalReplicationStream, SessionError> {
         let mut conn = ReplicationConnection::connect(&self.settings.postgres).await?;
         let ident = conn.identify_system().await?;
-        let mut stream = conn
+        let stream = conn
             .start_logical_replication(&self.settings.slot_name, resume_at, &self.settings.publication_name)
             .await?;
+        self.health.set_connected(true);
         tracing::info!(
             slot = %self.settings.slot_name,
             publication = %self.settings.publication_name,
@@ -236,6 +344,183 @@ impl Relay {
             resume_after = %resume_at,
             "streaming account-data changes"
         );
+        Ok(stream)
+    }
+
+    /// The slot is gone: by policy, stop, or re-create it and resync every appservice.
+    async fn recover_slot(&mut self, what: &str) -> Result<(), RunError> {
+        let slot = self.settings.slot_name.clone();
+        tracing::error!(slot = %slot, problem = %what, "the replication slot was lost: changes since its last confirmed position are gone from the stream");
+        if self.settings.on_slot_lost == SlotLostPolicy::Fail {
+            return Err(RunError::SlotLost {
+                slot,
+                what: what.to_owned(),
+            });
+        }
+        let mut client = crate::postgres_sql::connect_sql(&self.settings.postgres)
+            .await
+            .map_err(|e| RunError::Connect {
+                target: self.settings.postgres.describe(),
+                message: e.to_string(),
+            })?;
+        let sql_err = |what: &'static str| {
+            move |e: tokio_postgres::Error| StoreError {
+                what,
+                message: e
+                    .as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_else(|| e.to_string()),
+                sqlstate: e.code().map(|c| c.code().to_owned()),
+                connection_lost: e.is_closed(),
+            }
+        };
+        client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&slot],
+            )
+            .await
+            .map_err(sql_err("dropping the lost replication slot"))?;
+        let created = if self.settings.failover_slot {
+            client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
+                    &[&slot],
+                )
+                .await
+        } else {
+            client
+                .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+                .await
+        };
+        match created {
+            Ok(_) => tracing::warn!(slot = %slot, "re-created the replication slot; resyncing every appservice"),
+            // Another relay re-created it first: it resyncs, and we will be its standby.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => return Ok(()),
+            Err(e) => return Err(sql_err("re-creating the replication slot")(e).into()),
+        }
+        for a in &self.settings.appservices {
+            let summary = enqueue_backfill(&mut client, &self.store, a, None)
+                .await
+                .map_err(|e| match e {
+                    crate::resync::ResyncError::Store(s) => RunError::Store(s),
+                    crate::resync::ResyncError::Routing(r) => RunError::Routing(r),
+                })?;
+            tracing::warn!(appservice = %a.id, users = summary.users, keys = summary.keys, "resync requested after the slot was lost");
+        }
+        Ok(())
+    }
+
+    /// Decide each appservice's mode from the state store.
+    async fn activate(&mut self, db: &SynapseDb) -> Result<(), RunError> {
+        let client = db.client().await?;
+        let pending = self.store.appservices_with_pending(&*client).await?;
+        for h in &self.handles {
+            let mode = if pending.contains(&h.settings.id) {
+                tracing::info!(appservice = %h.settings.id, "keys recorded for resync are waiting: resuming their delivery");
+                DeliveryMode::Recording { switch_at: None }
+            } else {
+                DeliveryMode::Live
+            };
+            h.reset(mode);
+            h.notify();
+        }
+        self.tracker = CheckpointTracker::new(Lsn::ZERO);
+        Ok(())
+    }
+
+    /// Request a backfill for appservices served for the first time (in the background: the
+    /// request reaches the stream as a message, in order).
+    async fn spawn_first_opt_in_backfills(&self, db: &SynapseDb, tasks: &mut tokio::task::JoinSet<()>) {
+        let known = match db.client().await {
+            Ok(c) => self.store.known_appservices(&*c).await,
+            Err(e) => Err(e),
+        };
+        let known = match known {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read which appservices were served before; no first-opt-in backfill this time");
+                return;
+            }
+        };
+        for a in self.settings.appservices.iter().filter(|a| !known.contains(&a.id)) {
+            let (a, store, pg) = (a.clone(), self.store.clone(), self.settings.postgres.clone());
+            let backfill = self.settings.delivery.backfill_new_appservices;
+            tasks.spawn(async move {
+                let mut client = match crate::postgres_sql::connect_sql(&pg).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(appservice = %a.id, error = %e, "cannot connect to request the first-opt-in backfill");
+                        return;
+                    }
+                };
+                if !backfill {
+                    if let Err(e) = store.mark_served(&client, &a.id).await {
+                        tracing::warn!(appservice = %a.id, error = %e, "cannot record the appservice as served");
+                    }
+                    return;
+                }
+                match enqueue_backfill(&mut client, &store, &a, None).await {
+                    Ok(s) => tracing::info!(appservice = %a.id, users = s.users, keys = s.keys, "first opt-in: backfill of its users' current account data requested"),
+                    Err(e) => tracing::warn!(appservice = %a.id, error = %e, "first-opt-in backfill could not be requested; it will be tried at the next start"),
+                }
+            });
+        }
+    }
+
+    /// Stream, reconnecting after transient failures, until shutdown or the slot is lost or taken.
+    async fn replicate(
+        &mut self,
+        first: LogicalReplicationStream,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<SessionEnd, RunError> {
+        let mut schedule = RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+        .schedule();
+        let mut stream = Some(first);
+        loop {
+            if *shutdown.borrow() {
+                return Ok(SessionEnd::Shutdown);
+            }
+            let s = match stream.take() {
+                Some(s) => Ok(s),
+                None => self.start_stream(self.tracker.last_commit_end()).await,
+            };
+            let result = match s {
+                Ok(s) => self.session(s, shutdown).await,
+                Err(e) => Err(e),
+            };
+            let err = match result {
+                Ok(end) => return Ok(end),
+                Err(e) => e,
+            };
+            self.health.set_connected(false);
+            match err {
+                SessionError::Replication(r) if r.is_slot_in_use() => return Ok(SessionEnd::SlotTaken),
+                SessionError::Replication(r) if r.is_slot_missing() || r.is_slot_invalidated() => {
+                    return Ok(SessionEnd::SlotLost(r.to_string()));
+                }
+                SessionError::Replication(r) if !r.is_transient() => return Err(RunError::Replication(r)),
+                SessionError::Mapping(m @ MappingError::MissingColumn { .. }) => return Err(RunError::Mapping(m)),
+                other => {
+                    let wait = schedule.next_delay(None);
+                    tracing::warn!(error = %other, retry_in = ?wait, "replication connection lost; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &mut self,
+        mut stream: LogicalReplicationStream,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<SessionEnd, SessionError> {
         let mut mapper = RowMapper::new();
         let mut current_commit = Lsn::ZERO;
         let mut routed = false;
@@ -253,13 +538,18 @@ impl Relay {
                     }
                 }
                 _ = interval.tick() => {
+                    self.apply_budget();
                     self.send_status(&mut stream, false).await?;
                 }
                 payload = stream.next_copy_data() => {
                     let Some(payload) = payload? else { return Err(SessionError::StreamEnded) };
+                    self.health.activity();
                     match wire::parse_copy_data(payload)? {
                         ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
                             self.tracker.keepalive(wal_end);
+                            if !self.tracker.in_transaction() {
+                                self.observe_position(wal_end);
+                            }
                             if reply_requested {
                                 self.send_status(&mut stream, true).await?;
                             }
@@ -270,6 +560,15 @@ impl Relay {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    fn observe_position(&self, position: Lsn) {
+        for h in &self.handles {
+            if h.with_state(|s| s.observe_position(position)) {
+                tracing::info!(appservice = %h.settings.id, position = %position, "back to live delivery");
+                h.notify();
             }
         }
     }
@@ -291,7 +590,29 @@ impl Relay {
                 commit_lsn, end_lsn, ..
             } => {
                 self.tracker.commit(*commit_lsn, *end_lsn, *routed);
+                self.observe_position(*end_lsn);
             }
+            PgOutputMessage::Message {
+                prefix,
+                content,
+                lsn,
+                transactional,
+            } if prefix == MESSAGE_PREFIX => match RelayMessage::parse(content) {
+                Some(RelayMessage::Resync(id)) => match self.by_id.get(&id).map(|i| &self.handles[*i]) {
+                    Some(h) => {
+                        tracing::info!(appservice = %id, at = %lsn, "resync requested: delivering the recorded keys' current values");
+                        h.with_state(|s| s.request_resync());
+                        h.notify();
+                        self.recorder_wake.notify_one();
+                    }
+                    None => {
+                        tracing::warn!(appservice = %id, "resync requested for an appservice this relay does not serve")
+                    }
+                },
+                Some(RelayMessage::Horizon) if !*transactional => self.observe_position(*lsn),
+                Some(RelayMessage::Horizon) => {}
+                None => tracing::warn!(at = %lsn, "unreadable relay message in the stream; ignored"),
+            },
             other => match mapper.map(other, *current_commit) {
                 Ok(RowOutcome::Change(change)) => {
                     self.router.route_into(&change.key.user_id, &mut self.targets);
@@ -300,8 +621,10 @@ impl Relay {
                         if change.key.room_id.is_some() && !h.settings.room_account_data {
                             continue;
                         }
-                        h.with_queue(|q| q.push(change.clone()));
-                        h.notify();
+                        match h.with_state(|s| s.push(change.clone())) {
+                            Pushed::Queued => h.notify(),
+                            Pushed::Recorded => self.recorder_wake.notify_one(),
+                        }
                         *routed = true;
                     }
                 }
@@ -320,11 +643,35 @@ impl Relay {
         Ok(())
     }
 
+    /// Switch appservices over the retention budget to recording mode.
+    fn apply_budget(&self) {
+        let now = Instant::now();
+        let received = self.tracker.received();
+        for h in &self.handles {
+            let spilled = h.with_state(|s| {
+                let reason = s.over_budget(now, received, &self.settings.retention)?;
+                s.spill();
+                Some((reason, s.unrecorded_len()))
+            });
+            if let Some((reason, keys)) = spilled {
+                tracing::warn!(
+                    appservice = %h.settings.id,
+                    reason = %reason,
+                    keys,
+                    "appservice over its retention budget: its pending changes are recorded as keys and the slot moves on; \
+                     they will be resent with their current values when it answers again"
+                );
+                h.notify();
+                self.recorder_wake.notify_one();
+            }
+        }
+    }
+
     /// The oldest commit LSN with an undelivered change, over all appservices.
     fn oldest_undelivered(&self) -> Option<Lsn> {
         self.handles
             .iter()
-            .filter_map(|h| h.with_queue(|q| q.oldest_undelivered()))
+            .filter_map(|h| h.with_state(|s| s.oldest_undelivered()))
             .min()
     }
 
@@ -343,13 +690,14 @@ impl Relay {
             client_time_micros: wire::micros_since_pg_epoch(SystemTime::now()),
             reply_requested: false,
         };
-        let mut buf = BytesMut::with_capacity(34);
+        let mut buf = BytesMut::with_capacity(StandbyStatusUpdate::ENCODED_LEN);
         update.encode(&mut buf);
         stream.send_copy_data(&buf).await?;
         if self.last_status.map(|s| s.1) != Some(safe) {
             tracing::debug!(confirmed = %safe, received = %write, asked, "standby status update");
         }
         self.last_status = Some((write, safe));
+        self.health.status_sent(safe, oldest.is_some());
         Ok(())
     }
 }

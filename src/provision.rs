@@ -151,6 +151,19 @@ pub struct DatabaseState {
     pub publication: Option<PublicationState>,
     pub slot: Option<SlotState>,
     pub current_wal_lsn: Lsn,
+    /// Whether the role may create a schema in the database (for the relay's state).
+    pub can_create_schema: bool,
+    /// The relay's state schema, if it exists.
+    pub state_schema: Option<StateSchemaState>,
+}
+
+/// The relay's state schema, as found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSchemaState {
+    /// Its comment says it is ours.
+    pub ours: bool,
+    /// `pending_keys`, `pending_key_version` and `appservices` all exist.
+    pub complete: bool,
 }
 
 impl DatabaseState {
@@ -174,6 +187,8 @@ impl DatabaseState {
             publication: None,
             slot: None,
             current_wal_lsn: Lsn(0),
+            can_create_schema: true,
+            state_schema: None,
         }
     }
 }
@@ -213,11 +228,8 @@ fn parse_lsn(s: Option<String>) -> Option<Lsn> {
 }
 
 /// Read the database's state (read-only).
-pub async fn inspect(
-    client: &tokio_postgres::Client,
-    slot_name: &str,
-    publication_name: &str,
-) -> Result<DatabaseState, ProvisionError> {
+pub async fn inspect(client: &tokio_postgres::Client, names: Names<'_>) -> Result<DatabaseState, ProvisionError> {
+    let (slot_name, publication_name) = (names.slot, names.publication);
     let err = |what: &str| {
         let what = what.to_owned();
         move |e: tokio_postgres::Error| ProvisionError::from_pg(what, &e)
@@ -227,13 +239,14 @@ pub async fn inspect(
             "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
                     current_setting('wal_level'), current_setting('max_replication_slots')::int, \
                     current_setting('max_wal_senders')::int, current_database()::text, current_user::text, \
-                    r.rolsuper, r.rolreplication, pg_current_wal_lsn()::text \
+                    r.rolsuper, r.rolreplication, pg_current_wal_lsn()::text, \
+                    has_database_privilege(current_database(), 'CREATE') \
              FROM pg_roles r WHERE r.rolname = current_user",
             &[],
         )
         .await
         .map_err(err("reading the server's settings"))?;
-    let names: Vec<&str> = SynapseTable::ALL.iter().map(|t| t.name()).collect();
+    let table_names: Vec<&str> = SynapseTable::ALL.iter().map(|t| t.name()).collect();
     let index_names: Vec<&str> = SynapseTable::ALL.iter().map(|t| t.unique_index()).collect();
     let rows = client
         .query(
@@ -251,7 +264,7 @@ pub async fn inspect(
              LEFT JOIN pg_class c ON c.oid = to_regclass(quote_ident(t.name)) \
              LEFT JOIN pg_namespace n ON n.oid = c.relnamespace \
              ORDER BY t.name",
-            &[&names, &index_names, &publication_name],
+            &[&table_names, &index_names, &publication_name],
         )
         .await
         .map_err(err("reading the account-data tables"))?;
@@ -311,7 +324,24 @@ pub async fn inspect(
             confirmed_flush_lsn: parse_lsn(r.get(6)),
             restart_lsn: parse_lsn(r.get(7)),
         });
+    let state_schema = client
+        .query_opt(
+            "SELECT coalesce(obj_description(n.oid, 'pg_namespace'), '') LIKE 'synapse-account-data-relay%', \
+                    to_regclass(quote_ident(n.nspname) || '.pending_keys') IS NOT NULL \
+                    AND to_regclass(quote_ident(n.nspname) || '.pending_key_version') IS NOT NULL \
+                    AND to_regclass(quote_ident(n.nspname) || '.appservices') IS NOT NULL \
+             FROM pg_namespace n WHERE n.nspname = $1",
+            &[&names.state_schema],
+        )
+        .await
+        .map_err(err("reading the relay's state schema"))?
+        .map(|r| StateSchemaState {
+            ours: r.get(0),
+            complete: r.get(1),
+        });
     Ok(DatabaseState {
+        can_create_schema: row.get(10),
+        state_schema,
         server_version_num: row.get(0),
         server_version: row.get(1),
         wal_level: row.get(2),
@@ -362,6 +392,7 @@ impl std::fmt::Display for Problem {
 pub struct Names<'a> {
     pub slot: &'a str,
     pub publication: &'a str,
+    pub state_schema: &'a str,
 }
 
 fn problem(severity: Severity, message: impl Into<String>) -> Problem {
@@ -627,6 +658,30 @@ pub fn setup_plan(s: &DatabaseState, names: Names<'_>) -> Result<Vec<PlanStep>, 
             ),
         ));
     }
+    if s.state_schema.is_none() && !s.can_create_schema && !s.superuser {
+        blocking.push(problem(
+            Severity::Error,
+            format!(
+                "role {:?} may not create schemas in database {:?} (for the relay's state): as a superuser run \
+                 `GRANT CREATE ON DATABASE {} TO {};`",
+                s.role,
+                s.database,
+                escape_identifier(&s.database),
+                escape_identifier(&s.role)
+            ),
+        ));
+    }
+    if let Some(st) = &s.state_schema
+        && !st.ours
+    {
+        blocking.push(problem(
+            Severity::Error,
+            format!(
+                "schema {:?} exists but is not the relay's; choose another replication.state_schema",
+                names.state_schema
+            ),
+        ));
+    }
     if let Some(slot) = &s.slot
         && (slot.slot_type != "logical"
             || slot.plugin.as_deref() != Some("pgoutput")
@@ -704,6 +759,18 @@ pub fn setup_plan(s: &DatabaseState, names: Names<'_>) -> Result<Vec<PlanStep>, 
             group: 1,
         });
     }
+    if !s.state_schema.as_ref().is_some_and(|st| st.complete) {
+        for sql in crate::state_store::StateStore::create_sql(names.state_schema) {
+            steps.push(PlanStep {
+                description: format!(
+                    "create the relay's state schema {:?} (keys to resync for appservices that are down)",
+                    names.state_schema
+                ),
+                sql,
+                group: 1,
+            });
+        }
+    }
     if s.slot.is_none() {
         steps.push(PlanStep {
             description: format!(
@@ -768,6 +835,26 @@ pub fn teardown_plan(s: &DatabaseState, names: Names<'_>) -> (Vec<PlanStep>, Vec
             sql: format!("DROP PUBLICATION {};", escape_identifier(names.publication)),
             group: 1,
         });
+    }
+    if let Some(st) = &s.state_schema {
+        if st.ours {
+            group1.push(PlanStep {
+                description: format!(
+                    "drop the relay's state schema {:?} and the keys it holds",
+                    names.state_schema
+                ),
+                sql: format!("DROP SCHEMA {} CASCADE;", escape_identifier(names.state_schema)),
+                group: 1,
+            });
+        } else {
+            notes.push(problem(
+                Severity::Warning,
+                format!(
+                    "schema {:?} is not the relay's (its comment does not say so): left alone",
+                    names.state_schema
+                ),
+            ));
+        }
     }
     for t in s.tables.iter().filter(|t| t.exists) {
         let before = recorded.get(t.table.name()).map(String::as_str).unwrap_or("default");
@@ -885,6 +972,7 @@ mod tests {
     const NAMES: Names<'static> = Names {
         slot: "relay_slot",
         publication: "relay_pub",
+        state_schema: "relay_state",
     };
 
     #[test]
@@ -939,6 +1027,7 @@ mod tests {
             confirmed_flush_lsn: Some(Lsn(1)),
             restart_lsn: Some(Lsn(1)),
         });
+        s.state_schema = Some(StateSchemaState { ours: true, complete: true });
         assert_eq!(setup_plan(&s, NAMES).unwrap(), vec![]);
         assert!(problems(&s, NAMES).is_empty(), "{:?}", problems(&s, NAMES));
     }
@@ -1065,6 +1154,7 @@ pub fn stock_synapse_scripts() -> (String, String) {
     let names = Names {
         slot: crate::config::DEFAULT_NAME,
         publication: crate::config::DEFAULT_NAME,
+        state_schema: crate::config::DEFAULT_NAME,
     };
     let table = TableState::stock;
     let stock = DatabaseState::stock_synapse();
@@ -1090,6 +1180,10 @@ pub fn stock_synapse_scripts() -> (String, String) {
             wal_status: Some("reserved".into()),
             confirmed_flush_lsn: None,
             restart_lsn: None,
+        }),
+        state_schema: Some(StateSchemaState {
+            ours: true,
+            complete: true,
         }),
         ..stock.clone()
     };

@@ -115,26 +115,19 @@ pub async fn check(args: &CheckArgs) -> u8 {
             }
         },
     };
-    let slot = settings
-        .as_ref()
-        .map(|s| s.slot_name.clone())
-        .unwrap_or_else(|| crate::config::DEFAULT_NAME.into());
-    let publication = settings
-        .as_ref()
-        .map(|s| s.publication_name.clone())
-        .unwrap_or_else(|| crate::config::DEFAULT_NAME.into());
+    let default_names = Names {
+        slot: crate::config::DEFAULT_NAME,
+        publication: crate::config::DEFAULT_NAME,
+        state_schema: crate::config::DEFAULT_NAME,
+    };
+    let names = settings.as_ref().map(|s| s.names()).unwrap_or(default_names);
+    let (slot, publication) = (names.slot, names.publication);
     match crate::postgres_sql::connect_sql(&pg).await {
         Ok(client) => {
             r.ok(format!("connected to PostgreSQL at {}", pg.describe()));
-            match inspect(&client, &slot, &publication).await {
+            match inspect(&client, names).await {
                 Ok(state) => {
-                    let found = problems(
-                        &state,
-                        Names {
-                            slot: &slot,
-                            publication: &publication,
-                        },
-                    );
+                    let found = problems(&state, names);
                     for p in &found {
                         match p.severity {
                             Severity::Warning => r.warn(&p.message),

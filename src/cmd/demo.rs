@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::cmd::EXIT_FAILURE;
 use crate::config::{RelayConfig, Settings};
 use crate::pipeline::Relay;
-use crate::provision::{Names, execute_plan, inspect, setup_plan};
+use crate::provision::{execute_plan, inspect, setup_plan};
 use crate::testkit::receiver::RecordingAppservice;
 use crate::testkit::{LocalCluster, SYNAPSE_SCHEMA_SQL, synapse_writes as w};
 
@@ -104,13 +104,8 @@ async fn demo_inner(args: &DemoArgs) -> Result<(), String> {
     let mut setup_client = crate::postgres_sql::connect_sql(&settings.postgres)
         .await
         .map_err(|e| e.to_string())?;
-    let names = Names {
-        slot: &settings.slot_name,
-        publication: &settings.publication_name,
-    };
-    let state = inspect(&setup_client, names.slot, names.publication)
-        .await
-        .map_err(|e| e.to_string())?;
+    let names = settings.names();
+    let state = inspect(&setup_client, names).await.map_err(|e| e.to_string())?;
     let plan = setup_plan(&state, names).map_err(|p| p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))?;
     execute_plan(&mut setup_client, &plan)
         .await

@@ -2,6 +2,7 @@
 //! codes: 0 success, 1 something is wrong (a failed check, a runtime failure), 2 a usage or
 //! configuration error.
 
+pub mod backfill;
 pub mod check;
 pub mod demo;
 pub mod run;
@@ -77,11 +78,9 @@ pub async fn connect_and_inspect(config: &ConfigArgs) -> Result<(Settings, tokio
             eprintln!("error: cannot connect to PostgreSQL: {e}");
             EXIT_FAILURE
         })?;
-    let state = inspect(&client, &settings.slot_name, &settings.publication_name)
-        .await
-        .map_err(|e| {
-            eprintln!("error: {e}");
-            EXIT_FAILURE
-        })?;
+    let state = inspect(&client, settings.names()).await.map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_FAILURE
+    })?;
     Ok((settings, client, state))
 }

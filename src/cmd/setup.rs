@@ -1,7 +1,7 @@
 //! `setup`: check the server and prepare it (replica identity, publication, slot). Idempotent.
 
 use crate::cmd::{ConfigArgs, EXIT_FAILURE, connect_and_inspect};
-use crate::provision::{Names, Severity, execute_plan, inspect, plan_to_sql, problems, setup_plan};
+use crate::provision::{Severity, execute_plan, inspect, plan_to_sql, problems, setup_plan};
 
 /// Check the server and prepare it for the relay.
 #[derive(Debug, clap::Args)]
@@ -22,10 +22,7 @@ pub async fn setup(args: &SetupArgs) -> u8 {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let names = Names {
-        slot: &settings.slot_name,
-        publication: &settings.publication_name,
-    };
+    let names = settings.names();
     let plan = match setup_plan(&state, names) {
         Ok(p) => p,
         Err(problems) => {
@@ -70,7 +67,7 @@ pub async fn setup(args: &SetupArgs) -> u8 {
             println!("done: {}", step.description);
         }
     }
-    match inspect(&client, names.slot, names.publication).await {
+    match inspect(&client, names).await {
         Ok(after) => {
             let left: Vec<_> = problems(&after, names).into_iter().collect();
             for p in &left {

@@ -2,7 +2,7 @@
 //! `setup` found it.
 
 use crate::cmd::{ConfigArgs, EXIT_FAILURE, connect_and_inspect};
-use crate::provision::{Names, Severity, execute_plan, plan_to_sql, teardown_plan};
+use crate::provision::{Severity, execute_plan, plan_to_sql, teardown_plan};
 
 /// Remove everything setup created, leaving the database as it was found.
 #[derive(Debug, clap::Args)]
@@ -21,10 +21,7 @@ pub async fn teardown(args: &TeardownArgs) -> u8 {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let names = Names {
-        slot: &settings.slot_name,
-        publication: &settings.publication_name,
-    };
+    let names = settings.names();
     let (plan, notes) = teardown_plan(&state, names);
     for n in &notes {
         eprintln!("  {n}");

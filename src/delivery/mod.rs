@@ -4,5 +4,6 @@
 
 pub mod queue;
 pub mod retry;
+pub mod state;
 pub mod transaction;
 pub mod worker;

@@ -39,10 +39,10 @@ impl Batch {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct InFlight {
     first_lsn: Lsn,
-    len: usize,
+    keys: Vec<AccountDataKey>,
 }
 
 /// See the module documentation.
@@ -103,7 +103,7 @@ impl AppserviceQueue {
         let batch = Batch { entries };
         self.in_flight = Some(InFlight {
             first_lsn: batch.first_lsn(),
-            len: batch.entries.len(),
+            keys: batch.entries.iter().map(|e| e.key.clone()).collect(),
         });
         Some(batch)
     }
@@ -122,7 +122,7 @@ impl AppserviceQueue {
             .front()
             .and_then(|k| self.waiting.get(k))
             .map(|e| e.first_lsn);
-        match (waiting, self.in_flight.map(|f| f.first_lsn)) {
+        match (waiting, self.in_flight.as_ref().map(|f| f.first_lsn)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -135,7 +135,17 @@ impl AppserviceQueue {
 
     /// Entries of the transaction in flight (0 when none).
     pub fn in_flight_len(&self) -> usize {
-        self.in_flight.map(|f| f.len).unwrap_or(0)
+        self.in_flight.as_ref().map(|f| f.keys.len()).unwrap_or(0)
+    }
+
+    /// Empty the queue, waiting entries and the transaction in flight alike, returning their keys
+    /// and the oldest commit they stood for (for recording them as keys to resync).
+    pub fn drain_keys(&mut self) -> (Vec<AccountDataKey>, Option<Lsn>) {
+        let oldest = self.oldest_undelivered();
+        let mut keys: Vec<AccountDataKey> = self.in_flight.take().map(|f| f.keys).unwrap_or_default();
+        keys.extend(self.order.drain(..));
+        self.waiting.clear();
+        (keys, oldest)
     }
 
     /// Nothing waiting and nothing in flight.
@@ -232,6 +242,21 @@ mod tests {
         })
         .collect();
         assert_eq!(sizes, vec![100, 100, 50]);
+    }
+
+    #[test]
+    fn draining_returns_every_key_and_the_oldest_commit() {
+        let mut q = AppserviceQueue::new();
+        q.push(change("@a:x", None, "t", "1", 50));
+        q.push(change("@b:x", None, "t", "1", 60));
+        let _ = q.take_batch(1).unwrap();
+        q.push(change("@a:x", None, "t", "2", 70));
+        let (keys, oldest) = q.drain_keys();
+        assert_eq!(oldest, Some(Lsn(50)));
+        let users: Vec<&str> = keys.iter().map(|k| &*k.user_id).collect();
+        assert_eq!(users, vec!["@a:x", "@b:x", "@a:x"]);
+        assert!(q.is_idle());
+        assert_eq!(q.oldest_undelivered(), None);
     }
 
     #[test]

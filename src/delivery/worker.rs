@@ -1,10 +1,16 @@
-//! The I/O shell of delivery: one task per appservice that takes a batch from its
-//! [`AppserviceQueue`], builds the transaction once, and PUTs it until the appservice accepts it.
+//! The I/O shell of delivery.
 //!
-//! One transaction is in flight per appservice; while it is, new changes coalesce in the queue,
-//! and the next transaction leaves as soon as this one is accepted (no fixed wait). Failures are
-//! retried forever with the appservice's own backoff, so a slow or failing appservice delays
-//! nobody else. The body and its txnId never change between retries.
+//! - One **worker** task per appservice. In live mode it takes a batch from the appservice's
+//!   queue, builds the transaction once, and PUTs it until the appservice accepts it; while it is
+//!   in flight, new changes coalesce in the queue, and the next transaction leaves as soon as this
+//!   one is accepted (no fixed wait). In recording mode it drains the recorded keys in pages,
+//!   reading their current values, and deletes each page once delivered. Failures are retried
+//!   forever with the appservice's own backoff, so a slow or failing appservice delays nobody
+//!   else; the body and its txnId never change between retries.
+//! - One **recorder** task writes the keys of appservices in recording mode to the state store,
+//!   so that the slot can move past them.
+//!
+//! See [`crate::delivery::state`] for the rules these follow.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,12 +19,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 use crate::config::{AppserviceSettings, DeliverySettings};
-use crate::delivery::queue::{AppserviceQueue, Batch};
-use crate::delivery::retry::{AttemptOutcome, RetryPolicy, classify_response};
+use crate::delivery::queue::Batch;
+use crate::delivery::retry::{AttemptOutcome, RetryPolicy, RetrySchedule, classify_response};
+use crate::delivery::state::{AppserviceState, DeliveryMode};
 use crate::delivery::transaction::{ResolvedEntry, build_body, transaction_id};
-use crate::model::{AccountDataKey, ChangeContent, SourceTable};
+use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
 use crate::pgconfig::PgConnectionConfig;
-use crate::synapse::current::{ReadError, read_current};
+use crate::state_store::{RelayMessage, StateStore, StoreError};
+use crate::synapse::current::read_current;
 
 /// What an appservice worker has been doing, for logs, `check` and (later) metrics.
 #[derive(Debug, Clone, Default)]
@@ -30,13 +38,15 @@ pub struct DeliveryStats {
     /// Consecutive failures of the transaction in flight.
     pub current_failures: u32,
     pub last_error: Option<String>,
+    /// Pages of recorded keys delivered.
+    pub resync_pages: u64,
 }
 
-/// One appservice as the pipeline sees it: its settings, queue and wake-up signal.
+/// One appservice as the pipeline sees it: its settings, shared state and wake-up signal.
 #[derive(Debug)]
 pub struct AppserviceHandle {
     pub settings: AppserviceSettings,
-    queue: Mutex<AppserviceQueue>,
+    state: Mutex<AppserviceState>,
     wake: Notify,
     stats: Mutex<DeliveryStats>,
 }
@@ -50,24 +60,33 @@ impl AppserviceHandle {
     pub fn new(settings: AppserviceSettings) -> AppserviceHandle {
         AppserviceHandle {
             settings,
-            queue: Mutex::new(AppserviceQueue::new()),
+            state: Mutex::new(AppserviceState::new(DeliveryMode::Live)),
             wake: Notify::new(),
             stats: Mutex::new(DeliveryStats::default()),
         }
     }
 
-    /// Run `f` on the queue (briefly: the lock is shared with the replication task).
-    pub fn with_queue<R>(&self, f: impl FnOnce(&mut AppserviceQueue) -> R) -> R {
-        f(&mut lock(&self.queue))
+    /// Run `f` on the shared state (briefly: the lock is shared with the replication task).
+    pub fn with_state<R>(&self, f: impl FnOnce(&mut AppserviceState) -> R) -> R {
+        f(&mut lock(&self.state))
     }
 
-    /// Wake the worker after pushing changes.
+    /// Forget everything in memory and start over in `mode` (after losing the slot).
+    pub fn reset(&self, mode: DeliveryMode) {
+        *lock(&self.state) = AppserviceState::new(mode);
+    }
+
+    /// Wake the worker (new changes, or a mode change).
     pub fn notify(&self) {
         self.wake.notify_one();
     }
 
     pub fn stats(&self) -> DeliveryStats {
         lock(&self.stats).clone()
+    }
+
+    fn mode(&self) -> DeliveryMode {
+        self.with_state(|s| s.mode())
     }
 }
 
@@ -109,21 +128,24 @@ pub fn http_client(settings: &DeliverySettings) -> Result<reqwest::Client, Deliv
         .map_err(|e| DeliveryError::Client(e.without_url().to_string()))
 }
 
-/// A lazily (re)connected SQL connection for reading current content.
-pub struct CurrentContentReader {
+/// One lazily (re)connected SQL connection to Synapse's database, shared by the workers and the
+/// recorder (statements are pipelined over it), so the relay adds one connection, not one per
+/// appservice.
+pub struct SynapseDb {
     config: PgConnectionConfig,
     client: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
 }
 
-impl CurrentContentReader {
-    pub fn new(config: PgConnectionConfig) -> CurrentContentReader {
-        CurrentContentReader {
+impl SynapseDb {
+    pub fn new(config: PgConnectionConfig) -> SynapseDb {
+        SynapseDb {
             config,
             client: tokio::sync::Mutex::new(None),
         }
     }
 
-    async fn client(&self) -> Result<Arc<tokio_postgres::Client>, ReadError> {
+    /// The connection, connecting if there is none or it closed.
+    pub async fn client(&self) -> Result<Arc<tokio_postgres::Client>, StoreError> {
         let mut guard = self.client.lock().await;
         if let Some(c) = guard.as_ref()
             && !c.is_closed()
@@ -132,10 +154,10 @@ impl CurrentContentReader {
         }
         let c = crate::postgres_sql::connect_sql(&self.config)
             .await
-            .map_err(|e| ReadError {
-                table: "(connecting)",
+            .map_err(|e| StoreError {
+                what: "connecting to Synapse's database",
                 message: e.to_string(),
-                sqlstate: None,
+                sqlstate: e.sqlstate().map(str::to_owned),
                 connection_lost: true,
             })?;
         let c = Arc::new(c);
@@ -143,20 +165,11 @@ impl CurrentContentReader {
         Ok(c)
     }
 
-    /// Read the current content of `keys` from `table` (see [`read_current`]).
-    pub async fn read(
-        &self,
-        table: SourceTable,
-        keys: &[&AccountDataKey],
-    ) -> Result<HashMap<AccountDataKey, Arc<str>>, ReadError> {
-        let client = self.client().await?;
-        let result = read_current(&client, table, keys).await;
-        if let Err(e) = &result
-            && e.connection_lost
-        {
+    /// Forget the connection after an error that says it is gone.
+    pub async fn forget_if_lost(&self, e: &StoreError) {
+        if e.connection_lost {
             *self.client.lock().await = None;
         }
-        result
     }
 }
 
@@ -164,15 +177,92 @@ impl CurrentContentReader {
 pub struct DeliveryContext {
     pub http: reqwest::Client,
     pub settings: DeliverySettings,
-    pub current: Arc<CurrentContentReader>,
-    /// Signalled after each delivered transaction, so the checkpoint can move at once.
+    pub db: Arc<SynapseDb>,
+    pub store: StateStore,
+    /// Signalled after each delivered transaction or recorded batch, so the checkpoint can move.
     pub progress: Arc<Notify>,
+    /// Wakes the recorder.
+    pub recorder_wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Resolve the batch's contents: raw JSON as queued, or read from the tables (one query per
+impl DeliveryContext {
+    fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            initial: self.settings.retry_initial_delay,
+            max: self.settings.retry_max_delay,
+        }
+    }
+}
+
+/// Wait `d`, or until `wake` fires or shutdown is requested. Returns false on shutdown.
+async fn pause(d: Duration, wake: Option<&Notify>, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    match wake {
+        Some(w) => tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = w.notified() => {}
+            _ = shutdown.changed() => {}
+        },
+        None => tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = shutdown.changed() => {}
+        },
+    }
+    !*shutdown.borrow()
+}
+
+/// Run a database operation until it succeeds (backing off, reconnecting) or shutdown.
+async fn with_db_retry<T, F, Fut>(ctx: &DeliveryContext, id: &str, what: &str, mut op: F) -> Option<T>
+where
+    F: FnMut(Arc<tokio_postgres::Client>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut shutdown = ctx.shutdown.clone();
+    let mut schedule = ctx.policy().schedule();
+    loop {
+        let result = match ctx.db.client().await {
+            Ok(c) => op(c).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                ctx.db.forget_if_lost(&e).await;
+                let wait = schedule.next_delay(None);
+                tracing::warn!(appservice = %id, error = %e, retry_in = ?wait, "{what} failed; retrying");
+                if !pause(wait, None, &mut shutdown).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// The worker loop of one appservice. Returns when shutdown is requested.
+pub async fn run_worker(handle: Arc<AppserviceHandle>, ctx: Arc<DeliveryContext>) {
+    loop {
+        if *ctx.shutdown.borrow() {
+            return;
+        }
+        let go_on = match handle.mode() {
+            DeliveryMode::Live => live_step(&handle, &ctx).await,
+            DeliveryMode::Recording { .. } => drain_step(&handle, &ctx).await,
+        };
+        if !go_on {
+            return;
+        }
+    }
+}
+
+/// Resolve a live batch's contents: raw JSON as queued, or read from the tables (one query per
 /// table). Entries whose row is gone are dropped.
-async fn resolve(batch: &Batch, current: &CurrentContentReader) -> Result<Vec<(AccountDataKey, Arc<str>)>, ReadError> {
+async fn resolve(
+    batch: &Batch,
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(AccountDataKey, Arc<str>)>, StoreError> {
     let mut by_table: HashMap<SourceTable, Vec<&AccountDataKey>> = HashMap::new();
     for e in &batch.entries {
         if let ChangeContent::ReadCurrent(t) = &e.content {
@@ -181,7 +271,13 @@ async fn resolve(batch: &Batch, current: &CurrentContentReader) -> Result<Vec<(A
     }
     let mut read: HashMap<SourceTable, HashMap<AccountDataKey, Arc<str>>> = HashMap::new();
     for (table, keys) in by_table {
-        read.insert(table, current.read(table, &keys).await?);
+        let values = read_current(client, table, &keys).await.map_err(|e| StoreError {
+            what: "reading current values",
+            message: e.to_string(),
+            sqlstate: e.sqlstate.clone(),
+            connection_lost: e.connection_lost,
+        })?;
+        read.insert(table, values);
     }
     Ok(batch
         .entries
@@ -196,111 +292,183 @@ async fn resolve(batch: &Batch, current: &CurrentContentReader) -> Result<Vec<(A
         .collect())
 }
 
-/// Wait `d`, or less if shutdown is requested; returns false on shutdown.
-async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    if *shutdown.borrow() {
-        return false;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(d) => true,
-        _ = shutdown.changed() => !*shutdown.borrow(),
-    }
+/// One live transaction. Returns false on shutdown.
+async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bool {
+    let mut shutdown = ctx.shutdown.clone();
+    let max = ctx.settings.max_entries_per_transaction;
+    let Some(batch) = handle.with_state(|s| {
+        if s.mode() == DeliveryMode::Live {
+            s.queue.take_batch(max)
+        } else {
+            None
+        }
+    }) else {
+        // Nothing to do: wait for changes or a mode change.
+        return pause(Duration::from_secs(3600), Some(&handle.wake), &mut shutdown).await;
+    };
+    let id = handle.settings.id.as_str();
+    let needs_read = batch
+        .entries
+        .iter()
+        .any(|e| matches!(e.content, ChangeContent::ReadCurrent(_)));
+    let resolved = if needs_read {
+        match with_db_retry(ctx, id, "building the next transaction", |c| {
+            let batch = &batch;
+            async move { resolve(batch, &c).await }
+        })
+        .await
+        {
+            Some(r) => r,
+            None => return false,
+        }
+    } else {
+        batch
+            .entries
+            .iter()
+            .filter_map(|e| match &e.content {
+                ChangeContent::Json(j) => Some((e.key.clone(), j.clone())),
+                ChangeContent::ReadCurrent(_) => None,
+            })
+            .collect()
+    };
+    let outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
+    handle.with_state(|s| s.queue.complete_in_flight());
+    ctx.progress.notify_one();
+    outcome != Delivery::Shutdown
 }
 
-/// The worker loop of one appservice. Returns when shutdown is requested.
-pub async fn run_worker(handle: Arc<AppserviceHandle>, ctx: Arc<DeliveryContext>) {
+/// One page of recorded keys. Returns false on shutdown.
+async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bool {
     let mut shutdown = ctx.shutdown.clone();
-    let policy = RetryPolicy {
-        initial: ctx.settings.retry_initial_delay,
-        max: ctx.settings.retry_max_delay,
-    };
     let id = handle.settings.id.clone();
-    let base = format!("{}/_matrix/app/v1/transactions/", handle.settings.url);
+    let flushes_before = handle.with_state(|s| s.flushes());
+    let limit = ctx.settings.max_entries_per_transaction as i64;
+    let Some(page) = with_db_retry(ctx, &id, "reading keys to resync", |c| {
+        let (store, id) = (&ctx.store, &id);
+        async move { store.read_page(&*c, id, limit).await }
+    })
+    .await
+    else {
+        return false;
+    };
+    if page.keys.is_empty() {
+        if handle.with_state(|s| s.drained(flushes_before, page.horizon)) {
+            tracing::info!(appservice = %id, horizon = %page.horizon, "resync complete; back to live delivery once the stream passes the horizon");
+            // Make sure the stream passes the horizon even if nothing else is written.
+            let marker = with_db_retry(ctx, &id, "writing a horizon marker", |c| {
+                let store = &ctx.store;
+                async move { store.emit(&*c, &RelayMessage::Horizon, false).await }
+            })
+            .await;
+            if marker.is_none() {
+                return false;
+            }
+        }
+        return pause(Duration::from_secs(1), Some(&handle.wake), &mut shutdown).await;
+    }
+    let resolved: Vec<(AccountDataKey, Arc<str>)> = page
+        .keys
+        .iter()
+        .filter_map(|(k, _)| page.values.get(k).map(|v| (k.clone(), v.clone())))
+        .collect();
+    if deliver(handle, ctx, &resolved, Lsn::ZERO, page.horizon, false).await == Delivery::Shutdown {
+        return false;
+    }
+    let deleted = with_db_retry(ctx, &id, "deleting delivered keys", |c| {
+        let (store, id, keys) = (&ctx.store, &id, &page.keys);
+        async move { store.delete_delivered(&*c, id, keys).await }
+    })
+    .await;
+    lock(&handle.stats).resync_pages += 1;
+    deleted.is_some()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    Delivered,
+    /// The appservice left live mode while this live transaction was failing: its keys are recorded.
+    Abandoned,
+    Shutdown,
+}
+
+/// PUT one transaction until it is accepted. `live`: give up when the appservice leaves live mode.
+async fn deliver(
+    handle: &AppserviceHandle,
+    ctx: &DeliveryContext,
+    resolved: &[(AccountDataKey, Arc<str>)],
+    first: Lsn,
+    last: Lsn,
+    live: bool,
+) -> Delivery {
+    if resolved.is_empty() {
+        return Delivery::Delivered;
+    }
+    let mut shutdown = ctx.shutdown.clone();
+    let id = handle.settings.id.as_str();
+    let entries: Vec<ResolvedEntry<'_>> = resolved
+        .iter()
+        .map(|(k, c)| ResolvedEntry { key: k, content: c })
+        .collect();
+    let body = bytes::Bytes::from(build_body(&entries));
+    let txn_id = transaction_id(first, last, &body);
+    let url = format!("{}/_matrix/app/v1/transactions/{txn_id}", handle.settings.url);
+    let mut schedule: RetrySchedule = ctx.policy().schedule();
+    let mut attempt: u32 = 0;
+    let started = Instant::now();
     loop {
-        let batch = loop {
-            if *shutdown.borrow() {
-                return;
-            }
-            if let Some(b) = handle.with_queue(|q| q.take_batch(ctx.settings.max_entries_per_transaction)) {
-                break b;
-            }
-            tokio::select! {
-                _ = handle.wake.notified() => {}
-                _ = shutdown.changed() => {}
-            }
-        };
-
-        let mut schedule = policy.schedule();
-        let resolved = loop {
-            match resolve(&batch, &ctx.current).await {
-                Ok(r) => break r,
-                Err(e) => {
-                    let wait = schedule.next_delay(None);
-                    tracing::warn!(appservice = %id, error = %e, retry_in = ?wait, "cannot build the next transaction; retrying");
-                    if !sleep_or_shutdown(wait, &mut shutdown).await {
-                        return;
-                    }
+        attempt += 1;
+        match put_transaction(&ctx.http, &url, &handle.settings, body.clone()).await {
+            AttemptOutcome::Delivered => {
+                if attempt > 1 {
+                    tracing::info!(appservice = %id, txn_id = %txn_id, attempts = attempt, after = ?started.elapsed(), "appservice accepted the transaction again");
+                } else {
+                    tracing::debug!(appservice = %id, txn_id = %txn_id, entries = entries.len(), bytes = body.len(), "transaction delivered");
                 }
+                handle.with_state(|s| s.delivery_succeeded());
+                let mut s = lock(&handle.stats);
+                s.transactions_sent += 1;
+                s.entries_sent += entries.len() as u64;
+                s.bytes_sent += body.len() as u64;
+                s.current_failures = 0;
+                return Delivery::Delivered;
             }
-        };
-        if resolved.is_empty() {
-            handle.with_queue(|q| q.complete_in_flight());
-            ctx.progress.notify_one();
-            continue;
-        }
-        let entries: Vec<ResolvedEntry<'_>> = resolved
-            .iter()
-            .map(|(k, c)| ResolvedEntry { key: k, content: c })
-            .collect();
-        let body = bytes::Bytes::from(build_body(&entries));
-        let txn_id = transaction_id(batch.first_lsn(), batch.last_lsn(), &body);
-        let url = format!("{base}{txn_id}");
-
-        let mut schedule = policy.schedule();
-        let mut attempt: u32 = 0;
-        let started = Instant::now();
-        loop {
-            attempt += 1;
-            let outcome = put_transaction(&ctx.http, &url, &handle.settings, body.clone()).await;
-            match outcome {
-                AttemptOutcome::Delivered => {
-                    if attempt > 1 {
-                        tracing::info!(appservice = %id, txn_id = %txn_id, attempts = attempt, after = ?started.elapsed(), "appservice accepted the transaction again");
-                    } else {
-                        tracing::debug!(appservice = %id, txn_id = %txn_id, entries = entries.len(), bytes = body.len(), "transaction delivered");
-                    }
+            AttemptOutcome::Retry { reason, retry_after } => {
+                handle.with_state(|s| s.delivery_failed(Instant::now()));
+                let wait = schedule.next_delay(retry_after);
+                {
                     let mut s = lock(&handle.stats);
-                    s.transactions_sent += 1;
-                    s.entries_sent += entries.len() as u64;
-                    s.bytes_sent += body.len() as u64;
-                    s.current_failures = 0;
-                    break;
+                    s.attempts_failed += 1;
+                    s.current_failures = attempt;
+                    s.last_error = Some(reason.clone());
                 }
-                AttemptOutcome::Retry { reason, retry_after } => {
-                    let wait = schedule.next_delay(retry_after);
-                    {
-                        let mut s = lock(&handle.stats);
-                        s.attempts_failed += 1;
-                        s.current_failures = attempt;
-                        s.last_error = Some(reason.clone());
+                tracing::warn!(
+                    appservice = %id,
+                    url = %handle.settings.url,
+                    txn_id = %txn_id,
+                    attempt,
+                    error = %reason,
+                    retry_in = ?wait,
+                    "appservice did not accept the transaction; retrying with the same txnId"
+                );
+                let deadline = tokio::time::Instant::now() + wait;
+                loop {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        break;
                     }
-                    tracing::warn!(
-                        appservice = %id,
-                        url = %handle.settings.url,
-                        txn_id = %txn_id,
-                        attempt,
-                        error = %reason,
-                        retry_in = ?wait,
-                        "appservice did not accept the transaction; retrying with the same txnId"
-                    );
-                    if !sleep_or_shutdown(wait, &mut shutdown).await {
-                        return;
+                    if !pause(left, Some(&handle.wake), &mut shutdown).await {
+                        return Delivery::Shutdown;
                     }
+                    if live && handle.mode() != DeliveryMode::Live {
+                        tracing::info!(appservice = %id, txn_id = %txn_id, "transaction abandoned: its keys are recorded and will be resent with their current values");
+                        return Delivery::Abandoned;
+                    }
+                }
+                if live && handle.mode() != DeliveryMode::Live {
+                    return Delivery::Abandoned;
                 }
             }
         }
-        handle.with_queue(|q| q.complete_in_flight());
-        ctx.progress.notify_one();
     }
 }
 
@@ -377,4 +545,48 @@ fn describe_http_error(e: reqwest::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// The recorder: writes the keys of appservices in recording mode to the state store, in
+/// chunks, one appservice after another. Returns on shutdown.
+pub async fn run_recorder(handles: Vec<Arc<AppserviceHandle>>, ctx: Arc<DeliveryContext>) {
+    const CHUNK: usize = 5000;
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        if !pause(Duration::from_millis(200), Some(&ctx.recorder_wake), &mut shutdown).await {
+            return;
+        }
+        for h in &handles {
+            let Some(keys) = h.with_state(|s| s.take_unrecorded()) else {
+                continue;
+            };
+            let id = h.settings.id.as_str();
+            let mut result = Ok(());
+            for chunk in keys.chunks(CHUNK) {
+                result = match ctx.db.client().await {
+                    Ok(c) => ctx.store.record_keys(&*c, id, chunk).await,
+                    Err(e) => Err(e),
+                };
+                if result.is_err() {
+                    break;
+                }
+            }
+            match result {
+                Ok(()) => {
+                    tracing::debug!(appservice = %id, keys = keys.len(), "keys recorded for resync");
+                    h.with_state(|s| s.recorded());
+                    h.notify();
+                    ctx.progress.notify_one();
+                }
+                Err(e) => {
+                    ctx.db.forget_if_lost(&e).await;
+                    tracing::warn!(appservice = %id, error = %e, "recording keys failed; the slot stays where it is until it works");
+                    h.with_state(|s| s.recording_failed(keys));
+                    if !pause(Duration::from_secs(1), None, &mut shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,3 +1,4 @@
 //! The operational edge: logging setup (and, later, metrics, health and systemd).
 
+pub mod health;
 pub mod logging;

@@ -226,7 +226,8 @@ fn parse_fields(mut fields: ErrorFields<'_>, target: &str) -> io::Result<ServerE
     Ok(e)
 }
 
-/// The `START_REPLICATION` command for a logical slot with pgoutput protocol version 1.
+/// The `START_REPLICATION` command for a logical slot with pgoutput protocol version 1, with
+/// logical decoding messages (`pg_logical_emit_message`, PostgreSQL 14+) included.
 ///
 /// The slot is a quoted identifier. The publication name is quoted as an identifier (pgoutput
 /// splits `publication_names` as a list of identifiers) and that text is then quoted as a literal
@@ -234,7 +235,7 @@ fn parse_fields(mut fields: ErrorFields<'_>, target: &str) -> io::Result<ServerE
 /// strings, so backslashes stay as they are).
 pub fn start_replication_command(slot: &str, start: Lsn, publication: &str) -> String {
     format!(
-        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {})",
+        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
         escape_identifier(slot),
         replication_literal(&escape_identifier(publication)),
     )
@@ -1159,11 +1160,11 @@ mod tests {
     fn builds_start_replication_commands() {
         assert_eq!(
             start_replication_command("relay_slot", Lsn(0x16_B374_D848), "relay_pub"),
-            "START_REPLICATION SLOT \"relay_slot\" LOGICAL 16/B374D848 (proto_version '1', publication_names '\"relay_pub\"')"
+            "START_REPLICATION SLOT \"relay_slot\" LOGICAL 16/B374D848 (proto_version '1', publication_names '\"relay_pub\"', messages 'true')"
         );
         assert_eq!(
             start_replication_command("s", Lsn::ZERO, "we'ird\"pub\\"),
-            "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '1', publication_names '\"we''ird\"\"pub\\\"')"
+            "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '1', publication_names '\"we''ird\"\"pub\\\"', messages 'true')"
         );
         // Without backslashes, the literal is what escape_literal produces.
         for value in ["plain", "it's", "\"q\""] {

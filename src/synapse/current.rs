@@ -34,7 +34,7 @@ fn read_error(table: &'static str, e: &tokio_postgres::Error) -> ReadError {
 /// The current content of `keys` read from `table`. Keys whose row no longer exists are absent
 /// from the answer, except for `RoomTags`, where a room without tags has content `{"tags":{}}`.
 pub async fn read_current(
-    client: &tokio_postgres::Client,
+    client: &impl tokio_postgres::GenericClient,
     table: SourceTable,
     keys: &[&AccountDataKey],
 ) -> Result<HashMap<AccountDataKey, Arc<str>>, ReadError> {

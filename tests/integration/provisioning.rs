@@ -238,14 +238,13 @@ async fn shipped_sql_prepares_and_restores(server: &'static Server) {
         .batch_execute(&script("setup.sql"))
         .await
         .expect("sql/setup.sql applies");
-    let state = inspect(&db.client, &db.name, &db.name).await.unwrap();
-    let found = problems(
-        &state,
-        Names {
-            slot: &db.name,
-            publication: &db.name,
-        },
-    );
+    let names = Names {
+        slot: &db.name,
+        publication: &db.name,
+        state_schema: &db.name,
+    };
+    let state = inspect(&db.client, names).await.unwrap();
+    let found = problems(&state, names);
     assert!(found.is_empty(), "{found:?}");
     synapse_writes_succeed(&db).await.expect("Synapse's writes succeed");
     db.client

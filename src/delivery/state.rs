@@ -1,0 +1,392 @@
+//! [`AppserviceState`]: everything the replication task and an appservice's worker share about
+//! that appservice, and the rules that bound what a failing appservice can hold back. Pure: no
+//! I/O; time and positions are arguments.
+//!
+//! **Live** mode: changes wait in the [`AppserviceQueue`] with their values, and the slot is not
+//! confirmed past the oldest undelivered one.
+//!
+//! **Recording** mode (entered when the appservice has failed for longer than the time budget,
+//! or holds back more WAL than the byte budget; or when a resync is requested): a change is
+//! reduced to its key (user, room, type). Keys collect in memory for a moment, then the recorder
+//! writes them to the relay's table in the homeserver's database; from then on they no longer
+//! hold the slot, which moves on. The worker drains the recorded keys in pages, reading each key's
+//! *current* value from Synapse's tables, so memory and durable state grow with the number of
+//! distinct keys, never with the number of changes.
+//!
+//! **Back to live** without loss or regression: when a drain finds nothing left, the worker
+//! reports the WAL position `L` read after its last snapshot (every commit that snapshot saw is
+//! below `L`). Changes committed below `L` that still arrive are recorded (and drained again);
+//! the first change at or after `L`, or the stream passing `L`, switches the appservice back to
+//! live: such changes are newer than anything a drain read.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::delivery::queue::AppserviceQueue;
+use crate::model::{AccountDataChange, AccountDataKey, Lsn};
+
+/// How changes for an appservice are handled now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryMode {
+    Live,
+    Recording {
+        /// Set by the worker when its drain came up empty: switch to live at this position.
+        switch_at: Option<Lsn>,
+    },
+}
+
+/// What the replication task should do after [`AppserviceState::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued for live delivery: wake the worker.
+    Queued,
+    /// Reduced to a key to record: wake the recorder.
+    Recorded,
+}
+
+/// Why an appservice was switched to recording mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpillReason {
+    FailingFor(Duration),
+    RetainedBytes(u64),
+}
+
+impl std::fmt::Display for SpillReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpillReason::FailingFor(d) => write!(f, "failing for {d:?}"),
+            SpillReason::RetainedBytes(b) => write!(f, "holding back {b} bytes of WAL"),
+        }
+    }
+}
+
+/// The budgets of bounded retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionBudget {
+    pub max_failing: Duration,
+    pub max_retained_bytes: u64,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct AppserviceState {
+    pub queue: AppserviceQueue,
+    mode: DeliveryMode,
+    unrecorded: HashSet<AccountDataKey>,
+    unrecorded_oldest: Option<Lsn>,
+    /// The oldest commit among keys being written by the recorder right now.
+    recording_oldest: Option<Lsn>,
+    /// Completed recorder writes (lets the worker tell whether keys arrived during a drain).
+    flushes: u64,
+    /// When the transaction in flight first failed (None while deliveries succeed).
+    failing_since: Option<Instant>,
+}
+
+impl AppserviceState {
+    pub fn new(mode: DeliveryMode) -> AppserviceState {
+        AppserviceState {
+            queue: AppserviceQueue::new(),
+            mode,
+            unrecorded: HashSet::new(),
+            unrecorded_oldest: None,
+            recording_oldest: None,
+            flushes: 0,
+            failing_since: None,
+        }
+    }
+
+    pub fn mode(&self) -> DeliveryMode {
+        self.mode
+    }
+
+    /// Route one change into this appservice.
+    pub fn push(&mut self, change: AccountDataChange) -> Pushed {
+        if let DeliveryMode::Recording { switch_at } = self.mode {
+            match switch_at {
+                Some(l) if change.commit_lsn >= l => self.mode = DeliveryMode::Live,
+                _ => {
+                    // A change older than the last drain's snapshot: record it and drain again.
+                    self.mode = DeliveryMode::Recording { switch_at: None };
+                    self.record(change.key, change.commit_lsn);
+                    return Pushed::Recorded;
+                }
+            }
+        }
+        self.queue.push(change);
+        Pushed::Queued
+    }
+
+    fn record(&mut self, key: AccountDataKey, commit_lsn: Lsn) {
+        if self.unrecorded.is_empty() && self.unrecorded_oldest.is_none() {
+            self.unrecorded_oldest = Some(commit_lsn);
+        }
+        self.unrecorded.insert(key);
+    }
+
+    /// The stream has passed `position` (a commit's end, or a keepalive outside a transaction):
+    /// returns true if that switched the appservice back to live.
+    pub fn observe_position(&mut self, position: Lsn) -> bool {
+        if let DeliveryMode::Recording { switch_at: Some(l) } = self.mode
+            && position >= l
+        {
+            self.mode = DeliveryMode::Live;
+            return true;
+        }
+        false
+    }
+
+    /// Whether the budget says this appservice must stop holding the slot, given the time and
+    /// the position the stream has reached.
+    pub fn over_budget(&self, now: Instant, received: Lsn, budget: &RetentionBudget) -> Option<SpillReason> {
+        if self.mode != DeliveryMode::Live {
+            return None;
+        }
+        if let Some(since) = self.failing_since {
+            let failing = now.saturating_duration_since(since);
+            if failing > budget.max_failing {
+                return Some(SpillReason::FailingFor(failing));
+            }
+        }
+        let oldest = self.queue.oldest_undelivered()?;
+        let held = received.0.saturating_sub(oldest.0);
+        (held > budget.max_retained_bytes).then_some(SpillReason::RetainedBytes(held))
+    }
+
+    /// Switch to recording mode: every queued change (waiting or in flight) becomes a key to record.
+    pub fn spill(&mut self) {
+        let (keys, oldest) = self.queue.drain_keys();
+        if let Some(oldest) = oldest {
+            for k in keys {
+                self.record(k, oldest);
+            }
+            if let Some(o) = self.unrecorded_oldest.as_mut() {
+                *o = (*o).min(oldest);
+            }
+        }
+        self.mode = DeliveryMode::Recording { switch_at: None };
+    }
+
+    /// Switch to recording mode because a resync was requested at `at` (keys are in the table
+    /// already); changes after this are recorded until a drain completes.
+    pub fn request_resync(&mut self) {
+        if self.mode == DeliveryMode::Live {
+            self.spill();
+        } else {
+            self.mode = DeliveryMode::Recording { switch_at: None };
+        }
+    }
+
+    /// For the recorder: the keys to write now (they keep holding the slot until
+    /// [`AppserviceState::recorded`]).
+    pub fn take_unrecorded(&mut self) -> Option<Vec<AccountDataKey>> {
+        if self.unrecorded.is_empty() || self.recording_oldest.is_some() {
+            return None;
+        }
+        self.recording_oldest = self.unrecorded_oldest.take();
+        Some(self.unrecorded.drain().collect())
+    }
+
+    /// The keys from [`AppserviceState::take_unrecorded`] are durably written.
+    pub fn recorded(&mut self) {
+        self.recording_oldest = None;
+        self.flushes += 1;
+    }
+
+    /// Writing the keys failed: keep them for the next attempt.
+    pub fn recording_failed(&mut self, keys: Vec<AccountDataKey>) {
+        let oldest = self.recording_oldest.take();
+        self.unrecorded.extend(keys);
+        self.unrecorded_oldest = match (self.unrecorded_oldest, oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Recorder writes completed so far.
+    pub fn flushes(&self) -> u64 {
+        self.flushes
+    }
+
+    /// Keys not yet durably written (waiting or being written).
+    pub fn unrecorded_len(&self) -> usize {
+        self.unrecorded.len()
+    }
+
+    /// Called by the worker after a drain found the table empty, having read the flush count
+    /// `flushes_before` before the read and the WAL position `at` after it. Returns whether the
+    /// appservice will switch to live at `at` (false: keys arrived meanwhile, drain again).
+    pub fn drained(&mut self, flushes_before: u64, at: Lsn) -> bool {
+        let quiet = self.flushes == flushes_before && self.unrecorded.is_empty() && self.recording_oldest.is_none();
+        if quiet && let DeliveryMode::Recording { .. } = self.mode {
+            self.mode = DeliveryMode::Recording { switch_at: Some(at) };
+            return true;
+        }
+        false
+    }
+
+    /// The worker's transaction failed (first failure starts the clock).
+    pub fn delivery_failed(&mut self, now: Instant) {
+        self.failing_since.get_or_insert(now);
+    }
+
+    /// The worker's transaction was accepted.
+    pub fn delivery_succeeded(&mut self) {
+        self.failing_since = None;
+    }
+
+    /// Since when deliveries have been failing, if they are.
+    pub fn failing_since(&self) -> Option<Instant> {
+        self.failing_since
+    }
+
+    /// The smallest commit LSN this appservice still needs: undelivered live changes, and keys not
+    /// yet durably recorded.
+    pub fn oldest_undelivered(&self) -> Option<Lsn> {
+        [
+            self.queue.oldest_undelivered(),
+            self.unrecorded_oldest,
+            self.recording_oldest,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ChangeContent;
+
+    fn change(user: &str, lsn: u64) -> AccountDataChange {
+        AccountDataChange {
+            key: AccountDataKey {
+                user_id: user.into(),
+                room_id: None,
+                data_type: "t".into(),
+            },
+            content: ChangeContent::Json("{}".into()),
+            commit_lsn: Lsn(lsn),
+        }
+    }
+
+    const BUDGET: RetentionBudget = RetentionBudget {
+        max_failing: Duration::from_secs(300),
+        max_retained_bytes: 1000,
+    };
+
+    #[test]
+    fn live_changes_queue_and_hold_the_slot() {
+        let mut s = AppserviceState::new(DeliveryMode::Live);
+        assert_eq!(s.push(change("@a:x", 10)), Pushed::Queued);
+        assert_eq!(s.oldest_undelivered(), Some(Lsn(10)));
+        assert_eq!(s.queue.waiting_len(), 1);
+    }
+
+    #[test]
+    fn failing_past_the_time_budget_spills() {
+        let mut s = AppserviceState::new(DeliveryMode::Live);
+        s.push(change("@a:x", 10));
+        let t0 = Instant::now();
+        s.delivery_failed(t0);
+        s.delivery_failed(t0 + Duration::from_secs(100));
+        assert_eq!(s.over_budget(t0 + Duration::from_secs(200), Lsn(20), &BUDGET), None);
+        assert!(matches!(
+            s.over_budget(t0 + Duration::from_secs(301), Lsn(20), &BUDGET),
+            Some(SpillReason::FailingFor(_))
+        ));
+        s.delivery_succeeded();
+        assert_eq!(s.over_budget(t0 + Duration::from_secs(999), Lsn(20), &BUDGET), None);
+    }
+
+    #[test]
+    fn holding_too_much_wal_spills_even_without_failures() {
+        let mut s = AppserviceState::new(DeliveryMode::Live);
+        s.push(change("@a:x", 10));
+        assert_eq!(s.over_budget(Instant::now(), Lsn(1010), &BUDGET), None);
+        assert_eq!(
+            s.over_budget(Instant::now(), Lsn(1011), &BUDGET),
+            Some(SpillReason::RetainedBytes(1001))
+        );
+    }
+
+    #[test]
+    fn spilled_keys_hold_the_slot_only_until_recorded() {
+        let mut s = AppserviceState::new(DeliveryMode::Live);
+        s.push(change("@a:x", 10));
+        s.push(change("@b:x", 20));
+        let _in_flight = s.queue.take_batch(1);
+        s.spill();
+        assert_eq!(s.mode(), DeliveryMode::Recording { switch_at: None });
+        assert_eq!(s.oldest_undelivered(), Some(Lsn(10)));
+        assert_eq!(s.push(change("@a:x", 30)), Pushed::Recorded);
+        let keys = s.take_unrecorded().unwrap();
+        assert_eq!(keys.len(), 2, "one entry per distinct key");
+        assert!(s.take_unrecorded().is_none(), "one write at a time");
+        s.push(change("@c:x", 40));
+        assert_eq!(s.oldest_undelivered(), Some(Lsn(10)), "still being written");
+        s.recorded();
+        assert_eq!(s.oldest_undelivered(), Some(Lsn(40)));
+        let keys = s.take_unrecorded().unwrap();
+        s.recording_failed(keys);
+        assert_eq!(s.oldest_undelivered(), Some(Lsn(40)));
+        s.take_unrecorded().unwrap();
+        s.recorded();
+        assert_eq!(
+            s.oldest_undelivered(),
+            None,
+            "everything recorded: the slot may move on"
+        );
+    }
+
+    #[test]
+    fn back_to_live_only_after_the_drain_horizon() {
+        let mut s = AppserviceState::new(DeliveryMode::Recording { switch_at: None });
+        let before = s.flushes();
+        assert!(s.drained(before, Lsn(100)));
+        assert_eq!(
+            s.mode(),
+            DeliveryMode::Recording {
+                switch_at: Some(Lsn(100))
+            }
+        );
+        // A change committed before the drain's snapshot horizon: recorded, drain again.
+        assert_eq!(s.push(change("@a:x", 90)), Pushed::Recorded);
+        assert_eq!(s.mode(), DeliveryMode::Recording { switch_at: None });
+        let keys = s.take_unrecorded().unwrap();
+        assert_eq!(keys.len(), 1);
+        s.recorded();
+        assert!(!s.drained(before, Lsn(120)), "keys were recorded during the drain");
+        let before = s.flushes();
+        assert!(s.drained(before, Lsn(150)));
+        // A change at or after the horizon goes live.
+        assert_eq!(s.push(change("@a:x", 150)), Pushed::Queued);
+        assert_eq!(s.mode(), DeliveryMode::Live);
+    }
+
+    #[test]
+    fn the_stream_passing_the_horizon_switches_to_live() {
+        let mut s = AppserviceState::new(DeliveryMode::Recording { switch_at: None });
+        assert!(!s.observe_position(Lsn(500)));
+        assert!(s.drained(0, Lsn(600)));
+        assert!(!s.observe_position(Lsn(599)));
+        assert!(s.observe_position(Lsn(600)));
+        assert_eq!(s.mode(), DeliveryMode::Live);
+    }
+
+    #[test]
+    fn unrecorded_keys_during_a_drain_prevent_the_switch() {
+        let mut s = AppserviceState::new(DeliveryMode::Recording { switch_at: None });
+        s.push(change("@a:x", 10));
+        assert!(!s.drained(s.flushes(), Lsn(100)));
+    }
+
+    #[test]
+    fn a_resync_request_records_what_was_queued() {
+        let mut s = AppserviceState::new(DeliveryMode::Live);
+        s.push(change("@a:x", 10));
+        s.request_resync();
+        assert_eq!(s.unrecorded_len(), 1);
+        assert!(s.queue.is_idle());
+    }
+}

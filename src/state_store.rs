@@ -1,0 +1,386 @@
+//! The relay's own durable state, in a schema of its own in Synapse's database (created by
+//! `setup`, dropped by `teardown`).
+//!
+//! Why there: it survives a restart of the relay and a move of the relay to another host (the
+//! state travels with the database and the slot it belongs to), it is written in the same
+//! PostgreSQL that the slot lives in (so "recorded" and "confirmed" share one durability), and it
+//! needs no file system the relay must own. The tables are not in the publication, so writing them
+//! never feeds back into the stream.
+//!
+//! - `pending_keys`: per appservice, the account-data keys (user, room, type) whose current value
+//!   must be sent, with a `version` bumped each time a key is recorded again, so a drain deletes a
+//!   key only if it was not recorded again after it was read.
+//! - `appservices`: the appservices the relay has served, so a first opt-in can be told apart.
+//!
+//! A resync is requested through the stream itself: `pg_logical_emit_message` with the prefix
+//! [`MESSAGE_PREFIX`], in the same transaction as the keys it enqueues, so the running relay sees
+//! the request exactly where it belongs in commit order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use postgres_protocol::escape::escape_identifier;
+use tokio_postgres::GenericClient;
+
+use crate::model::{AccountDataKey, Lsn, SourceTable};
+use crate::synapse::current::read_current;
+use crate::synapse::rows::TAG_EVENT_TYPE;
+
+/// The prefix of the relay's logical decoding messages.
+pub const MESSAGE_PREFIX: &str = "synapse-account-data-relay";
+
+/// A failed state-store operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {message}{}", sqlstate.as_ref().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default())]
+pub struct StoreError {
+    pub what: &'static str,
+    pub message: String,
+    pub sqlstate: Option<String>,
+    /// The connection is gone; reconnect.
+    pub connection_lost: bool,
+}
+
+fn store_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    move |e| StoreError {
+        what,
+        message: e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_else(|| e.to_string()),
+        sqlstate: e.code().map(|c| c.code().to_owned()),
+        connection_lost: e.is_closed() || e.as_db_error().is_none(),
+    }
+}
+
+/// A message the relay reads from its own stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayMessage {
+    /// Keys were enqueued for this appservice: switch it to recording mode here.
+    Resync(String),
+    /// A position marker: the stream has passed the point where it was written.
+    Horizon,
+}
+
+impl RelayMessage {
+    pub fn parse(content: &[u8]) -> Option<RelayMessage> {
+        serde_json::from_slice(content).ok()
+    }
+}
+
+/// One page of keys to resync, with their current values and the snapshot's horizon.
+#[derive(Debug, Default)]
+pub struct PendingPage {
+    /// Keys with the version they had when read.
+    pub keys: Vec<(AccountDataKey, i64)>,
+    /// Current values (absent: the row is gone; nothing to send).
+    pub values: HashMap<AccountDataKey, Arc<str>>,
+    /// A WAL position above every commit the page's snapshot saw.
+    pub horizon: Lsn,
+}
+
+/// The source table a key's value is read from.
+pub fn source_of(key: &AccountDataKey) -> SourceTable {
+    match &key.room_id {
+        None => SourceTable::AccountData,
+        Some(_) if &*key.data_type == TAG_EVENT_TYPE => SourceTable::RoomTags,
+        Some(_) => SourceTable::RoomAccountData,
+    }
+}
+
+/// The relay's tables in one schema.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    schema: String,
+}
+
+impl StateStore {
+    pub fn new(schema: &str) -> StateStore {
+        StateStore {
+            schema: escape_identifier(schema),
+        }
+    }
+
+    /// The version sequence, as a literal for `nextval`.
+    fn sequence(&self) -> String {
+        postgres_protocol::escape::escape_literal(&format!("{}.pending_key_version", self.schema))
+    }
+
+    /// The DDL `setup` runs to create the schema (each statement idempotent).
+    pub fn create_sql(schema: &str) -> Vec<String> {
+        let s = escape_identifier(schema);
+        vec![
+            format!("CREATE SCHEMA IF NOT EXISTS {s};"),
+            format!(
+                "COMMENT ON SCHEMA {s} IS 'synapse-account-data-relay state: recorded keys to resync (dropped by teardown)';"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {s}.pending_keys (appservice_id text NOT NULL, user_id text NOT NULL, \
+                 room_id text NOT NULL, data_type text NOT NULL, version bigint NOT NULL, \
+                 PRIMARY KEY (appservice_id, user_id, room_id, data_type));"
+            ),
+            format!("CREATE SEQUENCE IF NOT EXISTS {s}.pending_key_version;"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {s}.appservices (appservice_id text PRIMARY KEY, \
+                 first_served timestamptz NOT NULL DEFAULT now());"
+            ),
+        ]
+    }
+
+    /// Record `keys` for `appservice` (one statement; a key already recorded gets a new version).
+    pub async fn record_keys(
+        &self,
+        c: &impl GenericClient,
+        appservice: &str,
+        keys: &[AccountDataKey],
+    ) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let users: Vec<&str> = keys.iter().map(|k| &*k.user_id).collect();
+        let rooms: Vec<&str> = keys.iter().map(|k| k.room_id.as_deref().unwrap_or("")).collect();
+        let types: Vec<&str> = keys.iter().map(|k| &*k.data_type).collect();
+        let (s, seq) = (&self.schema, self.sequence());
+        c.execute(
+            &format!(
+                "INSERT INTO {s}.pending_keys (appservice_id, user_id, room_id, data_type, version) \
+                 SELECT $1, u, r, t, nextval({seq}) FROM unnest($2::text[], $3::text[], $4::text[]) AS k(u, r, t) \
+                 ON CONFLICT (appservice_id, user_id, room_id, data_type) DO UPDATE SET version = EXCLUDED.version"
+            ),
+            &[&appservice, &users, &rooms, &types],
+        )
+        .await
+        .map_err(store_error("recording keys to resync"))?;
+        Ok(())
+    }
+
+    /// The appservices with recorded keys.
+    pub async fn appservices_with_pending(&self, c: &impl GenericClient) -> Result<HashSet<String>, StoreError> {
+        let s = &self.schema;
+        let rows = c
+            .query(&format!("SELECT DISTINCT appservice_id FROM {s}.pending_keys"), &[])
+            .await
+            .map_err(store_error("reading which appservices have keys to resync"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Recorded keys of `appservice`.
+    pub async fn pending_count(&self, c: &impl GenericClient, appservice: &str) -> Result<i64, StoreError> {
+        let s = &self.schema;
+        let row = c
+            .query_one(
+                &format!("SELECT count(*) FROM {s}.pending_keys WHERE appservice_id = $1"),
+                &[&appservice],
+            )
+            .await
+            .map_err(store_error("counting keys to resync"))?;
+        Ok(row.get(0))
+    }
+
+    /// The appservices served before.
+    pub async fn known_appservices(&self, c: &impl GenericClient) -> Result<HashSet<String>, StoreError> {
+        let s = &self.schema;
+        let rows = c
+            .query(&format!("SELECT appservice_id FROM {s}.appservices"), &[])
+            .await
+            .map_err(store_error("reading the appservices served before"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Remember that `appservice` is served.
+    pub async fn mark_served(&self, c: &impl GenericClient, appservice: &str) -> Result<(), StoreError> {
+        let s = &self.schema;
+        c.execute(
+            &format!("INSERT INTO {s}.appservices (appservice_id) VALUES ($1) ON CONFLICT DO NOTHING"),
+            &[&appservice],
+        )
+        .await
+        .map_err(store_error("recording a served appservice"))?;
+        Ok(())
+    }
+
+    /// Read the next page of `appservice`'s keys and their current values, and a WAL position
+    /// read after them: every commit the reads saw lies below it (each statement's snapshot is
+    /// taken when it starts, before the position is read).
+    pub async fn read_page(
+        &self,
+        c: &impl GenericClient,
+        appservice: &str,
+        limit: i64,
+    ) -> Result<PendingPage, StoreError> {
+        let s = &self.schema;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT user_id, room_id, data_type, version FROM {s}.pending_keys WHERE appservice_id = $1 \
+                     ORDER BY user_id, room_id, data_type LIMIT $2"
+                ),
+                &[&appservice, &limit],
+            )
+            .await
+            .map_err(store_error("reading keys to resync"))?;
+        let keys: Vec<(AccountDataKey, i64)> = rows
+            .iter()
+            .map(|r| {
+                let room: &str = r.get(1);
+                (
+                    AccountDataKey {
+                        user_id: r.get::<_, &str>(0).into(),
+                        room_id: (!room.is_empty()).then(|| Arc::from(room)),
+                        data_type: r.get::<_, &str>(2).into(),
+                    },
+                    r.get(3),
+                )
+            })
+            .collect();
+        let mut by_table: HashMap<SourceTable, Vec<&AccountDataKey>> = HashMap::new();
+        for (k, _) in &keys {
+            by_table.entry(source_of(k)).or_default().push(k);
+        }
+        let mut values = HashMap::new();
+        for (table, ks) in by_table {
+            values.extend(read_current(c, table, &ks).await.map_err(|e| StoreError {
+                what: "reading current values to resync",
+                message: e.to_string(),
+                sqlstate: e.sqlstate.clone(),
+                connection_lost: e.connection_lost,
+            })?);
+        }
+        let horizon: String = c
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(store_error("reading the WAL position"))?
+            .get(0);
+        Ok(PendingPage {
+            keys,
+            values,
+            horizon: horizon.parse().unwrap_or_default(),
+        })
+    }
+
+    /// Delete delivered keys, unless they were recorded again since they were read.
+    pub async fn delete_delivered(
+        &self,
+        c: &impl GenericClient,
+        appservice: &str,
+        keys: &[(AccountDataKey, i64)],
+    ) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let users: Vec<&str> = keys.iter().map(|(k, _)| &*k.user_id).collect();
+        let rooms: Vec<&str> = keys.iter().map(|(k, _)| k.room_id.as_deref().unwrap_or("")).collect();
+        let types: Vec<&str> = keys.iter().map(|(k, _)| &*k.data_type).collect();
+        let versions: Vec<i64> = keys.iter().map(|(_, v)| *v).collect();
+        let s = &self.schema;
+        c.execute(
+            &format!(
+                "DELETE FROM {s}.pending_keys p USING unnest($2::text[], $3::text[], $4::text[], $5::bigint[]) AS k(u, r, t, v) \
+                 WHERE p.appservice_id = $1 AND p.user_id = k.u AND p.room_id = k.r AND p.data_type = k.t AND p.version = k.v"
+            ),
+            &[&appservice, &users, &rooms, &types, &versions],
+        )
+        .await
+        .map_err(store_error("deleting delivered keys"))?;
+        Ok(())
+    }
+
+    /// Write a message into the stream (`transactional`: part of the caller's transaction).
+    pub async fn emit(
+        &self,
+        c: &impl GenericClient,
+        message: &RelayMessage,
+        transactional: bool,
+    ) -> Result<Lsn, StoreError> {
+        let content = serde_json::to_string(message).unwrap_or_default();
+        let row = c
+            .query_one(
+                "SELECT pg_logical_emit_message($1, $2, $3)::text",
+                &[&transactional, &MESSAGE_PREFIX, &content],
+            )
+            .await
+            .map_err(store_error("writing a message into the replication stream"))?;
+        Ok(row.get::<_, String>(0).parse().unwrap_or_default())
+    }
+
+    /// One page of the distinct users that have account data, after `after`, in order.
+    pub async fn users_page(&self, c: &impl GenericClient, after: &str, limit: i64) -> Result<Vec<String>, StoreError> {
+        let rows = c
+            .query(
+                "SELECT user_id FROM (SELECT user_id FROM account_data WHERE user_id > $1 \
+                   UNION SELECT user_id FROM room_account_data WHERE user_id > $1 \
+                   UNION SELECT user_id FROM room_tags_revisions WHERE user_id > $1) AS u \
+                 ORDER BY user_id LIMIT $2",
+                &[&after, &limit],
+            )
+            .await
+            .map_err(store_error("listing users with account data"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Record every key of `users` (global, room and tags) for `appservice`. Returns the number
+    /// of keys recorded.
+    pub async fn enqueue_users(
+        &self,
+        c: &impl GenericClient,
+        appservice: &str,
+        users: &[String],
+    ) -> Result<u64, StoreError> {
+        if users.is_empty() {
+            return Ok(0);
+        }
+        let (s, seq) = (&self.schema, self.sequence());
+        c.execute(
+            &format!(
+                "INSERT INTO {s}.pending_keys (appservice_id, user_id, room_id, data_type, version) \
+                 SELECT $1, user_id, room_id, data_type, nextval({seq}) FROM ( \
+                   SELECT user_id, '' AS room_id, account_data_type AS data_type FROM account_data WHERE user_id = ANY($2) \
+                   UNION SELECT user_id, room_id, account_data_type FROM room_account_data WHERE user_id = ANY($2) \
+                   UNION SELECT user_id, room_id, '{TAG_EVENT_TYPE}' FROM room_tags_revisions WHERE user_id = ANY($2)) AS k \
+                 ON CONFLICT (appservice_id, user_id, room_id, data_type) DO UPDATE SET version = EXCLUDED.version"
+            ),
+            &[&appservice, &users],
+        )
+        .await
+        .map_err(store_error("recording keys to backfill"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        for m in [RelayMessage::Resync("irc".into()), RelayMessage::Horizon] {
+            let text = serde_json::to_vec(&m).unwrap();
+            assert_eq!(RelayMessage::parse(&text), Some(m));
+        }
+        assert_eq!(
+            RelayMessage::parse(b"{\"resync\":\"a\"}"),
+            Some(RelayMessage::Resync("a".into()))
+        );
+        assert_eq!(RelayMessage::parse(b"garbage"), None);
+    }
+
+    #[test]
+    fn keys_know_their_source_table() {
+        let k = |room: Option<&str>, t: &str| AccountDataKey {
+            user_id: "@a:x".into(),
+            room_id: room.map(Arc::from),
+            data_type: t.into(),
+        };
+        assert_eq!(source_of(&k(None, "m.direct")), SourceTable::AccountData);
+        assert_eq!(source_of(&k(Some("!r"), "m.tag")), SourceTable::RoomTags);
+        assert_eq!(source_of(&k(Some("!r"), "m.fully_read")), SourceTable::RoomAccountData);
+    }
+
+    #[test]
+    fn ddl_quotes_the_schema() {
+        let sql = StateStore::create_sql("my \"odd\" schema").join("\n");
+        assert!(
+            sql.contains("CREATE SCHEMA IF NOT EXISTS \"my \"\"odd\"\" schema\";"),
+            "{sql}"
+        );
+    }
+}
