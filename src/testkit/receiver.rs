@@ -69,7 +69,16 @@ impl Shared {
 pub struct RecordingAppservice {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    server: tokio::task::JoinHandle<()>,
+    server: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    let app = axum::Router::new()
+        .route("/_matrix/app/v1/transactions/{txn_id}", axum::routing::put(put_transaction))
+        .with_state(shared);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })
 }
 
 async fn put_transaction(
@@ -157,18 +166,35 @@ impl RecordingAppservice {
             }),
             changed: Notify::new(),
         });
-        let app = axum::Router::new()
-            .route(
-                "/_matrix/app/v1/transactions/{txn_id}",
-                axum::routing::put(put_transaction),
-            )
-            .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(RecordingAppservice { addr, shared, server })
+        let server = serve(listener, shared.clone());
+        Ok(RecordingAppservice { addr, shared, server: Mutex::new(Some(server)) })
+    }
+
+    /// Stop listening: connections are refused until [`RecordingAppservice::resume`]. What was
+    /// received is kept.
+    pub fn stop_listening(&self) {
+        if let Some(s) = self.server.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            s.abort();
+        }
+    }
+
+    /// Listen again on the same address.
+    pub async fn resume(&self) -> std::io::Result<()> {
+        // The old listener may take a moment to close after the abort.
+        let mut last = None;
+        for _ in 0..50 {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => {
+                    *self.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(serve(l, self.shared.clone()));
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("cannot bind")))
     }
 
     /// The URL to put in the registration file.
@@ -241,7 +267,7 @@ impl RecordingAppservice {
 
 impl Drop for RecordingAppservice {
     fn drop(&mut self) {
-        self.server.abort();
+        self.stop_listening();
     }
 }
 
