@@ -446,10 +446,6 @@ impl LocalCluster {
     pub fn version(&self) -> &str {
         &self.version
     }
-    /// The cluster's own temporary directory (data, socket, log, TLS files), removed with it.
-    pub fn dir(&self) -> &Path {
-        &self.base
-    }
     /// The server's certificate (its copy), when started with [`LocalClusterOptions::tls`].
     pub fn tls_cert_file(&self) -> Option<&Path> {
         self.tls_cert_file.as_deref()
