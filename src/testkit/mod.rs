@@ -1,6 +1,6 @@
 //! Throw-away PostgreSQL clusters from the machine's own `initdb`/`pg_ctl`, for the `demo`
 //! subcommand and the test suite (the one PostgreSQL harness; the tests add a containerised
-//! backend on top, in `tests/support`).
+//! backend on top, in `tests/integration/support`).
 //!
 //! A [`LocalCluster`] lives in a temporary directory, listens on 127.0.0.1 on a free port and on
 //! a Unix socket in its own directory, runs with `wal_level=logical`, and trusts local
