@@ -1,5 +1,6 @@
 //! Log output: human-readable lines by default, JSON lines (`--log-format json`) for journald or
-//! Loki; the level comes from a `RUST_LOG`-style filter (default `info`). Logs go to stderr.
+//! Loki; the level comes from a `RUST_LOG`-style filter (default `info`). Logs go to stderr,
+//! coloured only when stderr is a terminal (never into journald or a file).
 
 use tracing_subscriber::EnvFilter;
 
@@ -27,7 +28,8 @@ pub fn init(format: LogFormat, filter: Option<&str>) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

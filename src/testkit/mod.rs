@@ -1,11 +1,16 @@
 //! Throw-away PostgreSQL clusters from the machine's own `initdb`/`pg_ctl`, for the `demo`
 //! subcommand and the test suite (the one PostgreSQL harness; the tests add a containerised
-//! backend on top, in `tests/support`).
+//! backend on top, in `tests/integration/support`).
 //!
 //! A [`LocalCluster`] lives in a temporary directory, listens on 127.0.0.1 on a free port and on
 //! a Unix socket in its own directory, runs with `wal_level=logical`, and trusts local
 //! connections. When the process runs as root, `initdb` and `postgres` (which refuse to run as
-//! root) run as the system user `postgres` through `runuser`.
+//! root) run as the system user `postgres` through `runuser`; files the server must read (its TLS
+//! certificate and key) are copied into the cluster's directory and given to that user.
+//!
+//! [`LocalClusterOptions`] adjusts a cluster for a test: server settings (which override the
+//! defaults above), `pg_hba.conf` lines, `initdb` arguments, TLS. [`LocalCluster::psql`] runs SQL
+//! as the superuser, [`LocalCluster::log`] reads the server log.
 //!
 //! Cleanup: dropping the cluster stops it (`pg_ctl stop -m immediate`) and removes its
 //! directory. A cluster that is never dropped (one shared by a whole test binary) is given a
@@ -17,6 +22,7 @@ pub mod synapse_writes;
 
 use std::fmt;
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -55,10 +61,30 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TestkitErro
 /// Options for [`LocalCluster::start`].
 #[derive(Clone, Debug, Default)]
 pub struct LocalClusterOptions {
-    /// Extra `postgresql.conf` settings, passed as `-c name=value`.
+    /// Server settings, passed as `-c name=value`. A setting named here replaces the harness's
+    /// default for it (`listen_addresses`, `wal_level`, `max_connections`, ...; `port` and
+    /// `unix_socket_directories` are the harness's own and cannot be replaced).
     pub settings: Vec<(String, String)>,
     /// Lines added to the top of `pg_hba.conf` (first match wins), before the trust lines.
     pub hba_lines: Vec<String>,
+    /// Extra `initdb` arguments, e.g. `--wal-segsize=1`.
+    pub initdb_args: Vec<String>,
+    /// Serve TLS with this certificate and key (`ssl = on`).
+    pub tls: Option<ServerTls>,
+    /// Paths (files or directories) to remove together with the cluster: when it is dropped, or
+    /// by the watcher of [`LocalCluster::stop_when_process_exits`]. For files that must live as
+    /// long as the cluster, such as the certificates its clients trust.
+    pub remove_with: Vec<PathBuf>,
+}
+
+/// The server certificate (PEM, possibly followed by intermediates) and its private key (PEM)
+/// for a TLS-serving cluster. Both are copied into the cluster's directory, readable only by the
+/// server's user (the key with mode 0600, as PostgreSQL demands), so the originals may live
+/// anywhere and be owned by anyone.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// A running throw-away PostgreSQL cluster on this machine.
@@ -71,6 +97,8 @@ pub struct LocalCluster {
     port: u16,
     run_as_postgres: bool,
     settings: Vec<(String, String)>,
+    tls_cert_file: Option<PathBuf>,
+    remove_with: Vec<PathBuf>,
     keep_on_drop: bool,
     version: String,
 }
@@ -148,6 +176,11 @@ fn postgres_user_ids() -> Result<(u32, u32), TestkitError> {
     Ok((id("-u")?, id("-g")?))
 }
 
+/// Quote `s` for `sh` (pg_ctl hands the server options to a shell).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16, TestkitError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("binding a free port"))?;
@@ -167,12 +200,40 @@ impl LocalCluster {
         let data_dir = base.join("data");
         let socket_dir = base.join("socket");
         std::fs::create_dir(&socket_dir).map_err(io_err("creating the socket directory"))?;
-        if run_as_postgres {
-            let (uid, gid) = postgres_user_ids()?;
-            for dir in [&base, &socket_dir] {
-                std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-                    .map_err(io_err(format!("chown {} to postgres", dir.display())))?;
+        let owner = if run_as_postgres {
+            Some(postgres_user_ids()?)
+        } else {
+            None
+        };
+        let give_to_server = |path: &Path, mode: Option<u32>| -> Result<(), TestkitError> {
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                    .map_err(io_err(format!("chown {} to postgres", path.display())))?;
             }
+            if let Some(mode) = mode {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .map_err(io_err(format!("chmod {} {mode:o}", path.display())))?;
+            }
+            Ok(())
+        };
+        give_to_server(&base, None)?;
+        give_to_server(&socket_dir, None)?;
+        let mut settings = options.settings.clone();
+        let mut tls_cert_file = None;
+        if let Some(tls) = &options.tls {
+            let dir = base.join("tls");
+            std::fs::create_dir(&dir).map_err(io_err("creating the TLS directory"))?;
+            give_to_server(&dir, Some(0o700))?;
+            let cert = dir.join("server.crt");
+            let key = dir.join("server.key");
+            for (from, to, mode) in [(&tls.cert_file, &cert, 0o644), (&tls.key_file, &key, 0o600)] {
+                std::fs::copy(from, to).map_err(io_err(format!("copying {}", from.display())))?;
+                give_to_server(to, Some(mode))?;
+            }
+            settings.push(("ssl".into(), "on".into()));
+            settings.push(("ssl_cert_file".into(), cert.display().to_string()));
+            settings.push(("ssl_key_file".into(), key.display().to_string()));
+            tls_cert_file = Some(cert);
         }
         let version = Command::new(bindir.join("postgres"))
             .arg("--version")
@@ -187,24 +248,26 @@ impl LocalCluster {
             socket_dir,
             port: 0,
             run_as_postgres,
-            settings: options.settings.clone(),
+            settings,
+            tls_cert_file,
+            remove_with: options.remove_with.clone(),
             keep_on_drop: false,
             version,
         };
-        cluster.run(
-            "initdb",
-            &[
-                "-D",
-                &cluster.data_dir.to_string_lossy(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ],
-        )?;
+        let data_dir = cluster.data_dir.to_string_lossy().into_owned();
+        let mut initdb_args = vec![
+            "-D",
+            &data_dir,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ];
+        initdb_args.extend(options.initdb_args.iter().map(String::as_str));
+        cluster.run("initdb", &initdb_args)?;
         let mut hba = options.hba_lines.join("\n");
         hba.push_str(
             "\nlocal all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n\
@@ -269,15 +332,29 @@ impl LocalCluster {
     }
 
     fn pg_ctl_start(&self) -> Result<(), TestkitError> {
+        let defaults = [
+            ("listen_addresses", "127.0.0.1"),
+            ("wal_level", "logical"),
+            ("max_replication_slots", "200"),
+            ("max_wal_senders", "200"),
+            ("max_connections", "300"),
+            ("fsync", "off"),
+            ("full_page_writes", "off"),
+            ("wal_sender_timeout", "60s"),
+        ];
         let mut opts = format!(
-            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=logical \
-             -c max_replication_slots=200 -c max_wal_senders=200 -c max_connections=300 -c fsync=off \
-             -c full_page_writes=off -c wal_sender_timeout=60s",
+            "-c port={} -c {}",
             self.port,
-            self.socket_dir.display()
+            shell_quote(&format!("unix_socket_directories={}", self.socket_dir.display()))
         );
-        for (k, v) in &self.settings {
-            opts.push_str(&format!(" -c {k}={v}"));
+        let overridden = |name: &str| self.settings.iter().any(|(k, _)| k == name);
+        let settings = defaults
+            .iter()
+            .filter(|(k, _)| !overridden(k))
+            .map(|(k, v)| (*k, *v))
+            .chain(self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        for (k, v) in settings {
+            opts.push_str(&format!(" -c {}", shell_quote(&format!("{k}={v}"))));
         }
         self.run(
             "pg_ctl",
@@ -323,19 +400,23 @@ impl LocalCluster {
     pub fn stop_when_process_exits(&mut self) -> Result<(), TestkitError> {
         let pg_ctl = self.bindir.join("pg_ctl");
         let stop = format!(
-            "{} {} -D '{}' -m immediate stop >/dev/null 2>&1",
+            "{} {} -D {} -m immediate stop >/dev/null 2>&1",
             if self.run_as_postgres {
                 "runuser -u postgres --"
             } else {
                 ""
             },
-            pg_ctl.display(),
-            self.data_dir.display()
+            shell_quote(&pg_ctl.display().to_string()),
+            shell_quote(&self.data_dir.display().to_string())
         );
+        let remove = std::iter::once(&self.base)
+            .chain(&self.remove_with)
+            .map(|p| shell_quote(&p.display().to_string()))
+            .collect::<Vec<_>>()
+            .join(" ");
         let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}; rm -rf '{base}'",
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop}; rm -rf {remove}",
             pid = std::process::id(),
-            base = self.base.display()
         );
         Command::new("setsid")
             .args(["sh", "-c", &script])
@@ -365,6 +446,65 @@ impl LocalCluster {
     pub fn version(&self) -> &str {
         &self.version
     }
+    /// The server's certificate (its copy), when started with [`LocalClusterOptions::tls`].
+    pub fn tls_cert_file(&self) -> Option<&Path> {
+        self.tls_cert_file.as_deref()
+    }
+    /// The server log file.
+    pub fn log_file(&self) -> &Path {
+        &self.log_file
+    }
+    /// The whole server log so far (empty if it cannot be read).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Run `sql` (one or more statements) in `dbname` as the superuser `postgres`, over the Unix
+    /// socket, with `psql` (from the server's directory, else `PATH`), stopping at the first
+    /// error. Returns what psql printed (unaligned, tuples only), trimmed.
+    pub fn psql(&self, dbname: &str, sql: &str) -> Result<String, TestkitError> {
+        let beside = self.bindir.join("psql");
+        let program = if beside.is_file() {
+            beside
+        } else {
+            PathBuf::from("psql")
+        };
+        let out = Command::new(&program)
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-d",
+                dbname,
+                "-h",
+            ])
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| TestkitError::Command {
+                what: format!("running {}", program.display()),
+                detail: format!(
+                    "{e}: install the PostgreSQL client (Debian/Ubuntu: `apt-get install postgresql-client`)"
+                ),
+            })?;
+        if !out.status.success() {
+            return Err(TestkitError::Command {
+                what: format!("psql -c {sql:?}"),
+                detail: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
 
     /// Connection settings for `dbname` as the superuser `postgres`, over TCP.
     pub fn connection_config(&self, dbname: &str) -> PgConnectionConfig {
@@ -381,6 +521,15 @@ impl LocalCluster {
         }
     }
 
+    /// Connection settings for `dbname` as the superuser `postgres`, over the Unix socket (where
+    /// TLS is never used).
+    pub fn unix_socket_config(&self, dbname: &str) -> PgConnectionConfig {
+        PgConnectionConfig {
+            host: PgHost::UnixSocketDir(self.socket_dir.clone()),
+            ..self.connection_config(dbname)
+        }
+    }
+
     /// A libpq-style connection string for `dbname` as `postgres` (for tokio-postgres, psql).
     pub fn connection_string(&self, dbname: &str) -> String {
         format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
@@ -394,5 +543,8 @@ impl Drop for LocalCluster {
         }
         let _ = self.stop("immediate");
         let _ = std::fs::remove_dir_all(&self.base);
+        for path in &self.remove_with {
+            let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+        }
     }
 }

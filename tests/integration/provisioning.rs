@@ -198,7 +198,7 @@ async fn setup_explains_a_missing_wal_level() {
         synapse_account_data_relay::testkit::LocalCluster::start(
             synapse_account_data_relay::testkit::LocalClusterOptions {
                 settings: vec![("wal_level".into(), "replica".into())],
-                hba_lines: vec![],
+                ..Default::default()
             },
         )
     })

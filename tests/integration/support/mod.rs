@@ -1,9 +1,13 @@
-//! Test support: the PostgreSQL servers (PostgreSQL 15 from this machine's binaries, PostgreSQL
-//! 17 in a container through `testcontainers`), one fresh database per test with Synapse's
-//! tables, the relay binary as a child process, and the database's final state to compare
-//! receivers against.
+//! Test support: the PostgreSQL servers (PostgreSQL 15 from this machine's binaries through the
+//! crate's `testkit::LocalCluster`, PostgreSQL 17 in a container through `testcontainers`), one
+//! fresh database per test with Synapse's tables, the relay binary as a child process, and the
+//! database's final state to compare receivers against. `certs` makes test certificates,
+//! `tls_proxy` puts plain test servers behind TLS.
 
 #![allow(dead_code)]
+
+pub mod certs;
+pub mod tls_proxy;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use synapse_account_data_relay::testkit::receiver::ReceivedKey;
-use synapse_account_data_relay::testkit::{LocalCluster, SYNAPSE_SCHEMA_SQL};
+use synapse_account_data_relay::testkit::{LocalCluster, LocalClusterOptions, SYNAPSE_SCHEMA_SQL};
 use tokio_postgres::{Client, NoTls};
 
 /// The image `.ci/build-pg17-image.sh` builds.
@@ -41,12 +45,26 @@ static PG17: OnceLock<Result<Server, String>> = OnceLock::new();
 
 /// PostgreSQL from this machine's binaries (15 here), shared by the whole test binary.
 pub fn pg15() -> &'static Server {
-    PG15.get_or_init(|| {
+    shared_local(&PG15, "local", LocalClusterOptions::default, |_| Ok(()))
+}
+
+/// A [`LocalCluster`] started with `options()` on first use and shared by the whole test binary
+/// from `slot` (it is stopped, and its directory removed, when the process exits); `prepare`
+/// runs once on it after it started (to create roles, say). A failure to start or prepare is
+/// reported by every test that asks for the server.
+pub fn shared_local(
+    slot: &'static OnceLock<Result<Server, String>>,
+    label: &'static str,
+    options: impl FnOnce() -> LocalClusterOptions,
+    prepare: impl FnOnce(&LocalCluster) -> Result<(), String>,
+) -> &'static Server {
+    slot.get_or_init(|| {
         let mut c =
-            LocalCluster::start(Default::default()).map_err(|e| format!("cannot start a local PostgreSQL: {e}"))?;
+            LocalCluster::start(options()).map_err(|e| format!("cannot start a local PostgreSQL ({label}): {e}"))?;
         c.stop_when_process_exits().map_err(|e| e.to_string())?;
+        prepare(&c).map_err(|e| format!("preparing the local PostgreSQL ({label}): {e}"))?;
         Ok(Server {
-            label: "local",
+            label,
             host: "127.0.0.1".into(),
             port: c.port(),
             local: Some(c),
@@ -268,7 +286,20 @@ pub struct RelayFiles {
 pub const SERVER_NAME: &str = "example.org";
 
 impl RelayFiles {
+    /// The files for `registrations` on `db`; `extra_toml` is appended to relay.toml (after its
+    /// `[delivery]` table, so start it with a table header).
     pub fn new(db: &TestDb, registrations: &[RegistrationSpec<'_>], extra_toml: &str) -> RelayFiles {
+        RelayFiles::with_delivery(db, registrations, &[], extra_toml)
+    }
+
+    /// As [`RelayFiles::new`], with keys for relay.toml's `[delivery]` table (replacing the
+    /// test defaults of the same name), e.g. `("ca_file", path.into())`.
+    pub fn with_delivery(
+        db: &TestDb,
+        registrations: &[RegistrationSpec<'_>],
+        delivery: &[(&str, toml::Value)],
+        extra_toml: &str,
+    ) -> RelayFiles {
         let dir = tempfile::tempdir().unwrap();
         let mut list = String::new();
         for r in registrations {
@@ -299,11 +330,25 @@ impl RelayFiles {
             ),
         )
         .unwrap();
+        let mut delivery_table = String::new();
+        let defaults = [
+            ("retry_initial_delay", "50ms"),
+            ("retry_max_delay", "500ms"),
+            ("request_timeout", "2s"),
+        ];
+        for (key, value) in defaults {
+            if !delivery.iter().any(|(k, _)| *k == key) {
+                delivery_table.push_str(&format!("{key} = \"{value}\"\n"));
+            }
+        }
+        for (key, value) in delivery {
+            delivery_table.push_str(&format!("{key} = {value}\n"));
+        }
         std::fs::write(
             dir.path().join("relay.toml"),
             format!(
                 "[replication]\nslot_name = \"{0}\"\npublication_name = \"{0}\"\nstatus_interval = \"200ms\"\n\
-                 [delivery]\nretry_initial_delay = \"50ms\"\nretry_max_delay = \"500ms\"\nrequest_timeout = \"2s\"\n{extra_toml}",
+                 [delivery]\n{delivery_table}{extra_toml}",
                 db.name
             ),
         )
