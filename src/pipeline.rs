@@ -69,6 +69,10 @@ pub enum RunError {
     Store(#[from] StoreError),
 }
 
+/// How long the relay keeps a replication connection whose server keeps asking for confirmations
+/// it cannot give (see [`SessionError::ServerWaiting`]).
+const SERVER_WAIT_LIMIT: Duration = Duration::from_secs(2);
+
 /// How a streaming session ended.
 enum SessionEnd {
     Shutdown,
@@ -91,6 +95,11 @@ enum SessionError {
     Mapping(#[from] MappingError),
     #[error("the server ended the replication stream")]
     StreamEnded,
+    #[error(
+        "the server keeps asking for confirmations the relay cannot give yet (it is shutting down, or waiting for \
+         undelivered changes): releasing the connection so it can go on; the unconfirmed changes will be streamed again"
+    )]
+    ServerWaiting,
 }
 
 /// The running relay: settings, router, appservice handles, checkpoint.
@@ -256,7 +265,12 @@ impl Relay {
                 }
                 SessionEnd::SlotLost(what) => {
                     self.deactivate();
-                    self.recover_slot(&what).await?;
+                    match self.recover_slot(&what).await {
+                        Ok(()) => {}
+                        Err(e @ RunError::SlotLost { .. }) => return Err(e),
+                        // Waiting for the slot tries again (and recovers again if still needed).
+                        Err(e) => tracing::error!(error = %e, "re-creating the replication slot failed; retrying"),
+                    }
                 }
             }
         }
@@ -315,7 +329,7 @@ impl Relay {
                     self.recover_slot(&format!("{what}: {r}")).await?;
                     continue;
                 }
-                Err(SessionError::Replication(r)) if !r.is_transient() => return Err(RunError::Replication(r)),
+                Err(SessionError::Replication(r)) if is_fatal(&r) => return Err(RunError::Replication(r)),
                 Err(e) => {
                     let wait = errors.next_delay(None);
                     tracing::warn!(error = %e, retry_in = ?wait, "cannot start replication; retrying");
@@ -502,7 +516,7 @@ impl Relay {
                 SessionError::Replication(r) if r.is_slot_missing() || r.is_slot_invalidated() => {
                     return Ok(SessionEnd::SlotLost(r.to_string()));
                 }
-                SessionError::Replication(r) if !r.is_transient() => return Err(RunError::Replication(r)),
+                SessionError::Replication(r) if is_fatal(&r) => return Err(RunError::Replication(r)),
                 SessionError::Mapping(m @ MappingError::MissingColumn { .. }) => return Err(RunError::Mapping(m)),
                 other => {
                     let wait = schedule.next_delay(None);
@@ -526,6 +540,8 @@ impl Relay {
         let mut routed = false;
         let mut interval = tokio::time::interval(self.settings.status_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Since when the server has been asking for replies we cannot fully give.
+        let mut server_waiting: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -552,6 +568,19 @@ impl Relay {
                             }
                             if reply_requested {
                                 self.send_status(&mut stream, true).await?;
+                                // A walsender asks for replies like this while it waits, before
+                                // exiting, for everything it sent to be confirmed (a fast shutdown or
+                                // restart). Holding the connection would hold the server.
+                                let confirmed = self.last_status.map(|s| s.1).unwrap_or_default();
+                                if confirmed < wal_end {
+                                    let since = *server_waiting.get_or_insert_with(Instant::now);
+                                    if since.elapsed() > SERVER_WAIT_LIMIT {
+                                        stream.finish().await;
+                                        return Err(SessionError::ServerWaiting);
+                                    }
+                                } else {
+                                    server_waiting = None;
+                                }
                             }
                         }
                         ReplicationMessage::XLogData { data, .. } => {
@@ -699,5 +728,15 @@ impl Relay {
         self.last_status = Some((write, safe));
         self.health.status_sent(safe, oldest.is_some());
         Ok(())
+    }
+}
+
+/// Errors no reconnect can cure: authentication, TLS set-up, and server errors that are not about
+/// the connection (privileges, a missing publication). Protocol surprises and I/O are retried.
+fn is_fatal(e: &ReplicationError) -> bool {
+    match e {
+        ReplicationError::Auth { .. } | ReplicationError::Tls { .. } => true,
+        ReplicationError::Server(_) => !e.is_transient(),
+        ReplicationError::Io { .. } | ReplicationError::Timeout { .. } | ReplicationError::Protocol { .. } => false,
     }
 }

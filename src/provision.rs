@@ -1027,7 +1027,10 @@ mod tests {
             confirmed_flush_lsn: Some(Lsn(1)),
             restart_lsn: Some(Lsn(1)),
         });
-        s.state_schema = Some(StateSchemaState { ours: true, complete: true });
+        s.state_schema = Some(StateSchemaState {
+            ours: true,
+            complete: true,
+        });
         assert_eq!(setup_plan(&s, NAMES).unwrap(), vec![]);
         assert!(problems(&s, NAMES).is_empty(), "{:?}", problems(&s, NAMES));
     }

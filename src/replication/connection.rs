@@ -1009,6 +1009,11 @@ impl LogicalReplicationStream {
                 Ok(None)
             }
             (_, Backend::Message(Message::ErrorResponse(body))) => Err(self.io.server_error(action, body.fields())),
+            // A walsender shutting down ends the command; the stream is over either way.
+            (_, Backend::Message(Message::CommandComplete(_))) | (_, Backend::Message(Message::ReadyForQuery(_))) => {
+                self.copy_done_received = true;
+                Ok(None)
+            }
             (tag, _) => Err(self.io.unexpected(action, tag)),
         }
     }
@@ -1309,11 +1314,16 @@ mod tests {
         let err = stream.next_copy_data().await.unwrap_err();
         assert!(matches!(err, ReplicationError::Protocol { .. }), "{err:?}");
 
+        // A walsender that ends the command (shutdown) ends the stream.
+        let (mut stream, mut server) = stream_pair();
+        server.write_all(&message(b'C', b"START_REPLICATION\0")).await.unwrap();
+        assert_eq!(stream.next_copy_data().await.unwrap(), None);
+
         // A message that has no place in the stream.
         let (mut stream, mut server) = stream_pair();
-        server.write_all(&message(b'Z', b"I")).await.unwrap();
+        server.write_all(&message(b'T', b"\0\0")).await.unwrap();
         let err = stream.next_copy_data().await.unwrap_err();
-        assert!(err.to_string().contains("ReadyForQuery"), "{err}");
+        assert!(err.to_string().contains("RowDescription"), "{err}");
     }
 
     #[tokio::test]

@@ -74,7 +74,10 @@ pub struct RecordingAppservice {
 
 fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     let app = axum::Router::new()
-        .route("/_matrix/app/v1/transactions/{txn_id}", axum::routing::put(put_transaction))
+        .route(
+            "/_matrix/app/v1/transactions/{txn_id}",
+            axum::routing::put(put_transaction),
+        )
         .with_state(shared);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -169,7 +172,11 @@ impl RecordingAppservice {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let server = serve(listener, shared.clone());
-        Ok(RecordingAppservice { addr, shared, server: Mutex::new(Some(server)) })
+        Ok(RecordingAppservice {
+            addr,
+            shared,
+            server: Mutex::new(Some(server)),
+        })
     }
 
     /// Stop listening: connections are refused until [`RecordingAppservice::resume`]. What was

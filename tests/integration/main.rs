@@ -8,3 +8,4 @@ mod delivery_tls;
 mod end_to_end;
 mod provisioning;
 mod replication_connection;
+mod retention;

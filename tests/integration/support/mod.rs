@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod scenario;
+
 pub mod certs;
 pub mod tls_proxy;
 
@@ -77,7 +79,7 @@ pub fn shared_local(
 /// PostgreSQL 17 in a container (image from `RELAY_TEST_PG_IMAGE`), shared by the whole test binary.
 pub fn pg17() -> &'static Server {
     PG17.get_or_init(|| {
-        std::thread::spawn(start_container)
+        std::thread::spawn(|| start_container(&[]))
             .join()
             .unwrap_or_else(|_| Err("container start panicked".into()))
     })
@@ -85,7 +87,22 @@ pub fn pg17() -> &'static Server {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn start_container() -> Result<Server, String> {
+/// PostgreSQL 17 in a container of the test's own, with extra `postgres -c` settings; removed
+/// when the process exits.
+pub fn own_pg17(settings: &[(&str, &str)]) -> &'static Server {
+    let settings: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let borrowed: Vec<(String, String)> = settings.clone();
+    let server = std::thread::spawn(move || {
+        let s: Vec<(&str, &str)> = borrowed.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        start_container(&s)
+    })
+    .join()
+    .unwrap_or_else(|_| Err("container start panicked".into()))
+    .unwrap_or_else(|e| panic!("{e}"));
+    Box::leak(Box::new(server))
+}
+
+fn start_container(settings: &[(&str, &str)]) -> Result<Server, String> {
     use testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers::runners::SyncRunner;
     use testcontainers::{GenericImage, ImageExt};
@@ -106,19 +123,22 @@ fn start_container() -> Result<Server, String> {
             ));
         }
     }
-    let script = "set -e; export PATH=/usr/lib/postgresql/17/bin:$PATH; \
+    let extra: String = settings.iter().map(|(k, v)| format!(" -c {k}={v}")).collect();
+    let script = format!(
+        "set -e; export PATH=/usr/lib/postgresql/17/bin:$PATH; \
         initdb -D /tmp/pgdata -U postgres --auth=trust --no-sync >/dev/null; \
         echo 'host all all all trust' >> /tmp/pgdata/pg_hba.conf; \
         echo 'host replication all all trust' >> /tmp/pgdata/pg_hba.conf; \
         exec postgres -D /tmp/pgdata -c listen_addresses='*' -c wal_level=logical -c max_replication_slots=200 \
-          -c max_wal_senders=200 -c max_connections=300 -c fsync=off -c full_page_writes=off -c unix_socket_directories=/tmp";
+          -c max_wal_senders=200 -c max_connections=300 -c fsync=off -c full_page_writes=off -c unix_socket_directories=/tmp{extra}"
+    );
     let container = GenericImage::new(name, tag)
         .with_exposed_port(5432.tcp())
         .with_wait_for(WaitFor::message_on_stderr(
             "database system is ready to accept connections",
         ))
         .with_user("postgres")
-        .with_cmd(["sh", "-c", script])
+        .with_cmd(["sh", "-c", script.as_str()])
         .start()
         .map_err(|e| format!("cannot start the PostgreSQL 17 container from {image:?}: {e}"))?;
     let port = container.get_host_port_ipv4(5432).map_err(|e| e.to_string())?;
@@ -475,18 +495,67 @@ pub async fn wait_for_log(relay: &RelayProcess, needle: &str, timeout: Duration)
 
 /// Print what differs between two states (for assertion messages).
 pub fn diff(got: &BTreeMap<ReceivedKey, serde_json::Value>, want: &BTreeMap<ReceivedKey, serde_json::Value>) -> String {
+    let short = |v: &serde_json::Value| {
+        let t = v.to_string();
+        if t.len() > 120 {
+            format!(
+                "{}…({} bytes)",
+                &t[..t.char_indices().nth(100).map(|(i, _)| i).unwrap_or(t.len())],
+                t.len()
+            )
+        } else {
+            t
+        }
+    };
     let mut out = String::new();
+    let mut lines = 0;
     for (k, v) in want {
-        match got.get(k) {
-            None => out.push_str(&format!("missing {k:?} = {v}\n")),
-            Some(g) if g != v => out.push_str(&format!("wrong   {k:?}: got {g}, want {v}\n")),
-            _ => {}
+        let line = match got.get(k) {
+            None => format!("missing {k:?} = {}\n", short(v)),
+            Some(g) if g != v => format!("wrong   {k:?}: got {}, want {}\n", short(g), short(v)),
+            _ => continue,
+        };
+        lines += 1;
+        if lines <= 40 {
+            out.push_str(&line);
         }
     }
     for k in got.keys().filter(|k| !want.contains_key(*k)) {
-        out.push_str(&format!("extra   {k:?}\n"));
+        lines += 1;
+        if lines <= 40 {
+            out.push_str(&format!("extra   {k:?}\n"));
+        }
+    }
+    if lines > 40 {
+        out.push_str(&format!("… {} differences in all\n", lines));
     }
     out
+}
+
+/// Instantiate an async test `fn name(server: &'static Server)` for both servers, each a server
+/// of the test's own started with `settings` (for tests that measure or break the server).
+#[macro_export]
+macro_rules! on_both_own_servers {
+    ($name:ident, $settings:expr) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pg15_local() {
+                let settings: &[(&str, &str)] = $settings;
+                let options = synapse_account_data_relay::testkit::LocalClusterOptions {
+                    settings: settings
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                };
+                super::$name($crate::support::own_local(stringify!($name), options)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pg17_container() {
+                super::$name($crate::support::own_pg17($settings)).await
+            }
+        }
+    };
 }
 
 /// Instantiate an async test `fn name(server: &'static Server)` for both servers.
@@ -510,4 +579,64 @@ macro_rules! on_both_servers {
             )*
         }
     };
+}
+
+/// A local cluster of the test's own (for tests that restart or break the server), started with
+/// `options`; it lives until the process exits.
+pub fn own_local(label: &'static str, options: LocalClusterOptions) -> &'static Server {
+    let mut c =
+        LocalCluster::start(options).unwrap_or_else(|e| panic!("cannot start a local PostgreSQL ({label}): {e}"));
+    c.stop_when_process_exits().unwrap_or_else(|e| panic!("{e}"));
+    Box::leak(Box::new(Server {
+        label,
+        host: "127.0.0.1".into(),
+        port: c.port(),
+        local: Some(c),
+    }))
+}
+
+/// Poll `check` every 50 ms until it returns true or `timeout` passes; returns whether it did.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// For the keys where `got` and `want` differ (up to five), every value the receiver accepted
+/// for them, in order, with the transaction ids: to see whether a change was lost or overtaken.
+pub fn histories(
+    receiver: &synapse_account_data_relay::testkit::receiver::RecordingAppservice,
+    want: &BTreeMap<ReceivedKey, serde_json::Value>,
+) -> String {
+    let got = receiver.state();
+    let wrong: Vec<&ReceivedKey> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .take(5)
+        .collect();
+    let mut out = String::new();
+    for key in wrong {
+        out.push_str(&format!("history of {key:?}:\n"));
+        for t in receiver.transactions() {
+            for (k, v) in synapse_account_data_relay::testkit::receiver::events_of(&t.body) {
+                if &k == key {
+                    let text = v.to_string();
+                    out.push_str(&format!("  {} {}\n", t.txn_id, &text[..text.len().min(120)]));
+                }
+            }
+        }
+    }
+    out
 }

@@ -1,0 +1,487 @@
+//! A dead appservice never fills the homeserver's disk: bounded retention, resync, backfill,
+//! lost slots, PostgreSQL restarts, and two relays on one slot.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use synapse_account_data_relay::testkit::LocalClusterOptions;
+use synapse_account_data_relay::testkit::receiver::ReceiverMode;
+use synapse_account_data_relay::testkit::synapse_writes as w;
+
+use crate::on_both_servers;
+use crate::support::scenario::*;
+use crate::support::{Server, TestDb, eventually, own_local, text, wait_for_log};
+
+/// Content that does not compress, so WAL grows by about its size.
+fn payload(i: usize, size: usize) -> String {
+    let mut s = String::with_capacity(size + 32);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ i as u64;
+    while s.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push_str(&format!("{x:016x}"));
+    }
+    format!("{{\"i\":{i},\"blob\":\"{s}\"}}")
+}
+
+fn toml(s: &str) -> toml::Value {
+    toml::Value::String(s.into())
+}
+
+async fn pending_keys(db: &TestDb, appservice: &str) -> i64 {
+    db.client
+        .query_one(
+            "SELECT count(*) FROM synapse_account_data_relay.pending_keys WHERE appservice_id = $1",
+            &[&appservice],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1)
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Appservice A is down (connection refused, then 500s, then hanging) past its budget while B
+/// is up and writes continue: the WAL the slot retains stays within the budget, B keeps
+/// receiving promptly, and once A is back it holds exactly the database's final state.
+async fn a_dead_appservice_holds_bounded_wal(server: &'static Server) {
+    let budget = 2 * MIB;
+    // No first-opt-in backfill: A starts live, so the budget is what switches it.
+    let s = prepare_with(
+        server,
+        &[
+            ("request_timeout", toml("1s")),
+            ("backfill_new_appservices", toml::Value::Boolean(false)),
+        ],
+        "[retention]\nmax_failing = \"3s\"\nmax_retained_wal = \"2MB\"\n",
+    )
+    .await;
+    let relay = start_relay(&s).await;
+    s.a.stop_listening();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_retained = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (c, stop) = (s.db.connect().await, stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let user = [
+                    "@a_1:example.org",
+                    "@a_2:example.org",
+                    "@b_1:example.org",
+                    "@shared_1:example.org",
+                ][i % 4];
+                w::set_global(&c, user, &format!("org.example.k{}", i % 40), &payload(i, 3000))
+                    .await
+                    .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            i
+        })
+    };
+    let sampler = {
+        let (db, stop, max) = (s.db.connect().await, stop.clone(), max_retained.clone());
+        let slot = s.db.name.clone();
+        tokio::spawn(async move {
+            // Sample once the time budget has passed (until then A may hold WAL by design).
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            while !stop.load(Ordering::SeqCst) {
+                let r = db
+                    .query_one(
+                        "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                    .unwrap();
+                max.fetch_max(r.get::<_, i64>(0) as u64, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    // B's latency: a marker written every 300 ms must reach B without waiting for A.
+    let mut b_latencies = Vec::new();
+    let outage_started = Instant::now();
+    let mut phase = 0;
+    let mut n = 0;
+    while outage_started.elapsed() < Duration::from_secs(12) {
+        let elapsed = outage_started.elapsed();
+        if phase == 0 && elapsed > Duration::from_secs(4) {
+            s.a.set_mode(ReceiverMode::Fail(500));
+            s.a.resume().await.unwrap();
+            phase = 1;
+        } else if phase == 1 && elapsed > Duration::from_secs(8) {
+            s.a.set_mode(ReceiverMode::Hang);
+            phase = 2;
+        }
+        n += 1;
+        let marker = serde_json::json!({ "marker": n });
+        w::set_global(
+            &s.db.client,
+            "@b_marker:example.org",
+            "org.example.marker",
+            &marker.to_string(),
+        )
+        .await
+        .unwrap();
+        let t0 = Instant::now();
+        let key = (
+            "@b_marker:example.org".to_owned(),
+            None,
+            "org.example.marker".to_owned(),
+        );
+        assert!(
+            s.b.wait_for(Duration::from_secs(30), |st| st.get(&key) == Some(&marker))
+                .await,
+            "{}",
+            relay.log_text()
+        );
+        b_latencies.push(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer.await.unwrap();
+    sampler.await.unwrap();
+    s.a.set_mode(ReceiverMode::Accept);
+
+    b_latencies.sort();
+    let max_b = *b_latencies.last().unwrap();
+    let retained = max_retained.load(Ordering::SeqCst);
+    eprintln!(
+        "writes {writes}, max retained WAL after the budget {:.2} MiB (budget {} MiB), B latency p50 {:?} max {:?}",
+        retained as f64 / MIB as f64,
+        budget / MIB,
+        b_latencies[b_latencies.len() / 2],
+        max_b
+    );
+    // The relay acts at its status updates (every 200 ms here), so the slot can run past the
+    // budget by what is written between two of them; 1 MiB covers this writer's rate.
+    assert!(
+        retained <= budget + MIB,
+        "retained {retained} bytes, budget {budget}\n{}",
+        relay.log_text()
+    );
+    // A's outage lasted 12 s; B waiting for A would show it.
+    assert!(
+        max_b < Duration::from_secs(4),
+        "B waited {max_b:?} for a change:\n{}",
+        relay.log_text()
+    );
+    let log = relay.log_text();
+    assert!(log.contains("over its retention budget"), "{log}");
+    assert_final_states(&s, &relay).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            pending_keys(&s.db, "a").await == 0
+        })
+        .await,
+        "recorded keys are deleted once delivered"
+    );
+    assert!(
+        relay.log_text().contains("back to live delivery"),
+        "{}",
+        relay.log_text()
+    );
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// The relay is killed while A's keys are recorded: after the restart, A still gets them.
+async fn recorded_keys_survive_a_kill(server: &'static Server) {
+    let s = prepare_with(server, &[], "[retention]\nmax_failing = \"1s\"\n").await;
+    let mut relay = start_relay(&s).await;
+    s.a.stop_listening();
+    let mut rng = StdRng::seed_from_u64(11);
+    write_randomly(&s, 11, 60, 1).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async { pending_keys(&s.db, "a").await > 0 }).await,
+        "A's keys were never recorded:\n{}",
+        relay.log_text()
+    );
+    // The slot moved past the recorded changes.
+    let (confirmed, current) = s.db.slot_position().await;
+    eprintln!("recorded; slot {} bytes behind", current - confirmed);
+    relay.kill9();
+    for i in 0..20 {
+        random_write(&s.db.client, &mut rng, 1000 + i).await;
+    }
+    s.a.resume().await.unwrap();
+    let relay = start_relay(&s).await;
+    assert!(
+        wait_for_log(&relay, "keys recorded for resync are waiting", Duration::from_secs(10)).await,
+        "{}",
+        relay.log_text()
+    );
+    assert_final_states(&s, &relay).await;
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// Backfill of thousands of users across two appservices, once on a quiet database and once
+/// racing live writes: each receiver ends with the exact current state.
+async fn backfill_thousands_of_users(server: &'static Server) {
+    let s = prepare_with(server, &[("backfill_new_appservices", toml::Value::Boolean(false))], "").await;
+    // 3,000 users with global data, room data and tags, written before the relay ever ran.
+    s.db.client
+        .batch_execute(
+            "INSERT INTO account_data (user_id, account_data_type, stream_id, content) \
+               SELECT u, t, nextval('account_data_sequence'), '{\"n\":' || i || '}' \
+               FROM generate_series(1, 3000) i, \
+                    LATERAL (VALUES (CASE i % 3 WHEN 0 THEN '@a_' WHEN 1 THEN '@b_' ELSE '@shared_' END || i || ':example.org')) v(u), \
+                    unnest(ARRAY['m.direct', 'org.example.config']) t; \
+             INSERT INTO room_account_data (user_id, room_id, account_data_type, stream_id, content) \
+               SELECT user_id, '!r:example.org', 'm.fully_read', nextval('account_data_sequence'), '{\"event_id\":\"$e\"}' \
+               FROM account_data WHERE account_data_type = 'm.direct'; \
+             INSERT INTO room_tags (user_id, room_id, tag, content) \
+               SELECT user_id, '!r:example.org', 'u.work', '{\"order\":1}' FROM account_data WHERE account_data_type = 'm.direct'; \
+             INSERT INTO room_tags_revisions (user_id, room_id, stream_id) \
+               SELECT user_id, '!r:example.org', nextval('account_data_sequence') FROM account_data WHERE account_data_type = 'm.direct';",
+        )
+        .await
+        .unwrap();
+    recreate_slot(&s);
+    let relay = start_relay(&s).await;
+    // The rows predate the slot, and backfill_new_appservices is off: nothing is sent yet.
+    w::set_global(&s.db.client, "@nobody:example.org", "t", "{}")
+        .await
+        .unwrap();
+    wait_until_caught_up(&s, &relay).await;
+    assert_eq!(s.a.attempts() + s.b.attempts(), 0, "{}", relay.log_text());
+    for id in ["a", "b"] {
+        let out = s.files.command("backfill", &["--appservice", id]);
+        assert!(out.status.success(), "backfill {id}: {}", text(&out));
+        assert!(text(&out).contains("2000 user(s)"), "{}", text(&out));
+    }
+    assert_final_states(&s, &relay).await;
+    assert_eq!(s.a.state().len(), 2000 * 4, "4 keys for each of A's 2,000 users");
+
+    // Again, racing live writes to the same users.
+    let writer = {
+        let c = s.db.connect().await;
+        tokio::spawn(async move {
+            for i in 0..600usize {
+                let user = format!("@{}_{}:example.org", ["a", "b", "shared"][i % 3], 1 + (i * 7) % 3000);
+                match i % 4 {
+                    0 => w::set_global(&c, &user, "m.direct", &format!("{{\"live\":{i}}}"))
+                        .await
+                        .unwrap(),
+                    1 => w::add_tag(&c, &user, "!r:example.org", "u.live", &format!("{{\"order\":{i}}}"))
+                        .await
+                        .unwrap(),
+                    2 => w::delete_global(&c, &user, "org.example.config").await.unwrap(),
+                    _ => w::set_room(
+                        &c,
+                        &user,
+                        "!r:example.org",
+                        "m.fully_read",
+                        &format!("{{\"event_id\":\"$l{i}\"}}"),
+                    )
+                    .await
+                    .unwrap(),
+                }
+            }
+        })
+    };
+    let out = s.files.command("backfill", &["--appservice", "a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = s
+        .files
+        .command("backfill", &["--appservice", "b", "--users", "@shared_1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    writer.await.unwrap();
+    assert_final_states(&s, &relay).await;
+    let bad = s.files.command("backfill", &["--appservice", "c"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(text(&bad).contains("not opted in"), "{}", text(&bad));
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// An appservice that opts in for the first time gets the current state of its users.
+async fn first_opt_in_backfills(server: &'static Server) {
+    let s = prepare(server).await;
+    let c = &s.db.client;
+    w::set_global(c, "@a_old:example.org", "m.direct", "{\"before\":true}")
+        .await
+        .unwrap();
+    w::add_tag(c, "@shared_old:example.org", "!r:example.org", "u.x", "{}")
+        .await
+        .unwrap();
+    w::set_room(
+        c,
+        "@b_old:example.org",
+        "!r:example.org",
+        "m.fully_read",
+        "{\"event_id\":\"$1\"}",
+    )
+    .await
+    .unwrap();
+    // The rows predate the slot: only a backfill can deliver them.
+    recreate_slot(&s);
+    let relay = start_relay(&s).await;
+    assert_final_states(&s, &relay).await;
+    let log = relay.log_text();
+    assert!(log.contains("first opt-in: backfill"), "{log}");
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// Two relays on one slot: the second waits calmly (logged once), takes over within seconds
+/// after the first is killed, and nothing is lost.
+async fn standby_takes_over(server: &'static Server) {
+    let s = prepare(server).await;
+    let mut active = start_relay(&s).await;
+    let standby = s.files.spawn_run();
+    assert!(
+        wait_for_log(&standby, "waiting as a standby", Duration::from_secs(20)).await,
+        "{}",
+        standby.log_text()
+    );
+    write_randomly(&s, 21, 40, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        standby.log_text().matches("in use by another process").count(),
+        1,
+        "{}",
+        standby.log_text()
+    );
+    active.kill9();
+    let killed = Instant::now();
+    let writer = {
+        let c = s.db.connect().await;
+        tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(22);
+            for i in 0..80 {
+                random_write(&c, &mut rng, 5000 + i).await;
+            }
+        })
+    };
+    assert!(
+        wait_for_log(&standby, "taking over", Duration::from_secs(15)).await,
+        "{}",
+        standby.log_text()
+    );
+    eprintln!("standby took over {:?} after the kill", killed.elapsed());
+    writer.await.unwrap();
+    assert_final_states(&s, &standby).await;
+    drop(standby);
+    s.db.drop_slot().await;
+}
+
+// A server of its own: WAL written by other tests would count as retained.
+crate::on_both_own_servers!(a_dead_appservice_holds_bounded_wal, &[]);
+
+on_both_servers!(
+    recorded_keys_survive_a_kill,
+    backfill_thousands_of_users,
+    first_opt_in_backfills,
+    standby_takes_over,
+);
+
+/// A slot invalidated by `max_slot_wal_keep_size` while A is down is detected, re-created, and
+/// every appservice is resynced: nothing is lost.
+async fn invalidated_slot_is_recreated_and_resynced(server: &'static Server) {
+    // Budgets far away: A being down pins the slot, as without bounded retention.
+    let s = prepare_with(
+        server,
+        &[],
+        "[retention]\nmax_failing = \"1h\"\nmax_retained_wal = \"10GB\"\n",
+    )
+    .await;
+    let relay = start_relay(&s).await;
+    s.a.stop_listening();
+    write_randomly(&s, 31, 40, 1).await;
+    // Enough WAL to pass several 16 MB segments, then checkpoints remove it.
+    let filler = "INSERT INTO user_ips (user_id, access_token, ip, user_agent, last_seen) \
+                  SELECT '@f' || g || ':example.org', md5(g::text), '10.0.0.1', repeat(md5(g::text), 8), g \
+                  FROM generate_series(1, 60000) g \
+                  ON CONFLICT (user_id, access_token, ip) DO UPDATE SET last_seen = EXCLUDED.last_seen + 1";
+    let lost = eventually(Duration::from_secs(60), || async {
+        s.db.client.batch_execute(filler).await.unwrap();
+        s.db.client.batch_execute("CHECKPOINT").await.unwrap();
+        relay.log_text().contains("the replication slot was lost")
+    })
+    .await;
+    assert!(lost, "the slot was never invalidated:\n{}", relay.log_text());
+    assert!(
+        wait_for_log(&relay, "re-created the replication slot", Duration::from_secs(30)).await,
+        "{}",
+        relay.log_text()
+    );
+    write_randomly(&s, 32, 20, 1).await;
+    s.a.resume().await.unwrap();
+    assert_final_states(&s, &relay).await;
+}
+
+crate::on_both_own_servers!(
+    invalidated_slot_is_recreated_and_resynced,
+    &[
+        ("max_slot_wal_keep_size", "1MB"),
+        ("max_wal_size", "32MB"),
+        ("min_wal_size", "32MB")
+    ]
+);
+
+/// PostgreSQL fast and immediate restarts under load: the relay reconnects and resumes from the
+/// slot; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarts_lose_nothing() {
+    let server = own_local("restarted", LocalClusterOptions::default());
+    let s = prepare(server).await;
+    let relay = start_relay(&s).await;
+    let cluster = server.local.as_ref().unwrap();
+    for (round, mode) in ["fast", "immediate"].into_iter().enumerate() {
+        let writer = {
+            let c = s.db.connect().await;
+            tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(40 + round as u64);
+                for i in 0..200 {
+                    // The server goes away mid-run: stop at the first failed write.
+                    if tokio::time::timeout(Duration::from_secs(5), try_random_write(&c, &mut rng, i))
+                        .await
+                        .map(|r| r.is_err())
+                        .unwrap_or(true)
+                    {
+                        return i;
+                    }
+                }
+                200
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.stop(mode).unwrap();
+        let done = writer.await.unwrap();
+        cluster.restart().unwrap();
+        eprintln!("{mode} restart after {done} writes");
+        let db = s.db.connect().await;
+        let mut rng = StdRng::seed_from_u64(50 + round as u64);
+        for i in 0..50 {
+            random_write(&db, &mut rng, 10_000 + i).await;
+        }
+    }
+    // The test's own connection died with the server: compare through a fresh one.
+    let fresh = TestDb {
+        server,
+        name: s.db.name.clone(),
+        client: s.db.connect().await,
+    };
+    let want_a = fresh.final_state(interested_a).await;
+    assert!(
+        s.a.wait_for(WAIT, |got| *got == want_a).await,
+        "{}\n{}",
+        crate::support::diff(&s.a.state(), &want_a),
+        relay.log_text()
+    );
+    let want_b = fresh.final_state(interested_b).await;
+    assert!(
+        s.b.wait_for(WAIT, |got| *got == want_b).await,
+        "{}",
+        crate::support::diff(&s.b.state(), &want_b)
+    );
+    assert!(relay.log_text().contains("reconnecting"), "{}", relay.log_text());
+}
