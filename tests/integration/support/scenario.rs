@@ -112,7 +112,7 @@ pub async fn random_write(c: &Client, rng: &mut StdRng, i: usize) {
 pub async fn try_random_write(c: &Client, rng: &mut StdRng, i: usize) -> Result<(), tokio_postgres::Error> {
     let user = USERS[rng.random_range(0..USERS.len())];
     let room = ROOMS[rng.random_range(0..ROOMS.len())];
-    let r = match rng.random_range(0..10) {
+    match rng.random_range(0..10) {
         0..=2 => {
             let ty = ["m.direct", "org.example.config", "m.ignored_user_list"][rng.random_range(0..3)];
             w::set_global(c, user, ty, &format!("{{\"n\":{i},\"s\":\"caf\\u00e9\"}}")).await
@@ -145,8 +145,7 @@ pub async fn try_random_write(c: &Client, rng: &mut StdRng, i: usize) -> Result<
             .await
             .map(|_| ())
         }
-    };
-    r
+    }
 }
 
 pub async fn write_randomly(s: &Setup, seed: u64, ops: usize, writers: usize) {
