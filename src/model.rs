@@ -123,6 +123,8 @@ pub struct AccountDataChange {
     pub content: ChangeContent,
     /// The commit LSN of the transaction that made the change (pgoutput Begin's `final_lsn`).
     pub commit_lsn: Lsn,
+    /// That transaction's id: a value read back from the tables must wait until it is visible.
+    pub xid: u32,
 }
 
 #[cfg(test)]

@@ -73,6 +73,15 @@ pub enum RunError {
 /// it cannot give (see [`SessionError::ServerWaiting`]).
 const SERVER_WAIT_LIMIT: Duration = Duration::from_secs(2);
 
+/// The transaction being received.
+#[derive(Debug, Clone, Copy, Default)]
+struct OpenTx {
+    commit_lsn: Lsn,
+    xid: u32,
+    /// Whether any of its changes went to an appservice.
+    routed: bool,
+}
+
 /// How a streaming session ended.
 enum SessionEnd {
     Shutdown,
@@ -326,8 +335,15 @@ impl Relay {
                     } else {
                         "PostgreSQL invalidated it"
                     };
-                    self.recover_slot(&format!("{what}: {r}")).await?;
-                    continue;
+                    match self.recover_slot(&format!("{what}: {r}")).await {
+                        Ok(()) => continue,
+                        Err(e @ RunError::SlotLost { .. }) => return Err(e),
+                        Err(e) => {
+                            let wait = errors.next_delay(None);
+                            tracing::error!(error = %e, retry_in = ?wait, "re-creating the replication slot failed; retrying");
+                            wait
+                        }
+                    }
                 }
                 Err(SessionError::Replication(r)) if is_fatal(&r) => return Err(RunError::Replication(r)),
                 Err(e) => {
@@ -536,8 +552,7 @@ impl Relay {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<SessionEnd, SessionError> {
         let mut mapper = RowMapper::new();
-        let mut current_commit = Lsn::ZERO;
-        let mut routed = false;
+        let mut tx = OpenTx::default();
         let mut interval = tokio::time::interval(self.settings.status_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Since when the server has been asking for replies we cannot fully give.
@@ -585,7 +600,7 @@ impl Relay {
                         }
                         ReplicationMessage::XLogData { data, .. } => {
                             let message = pgoutput::decode(data)?;
-                            self.on_message(&message, &mut mapper, &mut current_commit, &mut routed)?;
+                            self.on_message(&message, &mut mapper, &mut tx)?;
                         }
                     }
                 }
@@ -606,19 +621,21 @@ impl Relay {
         &mut self,
         message: &PgOutputMessage,
         mapper: &mut RowMapper,
-        current_commit: &mut Lsn,
-        routed: &mut bool,
+        tx: &mut OpenTx,
     ) -> Result<(), SessionError> {
         match message {
-            PgOutputMessage::Begin { final_lsn, .. } => {
-                *current_commit = *final_lsn;
-                *routed = false;
+            PgOutputMessage::Begin { final_lsn, xid, .. } => {
+                *tx = OpenTx {
+                    commit_lsn: *final_lsn,
+                    xid: *xid,
+                    routed: false,
+                };
                 self.tracker.begin(*final_lsn);
             }
             PgOutputMessage::Commit {
                 commit_lsn, end_lsn, ..
             } => {
-                self.tracker.commit(*commit_lsn, *end_lsn, *routed);
+                self.tracker.commit(*commit_lsn, *end_lsn, tx.routed);
                 self.observe_position(*end_lsn);
             }
             PgOutputMessage::Message {
@@ -642,7 +659,7 @@ impl Relay {
                 Some(RelayMessage::Horizon) => {}
                 None => tracing::warn!(at = %lsn, "unreadable relay message in the stream; ignored"),
             },
-            other => match mapper.map(other, *current_commit) {
+            other => match mapper.map(other, tx.commit_lsn, tx.xid) {
                 Ok(RowOutcome::Change(change)) => {
                     self.router.route_into(&change.key.user_id, &mut self.targets);
                     for &i in &self.targets {
@@ -654,7 +671,7 @@ impl Relay {
                             Pushed::Queued => h.notify(),
                             Pushed::Recorded => self.recorder_wake.notify_one(),
                         }
-                        *routed = true;
+                        tx.routed = true;
                     }
                 }
                 Ok(RowOutcome::Truncated(tables)) if !tables.is_empty() => {
@@ -665,7 +682,7 @@ impl Relay {
                 }
                 Ok(RowOutcome::RelationUpdated(t)) => tracing::debug!(table = t.name(), "relation described"),
                 Ok(_) => {}
-                Err(e) if e.is_row_level() => tracing::error!(commit_lsn = %current_commit, "{e}"),
+                Err(e) if e.is_row_level() => tracing::error!(commit_lsn = %tx.commit_lsn, "{e}"),
                 Err(e) => return Err(e.into()),
             },
         }

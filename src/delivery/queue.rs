@@ -20,6 +20,8 @@ pub struct QueuedChange {
     pub first_lsn: Lsn,
     /// The commit of the value held.
     pub last_lsn: Lsn,
+    /// The transaction of the value held (to wait for its visibility before reading it back).
+    pub xid: u32,
 }
 
 /// The entries of one transaction, taken from the queue.
@@ -42,7 +44,7 @@ impl Batch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct InFlight {
     first_lsn: Lsn,
-    keys: Vec<AccountDataKey>,
+    keys: Vec<(AccountDataKey, u32)>,
 }
 
 /// See the module documentation.
@@ -71,6 +73,7 @@ impl AppserviceQueue {
                     entry.content = change.content;
                 }
                 entry.last_lsn = change.commit_lsn;
+                entry.xid = change.xid;
             }
             None => {
                 self.order.push_back(change.key.clone());
@@ -81,6 +84,7 @@ impl AppserviceQueue {
                         content: change.content,
                         first_lsn: change.commit_lsn,
                         last_lsn: change.commit_lsn,
+                        xid: change.xid,
                     },
                 );
             }
@@ -103,7 +107,7 @@ impl AppserviceQueue {
         let batch = Batch { entries };
         self.in_flight = Some(InFlight {
             first_lsn: batch.first_lsn(),
-            keys: batch.entries.iter().map(|e| e.key.clone()).collect(),
+            keys: batch.entries.iter().map(|e| (e.key.clone(), e.xid)).collect(),
         });
         Some(batch)
     }
@@ -140,10 +144,13 @@ impl AppserviceQueue {
 
     /// Empty the queue, waiting entries and the transaction in flight alike, returning their keys
     /// and the oldest commit they stood for (for recording them as keys to resync).
-    pub fn drain_keys(&mut self) -> (Vec<AccountDataKey>, Option<Lsn>) {
+    pub fn drain_keys(&mut self) -> (Vec<(AccountDataKey, u32)>, Option<Lsn>) {
         let oldest = self.oldest_undelivered();
-        let mut keys: Vec<AccountDataKey> = self.in_flight.take().map(|f| f.keys).unwrap_or_default();
-        keys.extend(self.order.drain(..));
+        let mut keys: Vec<(AccountDataKey, u32)> = self.in_flight.take().map(|f| f.keys).unwrap_or_default();
+        for k in self.order.drain(..) {
+            let xid = self.waiting.get(&k).map(|e| e.xid).unwrap_or(0);
+            keys.push((k, xid));
+        }
         self.waiting.clear();
         (keys, oldest)
     }
@@ -168,6 +175,7 @@ mod tests {
             },
             content: ChangeContent::Json(content.into()),
             commit_lsn: Lsn(lsn),
+            xid: 1,
         }
     }
 
@@ -253,7 +261,7 @@ mod tests {
         q.push(change("@a:x", None, "t", "2", 70));
         let (keys, oldest) = q.drain_keys();
         assert_eq!(oldest, Some(Lsn(50)));
-        let users: Vec<&str> = keys.iter().map(|k| &*k.user_id).collect();
+        let users: Vec<&str> = keys.iter().map(|(k, _)| &*k.user_id).collect();
         assert_eq!(users, vec!["@a:x", "@b:x", "@a:x"]);
         assert!(q.is_idle());
         assert_eq!(q.oldest_undelivered(), None);

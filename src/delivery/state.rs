@@ -19,7 +19,7 @@
 //! the first change at or after `L`, or the stream passing `L`, switches the appservice back to
 //! live: such changes are newer than anything a drain read.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::delivery::queue::AppserviceQueue;
@@ -72,7 +72,8 @@ pub struct RetentionBudget {
 pub struct AppserviceState {
     pub queue: AppserviceQueue,
     mode: DeliveryMode,
-    unrecorded: HashSet<AccountDataKey>,
+    /// Keys to record, with the transaction of their latest change.
+    unrecorded: HashMap<AccountDataKey, u32>,
     unrecorded_oldest: Option<Lsn>,
     /// The oldest commit among keys being written by the recorder right now.
     recording_oldest: Option<Lsn>,
@@ -87,7 +88,7 @@ impl AppserviceState {
         AppserviceState {
             queue: AppserviceQueue::new(),
             mode,
-            unrecorded: HashSet::new(),
+            unrecorded: HashMap::new(),
             unrecorded_oldest: None,
             recording_oldest: None,
             flushes: 0,
@@ -107,7 +108,7 @@ impl AppserviceState {
                 _ => {
                     // A change older than the last drain's snapshot: record it and drain again.
                     self.mode = DeliveryMode::Recording { switch_at: None };
-                    self.record(change.key, change.commit_lsn);
+                    self.record(change.key, change.xid, change.commit_lsn);
                     return Pushed::Recorded;
                 }
             }
@@ -116,11 +117,11 @@ impl AppserviceState {
         Pushed::Queued
     }
 
-    fn record(&mut self, key: AccountDataKey, commit_lsn: Lsn) {
+    fn record(&mut self, key: AccountDataKey, xid: u32, commit_lsn: Lsn) {
         if self.unrecorded.is_empty() && self.unrecorded_oldest.is_none() {
             self.unrecorded_oldest = Some(commit_lsn);
         }
-        self.unrecorded.insert(key);
+        self.unrecorded.insert(key, xid);
     }
 
     /// The stream has passed `position` (a commit's end, or a keepalive outside a transaction):
@@ -156,8 +157,8 @@ impl AppserviceState {
     pub fn spill(&mut self) {
         let (keys, oldest) = self.queue.drain_keys();
         if let Some(oldest) = oldest {
-            for k in keys {
-                self.record(k, oldest);
+            for (k, xid) in keys {
+                self.record(k, xid, oldest);
             }
             if let Some(o) = self.unrecorded_oldest.as_mut() {
                 *o = (*o).min(oldest);
@@ -178,7 +179,7 @@ impl AppserviceState {
 
     /// For the recorder: the keys to write now (they keep holding the slot until
     /// [`AppserviceState::recorded`]).
-    pub fn take_unrecorded(&mut self) -> Option<Vec<AccountDataKey>> {
+    pub fn take_unrecorded(&mut self) -> Option<Vec<(AccountDataKey, u32)>> {
         if self.unrecorded.is_empty() || self.recording_oldest.is_some() {
             return None;
         }
@@ -193,7 +194,7 @@ impl AppserviceState {
     }
 
     /// Writing the keys failed: keep them for the next attempt.
-    pub fn recording_failed(&mut self, keys: Vec<AccountDataKey>) {
+    pub fn recording_failed(&mut self, keys: Vec<(AccountDataKey, u32)>) {
         let oldest = self.recording_oldest.take();
         self.unrecorded.extend(keys);
         self.unrecorded_oldest = match (self.unrecorded_oldest, oldest) {
@@ -267,6 +268,7 @@ mod tests {
             },
             content: ChangeContent::Json("{}".into()),
             commit_lsn: Lsn(lsn),
+            xid: 1,
         }
     }
 

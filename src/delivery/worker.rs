@@ -26,7 +26,7 @@ use crate::delivery::transaction::{ResolvedEntry, build_body, transaction_id};
 use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
 use crate::pgconfig::PgConnectionConfig;
 use crate::state_store::{RelayMessage, StateStore, StoreError};
-use crate::synapse::current::read_current;
+use crate::synapse::current::{read_current, wait_until_visible};
 
 /// What an appservice worker has been doing, for logs, `check` and (later) metrics.
 #[derive(Debug, Clone, Default)]
@@ -264,11 +264,19 @@ async fn resolve(
     client: &tokio_postgres::Client,
 ) -> Result<Vec<(AccountDataKey, Arc<str>)>, StoreError> {
     let mut by_table: HashMap<SourceTable, Vec<&AccountDataKey>> = HashMap::new();
+    let mut xids = Vec::new();
     for e in &batch.entries {
         if let ChangeContent::ReadCurrent(t) = &e.content {
             by_table.entry(*t).or_default().push(&e.key);
+            xids.push(e.xid);
         }
     }
+    wait_until_visible(client, &xids).await.map_err(|e| StoreError {
+        what: "waiting for changes to become visible",
+        message: e.to_string(),
+        sqlstate: e.sqlstate.clone(),
+        connection_lost: e.connection_lost,
+    })?;
     let mut read: HashMap<SourceTable, HashMap<AccountDataKey, Arc<str>>> = HashMap::new();
     for (table, keys) in by_table {
         let values = read_current(client, table, &keys).await.map_err(|e| StoreError {
@@ -563,8 +571,19 @@ pub async fn run_recorder(handles: Vec<Arc<AppserviceHandle>>, ctx: Arc<Delivery
             let id = h.settings.id.as_str();
             let mut result = Ok(());
             for chunk in keys.chunks(CHUNK) {
+                let xids: Vec<u32> = chunk.iter().map(|(_, x)| *x).collect();
+                let keys: Vec<AccountDataKey> = chunk.iter().map(|(k, _)| k.clone()).collect();
                 result = match ctx.db.client().await {
-                    Ok(c) => ctx.store.record_keys(&*c, id, chunk).await,
+                    // Recorded keys are read back later: first let their changes become visible.
+                    Ok(c) => match wait_until_visible(&*c, &xids).await {
+                        Ok(()) => ctx.store.record_keys(&*c, id, &keys).await,
+                        Err(e) => Err(StoreError {
+                            what: "waiting for recorded changes to become visible",
+                            message: e.to_string(),
+                            sqlstate: e.sqlstate.clone(),
+                            connection_lost: e.connection_lost,
+                        }),
+                    },
                     Err(e) => Err(e),
                 };
                 if result.is_err() {

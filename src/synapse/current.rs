@@ -121,3 +121,44 @@ pub async fn read_current(
     }
     Ok(out)
 }
+
+/// Wait until the transactions `xids` (32-bit ids from pgoutput's Begin) are visible to new
+/// snapshots of this server. A logical decoding client can receive a transaction a moment
+/// *before* it becomes visible to other sessions (the commit record is flushed, and so decoded,
+/// before the transaction leaves the running set); a value read back from the tables in that
+/// moment would be the previous one. Checked with `pg_visible_in_snapshot`, the 32-bit ids
+/// widened with the epoch of the current snapshot's xmax.
+pub async fn wait_until_visible(client: &impl tokio_postgres::GenericClient, xids: &[u32]) -> Result<(), ReadError> {
+    let mut ids: Vec<i64> = xids.iter().filter(|x| **x >= 3).map(|x| i64::from(*x)).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT coalesce(bool_and(pg_visible_in_snapshot( \
+                   ((((x.xmax >> 32) - CASE WHEN v.xid > (x.xmax & 4294967295) THEN 1 ELSE 0 END) << 32) | v.xid)::text::xid8, \
+                   x.s)), true) \
+                 FROM (SELECT s, pg_snapshot_xmax(s)::text::bigint AS xmax FROM pg_current_snapshot() AS s) AS x, \
+                      unnest($1::bigint[]) AS v(xid)",
+                &[&ids],
+            )
+            .await
+            .map_err(|e| read_error("(visibility check)", &e))?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            return Err(ReadError {
+                table: "(visibility check)",
+                message: format!("transactions {ids:?} were decoded but are still not visible after 30 s"),
+                sqlstate: None,
+                connection_lost: false,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}

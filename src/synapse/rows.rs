@@ -184,19 +184,19 @@ impl RowMapper {
         RowMapper::default()
     }
 
-    /// Map one decoded message of a transaction that commits at `commit_lsn`.
-    pub fn map(&mut self, message: &PgOutputMessage, commit_lsn: Lsn) -> Result<RowOutcome, MappingError> {
+    /// Map one decoded message of transaction `xid`, which commits at `commit_lsn`.
+    pub fn map(&mut self, message: &PgOutputMessage, commit_lsn: Lsn, xid: u32) -> Result<RowOutcome, MappingError> {
         match message {
             PgOutputMessage::Relation(rel) => self.on_relation(rel),
             PgOutputMessage::Insert {
                 relation_oid,
                 new_tuple,
-            } => self.on_row(*relation_oid, new_tuple, commit_lsn),
+            } => self.on_row(*relation_oid, new_tuple, commit_lsn, xid),
             PgOutputMessage::Update {
                 relation_oid,
                 new_tuple,
                 ..
-            } => self.on_row(*relation_oid, new_tuple, commit_lsn),
+            } => self.on_row(*relation_oid, new_tuple, commit_lsn, xid),
             PgOutputMessage::Delete { relation_oid, .. } => {
                 self.layout(*relation_oid)?;
                 Ok(RowOutcome::Ignored(
@@ -250,7 +250,7 @@ impl RowMapper {
         }
     }
 
-    fn on_row(&self, oid: u32, tuple: &TupleData, commit_lsn: Lsn) -> Result<RowOutcome, MappingError> {
+    fn on_row(&self, oid: u32, tuple: &TupleData, commit_lsn: Lsn, xid: u32) -> Result<RowOutcome, MappingError> {
         let Some(layout) = self.layout(oid)? else {
             return Ok(RowOutcome::Ignored("a row of a table the relay does not read"));
         };
@@ -303,6 +303,7 @@ impl RowMapper {
             },
             content,
             commit_lsn,
+            xid,
         }))
     }
 }
@@ -390,9 +391,9 @@ mod tests {
     #[test]
     fn the_three_tables_map_to_changes() {
         let mut m = RowMapper::new();
-        m.map(&relation(1, "account_data", AD), Lsn(0)).unwrap();
-        m.map(&relation(2, "room_account_data", RAD), Lsn(0)).unwrap();
-        m.map(&relation(3, "room_tags_revisions", RTR), Lsn(0)).unwrap();
+        m.map(&relation(1, "account_data", AD), Lsn(0), 7).unwrap();
+        m.map(&relation(2, "room_account_data", RAD), Lsn(0), 7).unwrap();
+        m.map(&relation(3, "room_tags_revisions", RTR), Lsn(0), 7).unwrap();
         let c = change(
             m.map(
                 &PgOutputMessage::Insert {
@@ -400,6 +401,7 @@ mod tests {
                     new_tuple: tuple(&[Some("@a:x"), Some("m.direct"), Some("7"), Some("{\"k\":1}"), None]),
                 },
                 Lsn(100),
+                7,
             )
             .unwrap(),
         );
@@ -413,6 +415,7 @@ mod tests {
                 },
                 content: ChangeContent::Json("{\"k\":1}".into()),
                 commit_lsn: Lsn(100),
+                xid: 7,
             }
         );
         let c = change(
@@ -430,6 +433,7 @@ mod tests {
                     ]),
                 },
                 Lsn(200),
+                7,
             )
             .unwrap(),
         );
@@ -446,6 +450,7 @@ mod tests {
                     new_tuple: tuple(&[Some("@a:x"), Some("!r:x"), Some("9"), None]),
                 },
                 Lsn(300),
+                7,
             )
             .unwrap(),
         );
@@ -456,7 +461,7 @@ mod tests {
     #[test]
     fn columns_are_found_by_name_and_relations_can_change_shape() {
         let mut m = RowMapper::new();
-        m.map(&relation(1, "account_data", AD), Lsn(0)).unwrap();
+        m.map(&relation(1, "account_data", AD), Lsn(0), 7).unwrap();
         // A migration adds a column in front of the others; PostgreSQL re-sends the Relation.
         let reordered = [
             "added_by_migration",
@@ -466,7 +471,7 @@ mod tests {
             "account_data_type",
             "instance_name",
         ];
-        m.map(&relation(1, "account_data", &reordered), Lsn(0)).unwrap();
+        m.map(&relation(1, "account_data", &reordered), Lsn(0), 7).unwrap();
         let c = change(
             m.map(
                 &PgOutputMessage::Insert {
@@ -474,6 +479,7 @@ mod tests {
                     new_tuple: tuple(&[Some("x"), Some("[1]"), Some("@a:x"), Some("1"), Some("t"), None]),
                 },
                 Lsn(5),
+                7,
             )
             .unwrap(),
         );
@@ -484,7 +490,7 @@ mod tests {
     #[test]
     fn unchanged_toast_content_is_read_later_never_empty() {
         let mut m = RowMapper::new();
-        m.map(&relation(1, "account_data", AD), Lsn(0)).unwrap();
+        m.map(&relation(1, "account_data", AD), Lsn(0), 7).unwrap();
         let c = change(
             m.map(
                 &PgOutputMessage::Update {
@@ -493,6 +499,7 @@ mod tests {
                     new_tuple: tuple(&[Some("@a:x"), Some("big"), Some("9"), Some("<toast>"), None]),
                 },
                 Lsn(5),
+                7,
             )
             .unwrap(),
         );
@@ -502,7 +509,7 @@ mod tests {
     #[test]
     fn invalid_json_and_bad_rows_are_row_level_errors_naming_the_key() {
         let mut m = RowMapper::new();
-        m.map(&relation(1, "account_data", AD), Lsn(0)).unwrap();
+        m.map(&relation(1, "account_data", AD), Lsn(0), 7).unwrap();
         let err = m
             .map(
                 &PgOutputMessage::Insert {
@@ -510,6 +517,7 @@ mod tests {
                     new_tuple: tuple(&[Some("@a:x"), Some("t"), Some("1"), Some("{not json"), None]),
                 },
                 Lsn(5),
+                7,
             )
             .unwrap_err();
         assert!(err.is_row_level());
@@ -525,6 +533,7 @@ mod tests {
                     new_tuple: tuple(&[None, Some("t"), Some("1"), Some("{}"), None]),
                 },
                 Lsn(5),
+                7,
             )
             .unwrap_err();
         assert!(
@@ -538,6 +547,7 @@ mod tests {
                     new_tuple: tuple(&[Some("@a:x")]),
                 },
                 Lsn(5),
+                7,
             )
             .unwrap_err();
         assert!(err.is_row_level(), "{err}");
@@ -546,26 +556,29 @@ mod tests {
     #[test]
     fn deletes_truncates_and_foreign_tables_are_not_sent() {
         let mut m = RowMapper::new();
-        m.map(&relation(1, "account_data", AD), Lsn(0)).unwrap();
+        m.map(&relation(1, "account_data", AD), Lsn(0), 7).unwrap();
         assert!(matches!(
-            m.map(&relation(9, "users", &["name"]), Lsn(0)).unwrap(),
+            m.map(&relation(9, "users", &["name"]), Lsn(0), 7).unwrap(),
             RowOutcome::ForeignRelation { .. }
         ));
         let del = PgOutputMessage::Delete {
             relation_oid: 1,
             old_tuple: crate::replication::pgoutput::OldTuple::Key(tuple(&[Some("@a:x"), Some("t"), None, None, None])),
         };
-        assert!(matches!(m.map(&del, Lsn(1)).unwrap(), RowOutcome::Ignored(_)));
+        assert!(matches!(m.map(&del, Lsn(1), 7).unwrap(), RowOutcome::Ignored(_)));
         let ins = PgOutputMessage::Insert {
             relation_oid: 9,
             new_tuple: tuple(&[Some("x")]),
         };
-        assert!(matches!(m.map(&ins, Lsn(1)).unwrap(), RowOutcome::Ignored(_)));
+        assert!(matches!(m.map(&ins, Lsn(1), 7).unwrap(), RowOutcome::Ignored(_)));
         let tr = PgOutputMessage::Truncate {
             options: 0,
             relation_oids: vec![1, 9],
         };
-        assert_eq!(m.map(&tr, Lsn(1)).unwrap(), RowOutcome::Truncated(vec!["account_data"]));
+        assert_eq!(
+            m.map(&tr, Lsn(1), 7).unwrap(),
+            RowOutcome::Truncated(vec!["account_data"])
+        );
     }
 
     #[test]
@@ -575,11 +588,15 @@ mod tests {
             relation_oid: 4,
             new_tuple: tuple(&[Some("x")]),
         };
-        let err = m.map(&ins, Lsn(1)).unwrap_err();
+        let err = m.map(&ins, Lsn(1), 7).unwrap_err();
         assert_eq!(err, MappingError::UnknownRelation { oid: 4 });
         assert!(!err.is_row_level());
         let err = m
-            .map(&relation(1, "account_data", &["user_id", "account_data_type"]), Lsn(0))
+            .map(
+                &relation(1, "account_data", &["user_id", "account_data_type"]),
+                Lsn(0),
+                7,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("content"), "{err}");
         assert!(!err.is_row_level());

@@ -175,4 +175,32 @@ on_both_servers!(
     failing_appservice_loses_nothing_and_delays_nobody,
     idle_slot_advances,
     invalid_json_is_skipped_and_named,
+    visibility_check_follows_commit,
 );
+
+/// A transaction is visible only once committed: the check the relay makes before reading a value
+/// back (pgoutput can deliver a commit a moment before other sessions see it).
+async fn visibility_check_follows_commit(server: &'static Server) {
+    use synapse_account_data_relay::synapse::current::wait_until_visible;
+    let db = crate::support::TestDb::new(server).await;
+    let writer = db.connect().await;
+    writer.batch_execute("BEGIN").await.unwrap();
+    let xid: i64 = writer
+        .query_one("SELECT txid_current() % 4294967296", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let xid = u32::try_from(xid).unwrap();
+    let waiting = {
+        let reader = db.connect().await;
+        tokio::spawn(async move { wait_until_visible(&reader, &[xid]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "an open transaction is not visible");
+    writer.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("visible after commit")
+        .unwrap()
+        .unwrap();
+}
