@@ -305,6 +305,7 @@ impl Settings {
             slot: &self.slot_name,
             publication: &self.publication_name,
             state_schema: &self.state_schema,
+            failover_slot: self.failover_slot,
         }
     }
 }

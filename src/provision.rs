@@ -393,6 +393,8 @@ pub struct Names<'a> {
     pub slot: &'a str,
     pub publication: &'a str,
     pub state_schema: &'a str,
+    /// Whether the slot is (to be) created with `failover = true` (PostgreSQL 17+).
+    pub failover_slot: bool,
 }
 
 fn problem(severity: Severity, message: impl Into<String>) -> Problem {
@@ -658,6 +660,15 @@ pub fn setup_plan(s: &DatabaseState, names: Names<'_>) -> Result<Vec<PlanStep>, 
             ),
         ));
     }
+    if names.failover_slot && s.server_version_num < 170000 && s.slot.is_none() {
+        blocking.push(problem(
+            Severity::Error,
+            format!(
+                "replication.failover = true needs PostgreSQL 17 or newer (failover slots); this server is {}",
+                s.server_version
+            ),
+        ));
+    }
     if s.state_schema.is_none() && !s.can_create_schema && !s.superuser {
         blocking.push(problem(
             Severity::Error,
@@ -778,7 +789,11 @@ pub fn setup_plan(s: &DatabaseState, names: Names<'_>) -> Result<Vec<PlanStep>, 
                  made before a publication it is asked for existed)",
                 names.slot
             ),
-            sql: format!("SELECT pg_create_logical_replication_slot({}, 'pgoutput');", escape_literal(names.slot)),
+            sql: if names.failover_slot {
+                format!("SELECT pg_create_logical_replication_slot({}, 'pgoutput', false, false, true);", escape_literal(names.slot))
+            } else {
+                format!("SELECT pg_create_logical_replication_slot({}, 'pgoutput');", escape_literal(names.slot))
+            },
             group: 2,
         });
     }
@@ -973,6 +988,7 @@ mod tests {
         slot: "relay_slot",
         publication: "relay_pub",
         state_schema: "relay_state",
+        failover_slot: false,
     };
 
     #[test]
@@ -1158,6 +1174,7 @@ pub fn stock_synapse_scripts() -> (String, String) {
         slot: crate::config::DEFAULT_NAME,
         publication: crate::config::DEFAULT_NAME,
         state_schema: crate::config::DEFAULT_NAME,
+        failover_slot: false,
     };
     let table = TableState::stock;
     let stock = DatabaseState::stock_synapse();

@@ -119,6 +119,7 @@ pub async fn check(args: &CheckArgs) -> u8 {
         slot: crate::config::DEFAULT_NAME,
         publication: crate::config::DEFAULT_NAME,
         state_schema: crate::config::DEFAULT_NAME,
+        failover_slot: false,
     };
     let names = settings.as_ref().map(|s| s.names()).unwrap_or(default_names);
     let (slot, publication) = (names.slot, names.publication);

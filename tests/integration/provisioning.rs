@@ -242,6 +242,7 @@ async fn shipped_sql_prepares_and_restores(server: &'static Server) {
         slot: &db.name,
         publication: &db.name,
         state_schema: &db.name,
+        failover_slot: false,
     };
     let state = inspect(&db.client, names).await.unwrap();
     let found = problems(&state, names);
@@ -258,4 +259,149 @@ on_both_servers!(
     setup_defuses_the_replica_identity_landmine,
     check_and_run_refuse_an_unprepared_database,
     shipped_sql_prepares_and_restores,
+    works_as_synapses_own_unprivileged_role,
+    failover_slots_on_postgresql_17,
 );
+
+/// The relay as a Synapse admin runs it: connected as Synapse's own role, which owns the tables
+/// and has REPLICATION but is not a superuser. setup, run, backfill and teardown all work, and the
+/// appservice ends with the database's final state.
+async fn works_as_synapses_own_unprivileged_role(server: &'static Server) {
+    use synapse_account_data_relay::testkit::receiver::RecordingAppservice;
+    let admin = crate::support::connect(server, "postgres").await;
+    let role = format!("synapse_{}", std::process::id());
+    let _ = admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN REPLICATION"))
+        .await;
+    let db = TestDb::new(server).await;
+    // Hand the database and Synapse's tables to the role, as Synapse's own migrations would.
+    admin
+        .batch_execute(&format!("ALTER DATABASE {} OWNER TO {role}", db.name))
+        .await
+        .unwrap();
+    db.client
+        .batch_execute(&format!(
+            "ALTER TABLE account_data OWNER TO {role}; ALTER TABLE room_account_data OWNER TO {role}; \
+             ALTER TABLE room_tags OWNER TO {role}; ALTER TABLE room_tags_revisions OWNER TO {role}; \
+             ALTER TABLE push_rules_stream OWNER TO {role}; ALTER TABLE user_ips OWNER TO {role}; \
+             ALTER SEQUENCE account_data_sequence OWNER TO {role}; ALTER SCHEMA public OWNER TO {role};"
+        ))
+        .await
+        .unwrap();
+    let a = RecordingAppservice::start("hs_a").await.unwrap();
+    let url = a.url();
+    let f = RelayFiles::new(
+        &db,
+        &[RegistrationSpec {
+            id: "a",
+            url: Some(&url),
+            hs_token: "hs_a",
+            sender_localpart: "abot",
+            user_regexes: &["@a_.*"],
+            opt_in: true,
+        }],
+        "",
+    );
+    let hs = f.path().join("homeserver.yaml");
+    std::fs::write(
+        &hs,
+        std::fs::read_to_string(&hs)
+            .unwrap()
+            .replace("user: postgres", &format!("user: {role}")),
+    )
+    .unwrap();
+    let out = f.command("setup", &[]);
+    assert!(out.status.success(), "setup as {role}: {}", text(&out));
+    w::set_global(&db.client, "@a_1:example.org", "m.direct", "{\"before\":1}")
+        .await
+        .unwrap();
+    let relay = f.spawn_run();
+    assert!(
+        crate::support::wait_for_log(
+            &relay,
+            "streaming account-data changes",
+            std::time::Duration::from_secs(20)
+        )
+        .await,
+        "{}",
+        relay.log_text()
+    );
+    w::add_tag(&db.client, "@a_1:example.org", "!r:example.org", "u.work", "{}")
+        .await
+        .unwrap();
+    w::set_room(
+        &db.client,
+        "@a_2:example.org",
+        "!r:example.org",
+        "m.fully_read",
+        "{\"event_id\":\"$e\"}",
+    )
+    .await
+    .unwrap();
+    let out = f.command("backfill", &["--appservice", "a"]);
+    assert!(out.status.success(), "backfill as {role}: {}", text(&out));
+    let want = db
+        .final_state(|u| u.starts_with("@a_") || u == "@abot:example.org")
+        .await;
+    assert!(
+        a.wait_for(std::time::Duration::from_secs(60), |got| *got == want).await,
+        "{}\n{}",
+        crate::support::diff(&a.state(), &want),
+        relay.log_text()
+    );
+    let mut relay = relay;
+    assert_eq!(relay.terminate(), Some(0), "{}", relay.log_text());
+    let check = f.command("check", &[]);
+    assert!(check.status.success(), "check as {role}: {}", text(&check));
+    let down = f.command("teardown", &[]);
+    assert!(down.status.success(), "teardown as {role}: {}", text(&down));
+}
+
+/// `replication.failover = true` creates a failover slot on PostgreSQL 17, so it survives the
+/// promotion of a standby that synchronises slots; on older servers setup refuses, saying why.
+async fn failover_slots_on_postgresql_17(server: &'static Server) {
+    let db = TestDb::new(server).await;
+    let version: i32 = db
+        .client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let f = RelayFiles::new(
+        &db,
+        &[RegistrationSpec {
+            id: "a",
+            url: Some("http://127.0.0.1:9"),
+            hs_token: "hs_a",
+            sender_localpart: "abot",
+            user_regexes: &["@a_.*"],
+            opt_in: true,
+        }],
+        "",
+    );
+    let toml = f.path().join("relay.toml");
+    let text_before = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text_before.replacen("[replication]\n", "[replication]\nfailover = true\n", 1),
+    )
+    .unwrap();
+    let out = f.command("setup", &[]);
+    if version >= 170000 {
+        assert!(out.status.success(), "{}", text(&out));
+        let failover: bool = db
+            .client
+            .query_one(
+                "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(failover, "the slot is a failover slot");
+        assert!(f.command("teardown", &[]).status.success());
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains("needs PostgreSQL 17"), "{}", text(&out));
+    }
+}
