@@ -85,6 +85,10 @@ pub struct ReplicationSection {
     pub publication_name: Option<String>,
     /// How often a standby status update is sent (at most 1 s).
     pub status_interval: Option<ConfigDuration>,
+    /// How long the replication connection may stay silent before it is taken for dead (half
+    /// way, the relay asks the server for a reply). Catches network partitions TCP would not
+    /// report for many minutes.
+    pub timeout: Option<ConfigDuration>,
     /// The schema of the relay's own tables in Synapse's database (created by `setup`).
     pub state_schema: Option<String>,
     /// What to do when the slot is invalidated or missing: `resync` (re-create it and resync
@@ -113,6 +117,9 @@ pub struct RetentionSection {
     pub max_failing: Option<ConfigDuration>,
     /// How much WAL one appservice may hold back (e.g. "256MiB").
     pub max_retained_wal: Option<ByteSize>,
+    /// How many keys may wait, with their values, in memory for one appservice before they are
+    /// recorded as keys instead (bounds memory for huge transactions).
+    pub max_queued_keys: Option<usize>,
 }
 
 /// A size written as `"256MiB"`, `"1GB"`, `"512kB"` or a plain number of bytes.
@@ -288,6 +295,7 @@ pub struct Settings {
     pub slot_name: String,
     pub publication_name: String,
     pub status_interval: Duration,
+    pub replication_timeout: Duration,
     pub state_schema: String,
     pub on_slot_lost: SlotLostPolicy,
     pub failover_slot: bool,
@@ -409,7 +417,16 @@ impl Settings {
                 .map(|d| d.0)
                 .unwrap_or(Duration::from_secs(300)),
             max_retained_bytes: relay.retention.max_retained_wal.map(|b| b.0).unwrap_or(256 << 20),
+            max_queued_keys: relay.retention.max_queued_keys.unwrap_or(50_000),
         };
+        let replication_timeout = relay
+            .replication
+            .timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30));
+        if replication_timeout < Duration::from_secs(2) {
+            return Err(invalid(relay_path, "replication.timeout", "must be at least 2s"));
+        }
         let state_schema = relay
             .replication
             .state_schema
@@ -537,6 +554,7 @@ impl Settings {
             slot_name,
             publication_name,
             status_interval,
+            replication_timeout,
             state_schema,
             on_slot_lost: relay.replication.on_slot_lost.unwrap_or_default(),
             failover_slot: relay.replication.failover.unwrap_or(false),
@@ -840,7 +858,8 @@ mod tests {
             s.retention,
             RetentionBudget {
                 max_failing: Duration::from_secs(300),
-                max_retained_bytes: 256 << 20
+                max_retained_bytes: 256 << 20,
+                max_queued_keys: 50_000
             }
         );
         assert_eq!(s.on_slot_lost, SlotLostPolicy::Resync);
@@ -852,7 +871,8 @@ mod tests {
             s.retention,
             RetentionBudget {
                 max_failing: Duration::from_secs(2),
-                max_retained_bytes: 1 << 20
+                max_retained_bytes: 1 << 20,
+                max_queued_keys: 50_000
             }
         );
         assert_eq!(s.on_slot_lost, SlotLostPolicy::Fail);

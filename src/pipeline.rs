@@ -104,6 +104,8 @@ enum SessionError {
     Mapping(#[from] MappingError),
     #[error("the server ended the replication stream")]
     StreamEnded,
+    #[error("nothing received from the server for {0:?} (replication.timeout): taking the connection for dead")]
+    Silent(Duration),
     #[error(
         "the server keeps asking for confirmations the relay cannot give yet (it is shutting down, or waiting for \
          undelivered changes): releasing the connection so it can go on; the unconfirmed changes will be streamed again"
@@ -133,7 +135,7 @@ impl Relay {
         let handles: Vec<Arc<AppserviceHandle>> = settings
             .appservices
             .iter()
-            .map(|a| Arc::new(AppserviceHandle::new(a.clone())))
+            .map(|a| Arc::new(AppserviceHandle::new(a.clone(), settings.retention.max_queued_keys)))
             .collect();
         let by_id = settings
             .appservices
@@ -222,7 +224,29 @@ impl Relay {
     /// Stream until `shutdown` becomes true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
         self.log_appservices();
-        self.preflight().await?;
+        // PostgreSQL may not be up yet (the relay started first, or it is restarting): wait for it.
+        let mut startup = RetryPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+        }
+        .schedule();
+        loop {
+            match self.preflight().await {
+                Ok(()) => break,
+                Err(e @ RunError::Connect { .. }) => {
+                    let wait = startup.next_delay(None);
+                    tracing::warn!(error = %e, retry_in = ?wait, "PostgreSQL is not reachable yet; waiting for it");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if *shutdown.borrow() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let db = Arc::new(SynapseDb::new(self.settings.postgres.clone()));
         let ctx = Arc::new(DeliveryContext {
             http: http_client(&self.settings.delivery)?,
@@ -557,6 +581,8 @@ impl Relay {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Since when the server has been asking for replies we cannot fully give.
         let mut server_waiting: Option<Instant> = None;
+        let mut last_received = Instant::now();
+        let timeout = self.settings.replication_timeout;
         loop {
             tokio::select! {
                 biased;
@@ -570,10 +596,16 @@ impl Relay {
                 }
                 _ = interval.tick() => {
                     self.apply_budget();
-                    self.send_status(&mut stream, false).await?;
+                    let silent = last_received.elapsed();
+                    if silent > timeout {
+                        return Err(SessionError::Silent(silent));
+                    }
+                    // Half way to the timeout, ask the server for a reply (a keepalive).
+                    self.send_status(&mut stream, silent > timeout / 2).await?;
                 }
                 payload = stream.next_copy_data() => {
                     let Some(payload) = payload? else { return Err(SessionError::StreamEnded) };
+                    last_received = Instant::now();
                     self.health.activity();
                     match wire::parse_copy_data(payload)? {
                         ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
@@ -582,7 +614,7 @@ impl Relay {
                                 self.observe_position(wal_end);
                             }
                             if reply_requested {
-                                self.send_status(&mut stream, true).await?;
+                                self.send_status(&mut stream, false).await?;
                                 // A walsender asks for replies like this while it waits, before
                                 // exiting, for everything it sent to be confirmed (a fast shutdown or
                                 // restart). Holding the connection would hold the server.
@@ -724,7 +756,7 @@ impl Relay {
     async fn send_status(
         &mut self,
         stream: &mut LogicalReplicationStream,
-        asked: bool,
+        request_reply: bool,
     ) -> Result<(), ReplicationError> {
         let oldest = self.oldest_undelivered();
         let safe = self.tracker.safe_lsn(oldest);
@@ -734,13 +766,13 @@ impl Relay {
             flush: safe,
             apply: safe,
             client_time_micros: wire::micros_since_pg_epoch(SystemTime::now()),
-            reply_requested: false,
+            reply_requested: request_reply,
         };
         let mut buf = BytesMut::with_capacity(StandbyStatusUpdate::ENCODED_LEN);
         update.encode(&mut buf);
         stream.send_copy_data(&buf).await?;
         if self.last_status.map(|s| s.1) != Some(safe) {
-            tracing::debug!(confirmed = %safe, received = %write, asked, "standby status update");
+            tracing::debug!(confirmed = %safe, received = %write, "standby status update");
         }
         self.last_status = Some((write, safe));
         self.health.status_sent(safe, oldest.is_some());

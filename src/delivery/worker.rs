@@ -46,6 +46,7 @@ pub struct DeliveryStats {
 #[derive(Debug)]
 pub struct AppserviceHandle {
     pub settings: AppserviceSettings,
+    queue_limit: usize,
     state: Mutex<AppserviceState>,
     wake: Notify,
     stats: Mutex<DeliveryStats>,
@@ -57,10 +58,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AppserviceHandle {
-    pub fn new(settings: AppserviceSettings) -> AppserviceHandle {
+    pub fn new(settings: AppserviceSettings, queue_limit: usize) -> AppserviceHandle {
         AppserviceHandle {
             settings,
-            state: Mutex::new(AppserviceState::new(DeliveryMode::Live)),
+            queue_limit,
+            state: Mutex::new(AppserviceState::new(DeliveryMode::Live).with_queue_limit(queue_limit)),
             wake: Notify::new(),
             stats: Mutex::new(DeliveryStats::default()),
         }
@@ -73,7 +75,7 @@ impl AppserviceHandle {
 
     /// Forget everything in memory and start over in `mode` (after losing the slot).
     pub fn reset(&self, mode: DeliveryMode) {
-        *lock(&self.state) = AppserviceState::new(mode);
+        *lock(&self.state) = AppserviceState::new(mode).with_queue_limit(self.queue_limit);
     }
 
     /// Wake the worker (new changes, or a mode change).
@@ -214,6 +216,23 @@ async fn pause(d: Duration, wake: Option<&Notify>, shutdown: &mut watch::Receive
     !*shutdown.borrow()
 }
 
+/// How long one database operation of the workers or the recorder may take. A connection that
+/// takes longer (a network partition TCP does not report) is dropped and made again.
+pub const SQL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `op`, or a "connection lost" error after [`SQL_TIMEOUT`].
+async fn bounded<T>(op: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    match tokio::time::timeout(SQL_TIMEOUT, op).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError {
+            what: "a database operation",
+            message: format!("no answer within {SQL_TIMEOUT:?}"),
+            sqlstate: None,
+            connection_lost: true,
+        }),
+    }
+}
+
 /// Run a database operation until it succeeds (backing off, reconnecting) or shutdown.
 async fn with_db_retry<T, F, Fut>(ctx: &DeliveryContext, id: &str, what: &str, mut op: F) -> Option<T>
 where
@@ -224,7 +243,7 @@ where
     let mut schedule = ctx.policy().schedule();
     loop {
         let result = match ctx.db.client().await {
-            Ok(c) => op(c).await,
+            Ok(c) => bounded(op(c)).await,
             Err(e) => Err(e),
         };
         match result {
@@ -575,15 +594,20 @@ pub async fn run_recorder(handles: Vec<Arc<AppserviceHandle>>, ctx: Arc<Delivery
                 let keys: Vec<AccountDataKey> = chunk.iter().map(|(k, _)| k.clone()).collect();
                 result = match ctx.db.client().await {
                     // Recorded keys are read back later: first let their changes become visible.
-                    Ok(c) => match wait_until_visible(&*c, &xids).await {
-                        Ok(()) => ctx.store.record_keys(&*c, id, &keys).await,
-                        Err(e) => Err(StoreError {
-                            what: "waiting for recorded changes to become visible",
-                            message: e.to_string(),
-                            sqlstate: e.sqlstate.clone(),
-                            connection_lost: e.connection_lost,
-                        }),
-                    },
+                    Ok(c) => {
+                        bounded(async {
+                            match wait_until_visible(&*c, &xids).await {
+                                Ok(()) => ctx.store.record_keys(&*c, id, &keys).await,
+                                Err(e) => Err(StoreError {
+                                    what: "waiting for recorded changes to become visible",
+                                    message: e.to_string(),
+                                    sqlstate: e.sqlstate.clone(),
+                                    connection_lost: e.connection_lost,
+                                }),
+                            }
+                        })
+                        .await
+                    }
                     Err(e) => Err(e),
                 };
                 if result.is_err() {
