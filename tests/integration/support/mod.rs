@@ -443,6 +443,11 @@ impl RelayProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL: no chance to confirm anything.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
