@@ -192,6 +192,22 @@ pub struct AppserviceSection {
     pub account_data: Option<bool>,
     /// Send room account data and tags (`org.matrix.msc3682.room_account_data`). Default true.
     pub room_account_data: Option<bool>,
+    /// Which field carries global account data: `unstable` (`org.matrix.msc3682.account_data`,
+    /// the default), `stable` (`account_data`, once MSC3682 is merged) or `both`.
+    pub field_names: Option<FieldNames>,
+    /// Send the users' `m.push_rules` (fetched from Synapse's client API when they change).
+    pub push_rules: Option<bool>,
+}
+
+pub use crate::delivery::transaction::FieldNames;
+
+/// `[synapse]`: how to reach Synapse itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynapseSection {
+    /// Base URL of Synapse's client API, for push rules (default: Synapse's client listener from
+    /// homeserver.yaml).
+    pub client_url: Option<String>,
 }
 
 /// The relay's config file as written. Every key is optional.
@@ -208,6 +224,8 @@ pub struct RelayConfig {
     pub delivery: DeliverySection,
     #[serde(default)]
     pub retention: RetentionSection,
+    #[serde(default)]
+    pub synapse: SynapseSection,
     #[serde(default)]
     pub appservices: BTreeMap<String, AppserviceSection>,
 }
@@ -262,6 +280,11 @@ pub struct AppserviceSettings {
     pub sender_user_id: String,
     pub user_regexes: Vec<String>,
     pub room_account_data: bool,
+    pub field_names: FieldNames,
+    /// Send `m.push_rules`, fetched with `as_token` from Synapse's client API.
+    pub push_rules: bool,
+    /// The appservice's token towards Synapse (to read push rules as its users).
+    pub as_token: Secret,
     /// Also send `?access_token=` (Synapse's `use_appservice_legacy_authorization`).
     pub legacy_authorization: bool,
     pub registration_path: PathBuf,
@@ -304,6 +327,8 @@ pub struct Settings {
     pub appservices: Vec<AppserviceSettings>,
     pub skipped: Vec<SkippedAppservice>,
     pub synapse_files: Vec<PathBuf>,
+    /// Synapse's client API (for push rules), when known.
+    pub client_url: Option<String>,
 }
 
 impl Settings {
@@ -528,9 +553,32 @@ impl Settings {
                 hs_token: reg.hs_token.clone(),
                 user_regexes: reg.user_namespaces.iter().map(|n| n.regex.clone()).collect(),
                 room_account_data: section.and_then(|s| s.room_account_data).unwrap_or(true),
+                field_names: section.and_then(|s| s.field_names).unwrap_or_default(),
+                push_rules: section.and_then(|s| s.push_rules).unwrap_or(false),
+                as_token: reg.as_token.clone(),
                 legacy_authorization: hs.use_appservice_legacy_authorization,
                 registration_path: path.clone(),
             });
+        }
+        let client_url = relay.synapse.client_url.clone().or_else(|| hs.client_url.clone());
+        if let Some(u) = &client_url
+            && !reqwest::Url::parse(u).is_ok_and(|u| u.scheme() == "http" || u.scheme() == "https")
+        {
+            return Err(invalid(
+                relay_path,
+                "synapse.client_url",
+                format!("{u:?} is not an http(s) URL"),
+            ));
+        }
+        if let Some(a) = appservices.iter().find(|a| a.push_rules)
+            && client_url.is_none()
+        {
+            return Err(invalid(
+                relay_path,
+                &format!("appservices.{}.push_rules", a.id),
+                "push rules are read from Synapse's client API, but homeserver.yaml has no client listener: set \
+                 [synapse] client_url",
+            ));
         }
         for id in relay.appservices.keys() {
             if !seen_ids.contains_key(id) {
@@ -563,6 +611,7 @@ impl Settings {
             appservices,
             skipped,
             synapse_files: hs.files.clone(),
+            client_url,
         })
     }
 }

@@ -39,7 +39,7 @@ use crate::replication::error::ReplicationError;
 use crate::replication::pgoutput::{self, DecodeError, PgOutputMessage};
 use crate::replication::wire::{self, ReplicationMessage, StandbyStatusUpdate, WireError};
 use crate::resync::enqueue_backfill;
-use crate::routing::{Router, RoutingError};
+use crate::routing::{Router, RoutingError, is_local_user};
 use crate::state_store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
 use crate::synapse::rows::{MappingError, RowMapper, RowOutcome};
 
@@ -693,6 +693,10 @@ impl Relay {
             },
             other => match mapper.map(other, tx.commit_lsn, tx.xid) {
                 Ok(RowOutcome::Change(change)) => {
+                    if !is_local_user(&change.key.user_id, &self.settings.server_name) {
+                        tracing::debug!(user_id = %change.key.user_id, "not a local user: ignored");
+                        return Ok(());
+                    }
                     self.router.route_into(&change.key.user_id, &mut self.targets);
                     for &i in &self.targets {
                         let h = &self.handles[i];

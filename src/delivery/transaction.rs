@@ -61,8 +61,34 @@ fn push_events<'a>(out: &mut Vec<u8>, events: &[&ResolvedEntry<'a>]) {
     out.extend_from_slice(b"]}");
 }
 
+/// The stable field name, for when MSC3682 is merged.
+pub const ACCOUNT_DATA_FIELD_STABLE: &str = "account_data";
+
+/// Which field carries global account data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldNames {
+    /// `org.matrix.msc3682.account_data` (the MSC's unstable prefix; the default).
+    #[default]
+    Unstable,
+    /// `account_data`.
+    Stable,
+    /// Both, with the same content.
+    Both,
+}
+
+impl FieldNames {
+    fn global_fields(self) -> &'static [&'static str] {
+        match self {
+            FieldNames::Unstable => &[ACCOUNT_DATA_FIELD],
+            FieldNames::Stable => &[ACCOUNT_DATA_FIELD_STABLE],
+            FieldNames::Both => &[ACCOUNT_DATA_FIELD, ACCOUNT_DATA_FIELD_STABLE],
+        }
+    }
+}
+
 /// Build the JSON body for `entries` (whose contents must be valid JSON text).
-pub fn build_body(entries: &[ResolvedEntry<'_>]) -> Vec<u8> {
+pub fn build_body(entries: &[ResolvedEntry<'_>], fields: FieldNames) -> Vec<u8> {
     let mut global: BTreeMap<&str, Vec<&ResolvedEntry<'_>>> = BTreeMap::new();
     let mut rooms: BTreeMap<&str, BTreeMap<&str, Vec<&ResolvedEntry<'_>>>> = BTreeMap::new();
     let mut size = 64;
@@ -80,9 +106,9 @@ pub fn build_body(entries: &[ResolvedEntry<'_>]) -> Vec<u8> {
     }
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(b"{\"events\":[]");
-    if !global.is_empty() {
+    for field in fields.global_fields().iter().filter(|_| !global.is_empty()) {
         out.extend_from_slice(b",\"");
-        out.extend_from_slice(ACCOUNT_DATA_FIELD.as_bytes());
+        out.extend_from_slice(field.as_bytes());
         out.extend_from_slice(b"\":{");
         for (i, (user, events)) in global.iter().enumerate() {
             if i > 0 {
@@ -167,7 +193,7 @@ mod tests {
                 content: r#"{"event_id":"$e"}"#,
             },
         ];
-        let body = build_body(&entries);
+        let body = build_body(&entries, FieldNames::Unstable);
         let v: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
         assert_eq!(
             v,
@@ -192,18 +218,41 @@ mod tests {
         let k = key("@a:x", None, "t");
         // Synapse stores compact JSON with non-ASCII escaped; keep it exactly, even odd spacing.
         let content = r#"{"b": 1.0000,"a":"\u00e9"}"#;
-        let body = build_body(&[ResolvedEntry { key: &k, content }]);
+        let body = build_body(&[ResolvedEntry { key: &k, content }], FieldNames::Unstable);
         assert!(String::from_utf8(body).unwrap().contains(content));
     }
 
     #[test]
     fn empty_fields_are_omitted() {
         let k = key("@a:x", Some("!r:x"), "t");
-        let v: serde_json::Value =
-            serde_json::from_slice(&build_body(&[ResolvedEntry { key: &k, content: "{}" }])).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&build_body(
+            &[ResolvedEntry { key: &k, content: "{}" }],
+            FieldNames::Unstable,
+        ))
+        .unwrap();
         assert!(v.get(ACCOUNT_DATA_FIELD).is_none());
         assert!(v.get(ROOM_ACCOUNT_DATA_FIELD).is_some());
-        assert_eq!(build_body(&[]), br#"{"events":[]}"#);
+        assert_eq!(build_body(&[], FieldNames::Unstable), br#"{"events":[]}"#);
+    }
+
+    #[test]
+    fn field_names_can_be_stable_or_both() {
+        let k = key("@a:x", None, "t");
+        let r = key("@a:x", Some("!r:x"), "t");
+        let entries = [
+            ResolvedEntry {
+                key: &k,
+                content: "{\"v\":1}",
+            },
+            ResolvedEntry { key: &r, content: "{}" },
+        ];
+        let v: serde_json::Value = serde_json::from_slice(&build_body(&entries, FieldNames::Stable)).unwrap();
+        assert!(v.get(ACCOUNT_DATA_FIELD).is_none());
+        assert_eq!(v["account_data"]["@a:x"]["events"][0]["content"]["v"], 1);
+        assert!(v.get(ROOM_ACCOUNT_DATA_FIELD).is_some());
+        let v: serde_json::Value = serde_json::from_slice(&build_body(&entries, FieldNames::Both)).unwrap();
+        assert_eq!(v["account_data"], v[ACCOUNT_DATA_FIELD]);
+        assert_eq!(v["account_data"]["@a:x"]["events"][0]["type"], "t");
     }
 
     #[test]

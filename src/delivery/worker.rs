@@ -436,7 +436,7 @@ async fn deliver(
         .iter()
         .map(|(k, c)| ResolvedEntry { key: k, content: c })
         .collect();
-    let body = bytes::Bytes::from(build_body(&entries));
+    let body = bytes::Bytes::from(build_body(&entries, handle.settings.field_names));
     let txn_id = transaction_id(first, last, &body);
     let url = format!("{}/_matrix/app/v1/transactions/{txn_id}", handle.settings.url);
     let mut schedule: RetrySchedule = ctx.policy().schedule();
