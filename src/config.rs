@@ -21,6 +21,8 @@ use crate::synapse::files::{HomeserverConfig, Registration, SynapseFileError};
 
 /// Default slot and publication name.
 pub const DEFAULT_NAME: &str = "synapse_account_data_relay";
+/// The push-rules publication's name for the default publication name.
+pub const DEFAULT_PUSH_PUBLICATION: &str = "synapse_account_data_relay_push_rules";
 /// Where Synapse's config lives on a Debian/Ubuntu install (the `matrix-synapse` package).
 pub const DEFAULT_SYNAPSE_CONFIG: &[&str] = &["/etc/matrix-synapse/homeserver.yaml", "/etc/matrix-synapse/conf.d"];
 
@@ -317,6 +319,8 @@ pub struct Settings {
     pub postgres: PgConnectionConfig,
     pub slot_name: String,
     pub publication_name: String,
+    /// `<publication_name>_push_rules`.
+    pub push_publication_name: String,
     pub status_interval: Duration,
     pub replication_timeout: Duration,
     pub state_schema: String,
@@ -337,6 +341,7 @@ impl Settings {
         crate::provision::Names {
             slot: &self.slot_name,
             publication: &self.publication_name,
+            push_publication: &self.push_publication_name,
             state_schema: &self.state_schema,
             failover_slot: self.failover_slot,
         }
@@ -399,7 +404,7 @@ impl Settings {
             .publication_name
             .clone()
             .unwrap_or_else(|| DEFAULT_NAME.into());
-        if publication_name.is_empty() || publication_name.len() > 63 {
+        if publication_name.is_empty() || publication_name.len() > 52 {
             return Err(invalid(
                 relay_path,
                 "replication.publication_name",
@@ -600,6 +605,7 @@ impl Settings {
             server_name: hs.server_name.clone(),
             postgres,
             slot_name,
+            push_publication_name: format!("{publication_name}_push_rules"),
             publication_name,
             status_interval,
             replication_timeout,

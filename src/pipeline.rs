@@ -31,7 +31,7 @@ use crate::delivery::state::{DeliveryMode, Pushed};
 use crate::delivery::worker::{
     AppserviceHandle, DeliveryContext, DeliveryError, SynapseDb, http_client, run_recorder, run_worker,
 };
-use crate::model::Lsn;
+use crate::model::{ChangeContent, Lsn, SourceTable};
 use crate::ops::health::Health;
 use crate::provision::{Problem, ProvisionError, Severity, inspect, problems};
 use crate::replication::connection::{LogicalReplicationStream, ReplicationConnection};
@@ -248,15 +248,8 @@ impl Relay {
             }
         }
         let db = Arc::new(SynapseDb::new(self.settings.postgres.clone()));
-        let ctx = Arc::new(DeliveryContext {
-            http: http_client(&self.settings.delivery)?,
-            settings: self.settings.delivery.clone(),
-            db: db.clone(),
-            store: self.store.clone(),
-            progress: Arc::new(Notify::new()),
-            recorder_wake: self.recorder_wake.clone(),
-            shutdown: shutdown.clone(),
-        });
+        let http = http_client(&self.settings.delivery)?;
+        let progress = Arc::new(Notify::new());
         loop {
             let Some(stream) = self.acquire_slot(&mut shutdown).await? else {
                 return Ok(());
@@ -267,12 +260,13 @@ impl Relay {
             }
             let (stop_tx, stop_rx) = watch::channel(false);
             let ctx = Arc::new(DeliveryContext {
-                http: ctx.http.clone(),
-                settings: ctx.settings.clone(),
-                db: ctx.db.clone(),
-                store: ctx.store.clone(),
-                progress: ctx.progress.clone(),
-                recorder_wake: ctx.recorder_wake.clone(),
+                http: http.clone(),
+                settings: self.settings.delivery.clone(),
+                db: db.clone(),
+                store: self.store.clone(),
+                client_url: self.settings.client_url.clone(),
+                progress: progress.clone(),
+                recorder_wake: self.recorder_wake.clone(),
                 shutdown: stop_rx,
             });
             let mut tasks = tokio::task::JoinSet::new();
@@ -387,7 +381,7 @@ impl Relay {
         let mut conn = ReplicationConnection::connect(&self.settings.postgres).await?;
         let ident = conn.identify_system().await?;
         let stream = conn
-            .start_logical_replication(&self.settings.slot_name, resume_at, &self.settings.publication_name)
+            .start_logical_replication_of(&self.settings.slot_name, resume_at, &self.publications())
             .await?;
         self.health.set_connected(true);
         tracing::info!(
@@ -703,6 +697,11 @@ impl Relay {
                         if change.key.room_id.is_some() && !h.settings.room_account_data {
                             continue;
                         }
+                        if change.content == ChangeContent::ReadCurrent(SourceTable::PushRules)
+                            && !h.settings.push_rules
+                        {
+                            continue;
+                        }
                         match h.with_state(|s| s.push(change.clone())) {
                             Pushed::Queued => h.notify(),
                             Pushed::Recorded => self.recorder_wake.notify_one(),
@@ -747,6 +746,15 @@ impl Relay {
                 self.recorder_wake.notify_one();
             }
         }
+    }
+
+    /// The publications to stream: the push-rules one only when an appservice wants push rules.
+    fn publications(&self) -> Vec<&str> {
+        let mut v = vec![self.settings.publication_name.as_str()];
+        if self.settings.appservices.iter().any(|a| a.push_rules) {
+            v.push(self.settings.push_publication_name.as_str());
+        }
+        v
     }
 
     /// The oldest commit LSN with an undelivered change, over all appservices.

@@ -25,7 +25,9 @@ use crate::delivery::state::{AppserviceState, DeliveryMode};
 use crate::delivery::transaction::{ResolvedEntry, build_body, transaction_id};
 use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
 use crate::pgconfig::PgConnectionConfig;
+use crate::state_store::source_of;
 use crate::state_store::{RelayMessage, StateStore, StoreError};
+use crate::synapse::client_api::fetch_push_rules;
 use crate::synapse::current::{read_current, wait_until_visible};
 
 /// What an appservice worker has been doing, for logs, `check` and (later) metrics.
@@ -40,6 +42,8 @@ pub struct DeliveryStats {
     pub last_error: Option<String>,
     /// Pages of recorded keys delivered.
     pub resync_pages: u64,
+    /// Failed attempts to fetch push rules from Synapse's client API.
+    pub push_rule_fetches_failed: u64,
 }
 
 /// One appservice as the pipeline sees it: its settings, shared state and wake-up signal.
@@ -181,6 +185,8 @@ pub struct DeliveryContext {
     pub settings: DeliverySettings,
     pub db: Arc<SynapseDb>,
     pub store: StateStore,
+    /// Synapse's client API, for push rules.
+    pub client_url: Option<String>,
     /// Signalled after each delivered transaction or recorded batch, so the checkpoint can move.
     pub progress: Arc<Notify>,
     /// Wakes the recorder.
@@ -358,6 +364,19 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
             })
             .collect()
     };
+    let mut resolved = resolved;
+    let push_keys: Vec<&AccountDataKey> = batch
+        .entries
+        .iter()
+        .filter(|e| matches!(e.content, ChangeContent::ReadCurrent(SourceTable::PushRules)))
+        .map(|e| &e.key)
+        .collect();
+    if !push_keys.is_empty() {
+        let Some(rules) = fetch_push_rules_retrying(handle, ctx, &push_keys).await else {
+            return false;
+        };
+        resolved.extend(rules);
+    }
     let outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
     handle.with_state(|s| s.queue.complete_in_flight());
     ctx.progress.notify_one();
@@ -393,11 +412,23 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
         }
         return pause(Duration::from_secs(1), Some(&handle.wake), &mut shutdown).await;
     }
-    let resolved: Vec<(AccountDataKey, Arc<str>)> = page
+    let mut resolved: Vec<(AccountDataKey, Arc<str>)> = page
         .keys
         .iter()
         .filter_map(|(k, _)| page.values.get(k).map(|v| (k.clone(), v.clone())))
         .collect();
+    let push_keys: Vec<&AccountDataKey> = page
+        .keys
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| source_of(k) == SourceTable::PushRules)
+        .collect();
+    if !push_keys.is_empty() {
+        let Some(rules) = fetch_push_rules_retrying(handle, ctx, &push_keys).await else {
+            return false;
+        };
+        resolved.extend(rules);
+    }
     if deliver(handle, ctx, &resolved, Lsn::ZERO, page.horizon, false).await == Delivery::Shutdown {
         return false;
     }
@@ -408,6 +439,42 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
     .await;
     lock(&handle.stats).resync_pages += 1;
     deleted.is_some()
+}
+
+/// Fetch the push rules of `keys`' users from Synapse's client API, retrying failures like
+/// deliveries (backoff, forever). `None` on shutdown, or when push rules are not configured.
+async fn fetch_push_rules_retrying(
+    handle: &AppserviceHandle,
+    ctx: &DeliveryContext,
+    keys: &[&AccountDataKey],
+) -> Option<Vec<(AccountDataKey, Arc<str>)>> {
+    let id = handle.settings.id.as_str();
+    let Some(base) = ctx.client_url.as_deref() else {
+        tracing::error!(appservice = %id, "push rules changed, but no client API URL is configured; they are not sent");
+        return Some(Vec::new());
+    };
+    let mut shutdown = ctx.shutdown.clone();
+    let mut schedule = ctx.policy().schedule();
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        loop {
+            match fetch_push_rules(&ctx.http, base, &handle.settings.as_token, &key.user_id).await {
+                Ok(rules) => {
+                    out.push(((*key).clone(), Arc::from(rules)));
+                    break;
+                }
+                Err(e) => {
+                    lock(&handle.stats).push_rule_fetches_failed += 1;
+                    let wait = schedule.next_delay(None);
+                    tracing::warn!(appservice = %id, error = %e, retry_in = ?wait, "fetching push rules failed; retrying");
+                    if !pause(wait, None, &mut shutdown).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+    Some(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

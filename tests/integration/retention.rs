@@ -183,7 +183,7 @@ async fn a_dead_appservice_holds_bounded_wal(server: &'static Server) {
         "recorded keys are deleted once delivered"
     );
     assert!(
-        relay.log_text().contains("back to live delivery"),
+        wait_for_log(&relay, "back to live delivery", Duration::from_secs(30)).await,
         "{}",
         relay.log_text()
     );
