@@ -125,6 +125,8 @@ pub struct Relay {
     store: StateStore,
     health: Arc<Health>,
     recorder_wake: Arc<Notify>,
+    /// Chosen at each activation; part of every transaction id.
+    epoch: u64,
 }
 
 impl Relay {
@@ -155,6 +157,7 @@ impl Relay {
             store,
             health: Arc::new(Health::new()),
             recorder_wake: Arc::new(Notify::new()),
+            epoch: 0,
         })
     }
 
@@ -265,6 +268,7 @@ impl Relay {
                 db: db.clone(),
                 store: self.store.clone(),
                 client_url: self.settings.client_url.clone(),
+                epoch: self.epoch,
                 progress: progress.clone(),
                 recorder_wake: self.recorder_wake.clone(),
                 shutdown: stop_rx,
@@ -460,20 +464,28 @@ impl Relay {
     }
 
     /// Decide each appservice's mode from the state store.
+    ///
+    /// Every appservice starts in recording mode: the slot streams again everything after its
+    /// confirmed position, some of which an earlier run (or the relay that held the slot before)
+    /// may already have delivered, possibly with newer values after it. Recorded, those changes
+    /// are sent with their *current* values, so nothing older than what an appservice already
+    /// has can reach it; the first drain that finds nothing left switches it to live.
     async fn activate(&mut self, db: &SynapseDb) -> Result<(), RunError> {
         let client = db.client().await?;
         let pending = self.store.appservices_with_pending(&*client).await?;
         for h in &self.handles {
-            let mode = if pending.contains(&h.settings.id) {
+            if pending.contains(&h.settings.id) {
                 tracing::info!(appservice = %h.settings.id, "keys recorded for resync are waiting: resuming their delivery");
-                DeliveryMode::Recording { switch_at: None }
-            } else {
-                DeliveryMode::Live
-            };
-            h.reset(mode);
+            }
+            h.reset(DeliveryMode::Recording { switch_at: None });
             h.notify();
         }
         self.tracker = CheckpointTracker::new(Lsn::ZERO);
+        self.epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default()
+            ^ u64::from(std::process::id()).rotate_left(32);
         Ok(())
     }
 

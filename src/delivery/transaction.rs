@@ -147,8 +147,15 @@ pub fn build_body(entries: &[ResolvedEntry<'_>], fields: FieldNames) -> Vec<u8> 
 }
 
 /// The transaction id for a body covering commits `first..=last`.
-pub fn transaction_id(first: Lsn, last: Lsn, body: &[u8]) -> String {
-    let digest = Sha256::digest(body);
+///
+/// `epoch` is chosen when the relay starts streaming: a body that happens to repeat after a
+/// restart gets a new id, because the appservice may have received other values for the same
+/// keys in between, and a receiver that drops repeated ids would otherwise drop it.
+pub fn transaction_id(epoch: u64, first: Lsn, last: Lsn, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(epoch.to_be_bytes());
+    hasher.update(body);
+    let digest = hasher.finalize();
     let mut id = format!("msc3682-{:X}-{:X}-", first.0, last.0);
     for b in &digest[..8] {
         let _ = write!(id, "{b:02x}");
@@ -257,20 +264,25 @@ mod tests {
 
     #[test]
     fn transaction_ids_are_never_numeric_url_safe_and_follow_the_body() {
-        let a = transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}");
+        let a = transaction_id(1, Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}");
         assert!(a.starts_with("msc3682-16B374D848-16B374D900-"), "{a}");
         assert!(a.parse::<u64>().is_err());
         assert!(a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{a}");
         assert_eq!(
             a,
-            transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}"),
+            transaction_id(1, Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}"),
             "same body, same id"
         );
         assert_ne!(
             a,
-            transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[1]}"),
+            transaction_id(1, Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[1]}"),
             "other body, other id"
         );
-        assert_ne!(a, transaction_id(Lsn(0), Lsn(0x16_B374_D900), b"{\"events\":[]}"));
+        assert_ne!(a, transaction_id(1, Lsn(0), Lsn(0x16_B374_D900), b"{\"events\":[]}"));
+        assert_ne!(
+            a,
+            transaction_id(2, Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}"),
+            "another run, another id"
+        );
     }
 }

@@ -187,6 +187,8 @@ pub struct DeliveryContext {
     pub store: StateStore,
     /// Synapse's client API, for push rules.
     pub client_url: Option<String>,
+    /// Chosen when streaming starts; part of every transaction id (see `transaction_id`).
+    pub epoch: u64,
     /// Signalled after each delivered transaction or recorded batch, so the checkpoint can move.
     pub progress: Arc<Notify>,
     /// Wakes the recorder.
@@ -504,7 +506,7 @@ async fn deliver(
         .map(|(k, c)| ResolvedEntry { key: k, content: c })
         .collect();
     let body = bytes::Bytes::from(build_body(&entries, handle.settings.field_names));
-    let txn_id = transaction_id(first, last, &body);
+    let txn_id = transaction_id(ctx.epoch, first, last, &body);
     let url = format!("{}/_matrix/app/v1/transactions/{txn_id}", handle.settings.url);
     let mut schedule: RetrySchedule = ctx.policy().schedule();
     let mut attempt: u32 = 0;
