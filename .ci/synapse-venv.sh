@@ -13,8 +13,8 @@
 #
 # The install is `matrix-synapse[postgres]==$SYNAPSE_VERSION` from PyPI with every dependency
 # pinned by .ci/synapse-constraints.txt (`pip freeze` of a working install), so a new release of
-# a dependency cannot change what CI runs. psycopg2 is built from source: it needs `pg_config`
-# (Debian: libpq-dev) and a C compiler. The first install takes about 3 minutes.
+# a dependency cannot change what CI runs. psycopg2 is built from source: it needs libpq's headers
+# and `pg_config` (Debian: libpq-dev) and a C compiler. The first install takes about 3 minutes.
 #
 # The environment is complete when its marker file names this version and the constraints'
 # checksum; it is built in place under a lock, and the marker is written last, so an interrupted
@@ -60,8 +60,8 @@ command -v "$python" >/dev/null 2>&1 || {
   echo "$python not found: install Python 3.10 or newer, or set RELAY_TEST_SYNAPSE_PYTHON" >&2
   exit 1
 }
-command -v pg_config >/dev/null 2>&1 || {
-  echo "pg_config not found: psycopg2 is built from source; install libpq-dev (Debian/Ubuntu: \`apt-get install libpq-dev\`)" >&2
+[ -f "$(pg_config --includedir 2>/dev/null)/libpq-fe.h" ] || {
+  echo "libpq's headers (pg_config, libpq-fe.h) not found: psycopg2 is built from source; install libpq-dev (Debian/Ubuntu: \`apt-get install libpq-dev\`)" >&2
   exit 1
 }
 command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || {
