@@ -209,6 +209,36 @@ async fn client_view(synapse: &Synapse, user: &User, touched: &BTreeSet<Received
     view
 }
 
+/// Columns, constraints and indexes of the tables the relay reads (and `account_data_sequence`).
+async fn table_definitions(db: &TestDb) -> Vec<String> {
+    let tables = [
+        "account_data",
+        "room_account_data",
+        "room_tags",
+        "room_tags_revisions",
+        "push_rules_stream",
+    ];
+    let mut out = Vec::new();
+    for r in db
+        .client
+        .query(
+            "SELECT table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable \
+             FROM information_schema.columns WHERE table_schema = 'public' AND table_name = ANY($1) \
+             UNION ALL SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid) \
+             FROM pg_constraint WHERE conrelid::regclass::text = ANY($1) \
+             UNION ALL SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = ANY($1) \
+             UNION ALL SELECT relname || ' ' || relkind::text FROM pg_class WHERE relname = 'account_data_sequence' \
+             ORDER BY 1",
+            &[&&tables[..]],
+        )
+        .await
+        .unwrap()
+    {
+        out.push(r.get(0));
+    }
+    out
+}
+
 fn is_synapse_txn(txn_id: &str) -> bool {
     txn_id.parse::<u64>().is_ok()
 }
@@ -261,6 +291,15 @@ async fn relay_against_real_synapse(server: &'static Server) {
     let paths: Vec<_> = registrations.iter().map(|r| r.write(files.path())).collect();
     let synapse = Synapse::start(&venv, files.path(), server, &db.name, &paths).await;
     eprintln!("[{}] Synapse up after {:?}", server.label, started.elapsed());
+    // The other tests write into our copy of Synapse's tables: it must be what Synapse makes.
+    let fixture = TestDb::new(server).await;
+    let definitions = table_definitions(&db).await;
+    assert_eq!(definitions.len(), 42, "{definitions:#?}");
+    assert_eq!(
+        definitions,
+        table_definitions(&fixture).await,
+        "tests/fixtures/synapse_schema.sql differs from the tables Synapse created (left: Synapse)"
+    );
 
     // Users: of A, of B, of both, of C (not opted in), of no appservice, and A's sender.
     let a1 = synapse.register_appservice_user(A_AS, "a_1").await;
