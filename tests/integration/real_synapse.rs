@@ -3,7 +3,8 @@
 //! appservices (A and B opted in, with different user namespaces and a shared one; C not opted
 //! in), and everything is written through Synapse's client API: global and room account data,
 //! MSC3391 deletions (both the DELETE endpoints and `PUT {}`), tags added, changed and removed,
-//! read markers (Synapse writes `m.fully_read` itself), ignored users, large values, push rules.
+//! read markers (Synapse writes `m.fully_read` itself), ignored users, large values, push rules
+//! (A and B have `push_rules = true`: the relay fetches `m.push_rules` from Synapse's client API).
 //! Some data is written before `setup` (it reaches A and B through the first-opt-in backfill),
 //! the rest while the relay runs, concurrently for all users.
 //!
@@ -25,15 +26,6 @@ use synapse_account_data_relay::testkit::receiver::{ReceivedKey, RecordingAppser
 use crate::support::scenario::WAIT;
 use crate::support::synapse::{AppserviceRegistration, Synapse, User, create_database, synapse_venv};
 use crate::support::{RelayFiles, Server, TestDb, diff, histories, pg15, pg17, text};
-
-/// EXTENSION POINT (issue 7, push rules). The test already changes push rules through the client
-/// API (`Writes::push_rule`, Synapse's real `PUT /pushrules/...`), but the relay does not send
-/// `m.push_rules` yet, so the comparison leaves that type out. Once it does, set this to true:
-/// relay.toml then opts A and B in (`[appservices.<id>] push_rules = true`), and each user whose
-/// push rules the test changed must hold at its receiver what
-/// `GET /user/{userId}/account_data/m.push_rules` answers. (If the relay also sends the push rules
-/// of users that never changed them, e.g. in a backfill, extend `client_view` to expect them.)
-const RELAY_SENDS_PUSH_RULES: bool = false;
 
 const A_AS: &str = "as_token_a";
 const B_AS: &str = "as_token_b";
@@ -172,7 +164,6 @@ async fn while_running(w: &Writes<'_>, u: &User, shared_room: &str, own_room: &s
 /// What the client API reports for `user`: every account-data key an initial /sync shows, and
 /// every key in `touched` as GET answers it (404 is a deletion, `{}`). The two must agree.
 async fn client_view(synapse: &Synapse, user: &User, touched: &BTreeSet<ReceivedKey>) -> BTreeMap<ReceivedKey, Value> {
-    let keep = |ty: &str| RELAY_SENDS_PUSH_RULES || ty != "m.push_rules";
     let mut view = BTreeMap::new();
     let uid = &user.user_id;
     // Synapse answers /sync for an appservice's sender with 500 (NotImplementedError: "We no
@@ -184,7 +175,9 @@ async fn client_view(synapse: &Synapse, user: &User, touched: &BTreeSet<Received
     };
     for e in sync["account_data"]["events"].as_array().into_iter().flatten() {
         let ty = e["type"].as_str().unwrap();
-        // m.push_rules is always in /sync; it is expected only where the test changed it.
+        // m.push_rules is in every /sync (Synapse's defaults at least). The relay sends it when
+        // a user's push rules change and in backfills; every user here changes them, and
+        // `touched` brings it in below, as GET answers it.
         if ty != "m.push_rules" {
             view.insert((uid.clone(), None, ty.to_owned()), e["content"].clone());
         }
@@ -195,7 +188,7 @@ async fn client_view(synapse: &Synapse, user: &User, touched: &BTreeSet<Received
             view.insert((uid.clone(), Some(room.clone()), ty.to_owned()), e["content"].clone());
         }
     }
-    for key in touched.iter().filter(|k| &k.0 == uid && keep(&k.2)) {
+    for key in touched.iter().filter(|k| &k.0 == uid) {
         let value = match (&key.1, key.2.as_str()) {
             (Some(room), "m.tag") => synapse.get_tags(user, room).await,
             (Some(room), ty) => synapse.get_room(user, room, ty).await.unwrap_or(json!({})),
@@ -250,14 +243,14 @@ async fn relay_against_real_synapse(server: &'static Server) {
     let a = RecordingAppservice::start("hs_token_a").await.unwrap();
     let b = RecordingAppservice::start("hs_token_b").await.unwrap();
     let c = RecordingAppservice::start("hs_token_c").await.unwrap();
-    let push_rules_toml = if RELAY_SENDS_PUSH_RULES {
-        "[appservices.a]\npush_rules = true\n[appservices.b]\npush_rules = true\n"
-    } else {
-        ""
-    };
-    // relay.toml (slot and publication named after the database); homeserver.yaml is replaced
-    // by Synapse's own below, which the relay then reads.
-    let files = RelayFiles::new(&db, &[], push_rules_toml);
+    // relay.toml (slot and publication named after the database; A and B also get push rules);
+    // homeserver.yaml is replaced by Synapse's own below, which the relay then reads (the
+    // database, the registrations, and the client listener it fetches push rules from).
+    let files = RelayFiles::new(
+        &db,
+        &[],
+        "[appservices.a]\npush_rules = true\n[appservices.b]\npush_rules = true\n",
+    );
     let (ua, ub, uc) = (a.url(), b.url(), c.url());
     let registrations = [
         AppserviceRegistration {
@@ -375,6 +368,20 @@ async fn relay_against_real_synapse(server: &'static Server) {
         assert_eq!(want_a.get(&k), Some(&v), "Synapse reports for {k:?}");
     }
     assert!(want_a[&key(&a1, Some(&shared_room), "m.fully_read")]["event_id"].is_string());
+    // Push rules: a2 (n = 1) added its override rule and disabled `.m.rule.message`.
+    let rules = &want_a[&key(&a2, None, "m.push_rules")]["global"];
+    let rule = |kind: &str, id: &str| {
+        rules[kind]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["rule_id"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} rule {id} in {rules}"))
+    };
+    assert_eq!(
+        rule("override", "org.example.quiet")["conditions"][0]["pattern"],
+        "quiet1"
+    );
+    assert_eq!(rule("underride", ".m.rule.message")["enabled"], false);
     assert!(want_a.keys().any(|k| k.0 == shared.user_id) && want_b.keys().any(|k| k.0 == shared.user_id));
     assert!(want_a.keys().any(|k| k.0 == A_SENDER));
 
