@@ -7,5 +7,6 @@ mod support;
 mod delivery_tls;
 mod end_to_end;
 mod provisioning;
+mod real_synapse;
 mod replication_connection;
 mod retention;

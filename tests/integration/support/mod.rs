@@ -9,6 +9,7 @@
 pub mod scenario;
 
 pub mod certs;
+pub mod synapse;
 pub mod tls_proxy;
 
 use std::collections::BTreeMap;
