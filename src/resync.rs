@@ -64,7 +64,13 @@ pub async fn enqueue_backfill(
             .collect();
         summary.users += chosen.len() as u64;
         summary.keys += store
-            .enqueue_users(&*client, &appservice.id, &chosen, appservice.push_rules)
+            .enqueue_users(
+                &*client,
+                &appservice.id,
+                &chosen,
+                appservice.push_rules,
+                appservice.room_account_data,
+            )
             .await?;
         after = last;
     }

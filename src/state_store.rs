@@ -327,11 +327,21 @@ impl StateStore {
         appservice: &str,
         users: &[String],
         push_rules: bool,
+        room_account_data: bool,
     ) -> Result<u64, StoreError> {
         if users.is_empty() {
             return Ok(0);
         }
         let (s, seq) = (&self.schema, self.sequence());
+        // Room account data and tags only for appservices that take them.
+        let rooms = if room_account_data {
+            format!(
+                " UNION SELECT user_id, room_id, account_data_type FROM room_account_data WHERE user_id = ANY($2) \
+                  UNION SELECT user_id, room_id, '{TAG_EVENT_TYPE}' FROM room_tags_revisions WHERE user_id = ANY($2)"
+            )
+        } else {
+            String::new()
+        };
         // Every user has push rules (Synapse's defaults at least).
         let push = if push_rules {
             format!(" UNION SELECT u, '', '{PUSH_RULES_EVENT_TYPE}' FROM unnest($2::text[]) AS u")
@@ -343,8 +353,7 @@ impl StateStore {
                 "INSERT INTO {s}.pending_keys (appservice_id, user_id, room_id, data_type, version) \
                  SELECT $1, user_id, room_id, data_type, nextval({seq}) FROM ( \
                    SELECT user_id, '' AS room_id, account_data_type AS data_type FROM account_data WHERE user_id = ANY($2) \
-                   UNION SELECT user_id, room_id, account_data_type FROM room_account_data WHERE user_id = ANY($2) \
-                   UNION SELECT user_id, room_id, '{TAG_EVENT_TYPE}' FROM room_tags_revisions WHERE user_id = ANY($2){push}) AS k \
+                   {rooms}{push}) AS k \
                  ON CONFLICT (appservice_id, user_id, room_id, data_type) DO UPDATE SET version = EXCLUDED.version"
             ),
             &[&appservice, &users],

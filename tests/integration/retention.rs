@@ -388,6 +388,7 @@ on_both_servers!(
     backfill_thousands_of_users,
     first_opt_in_backfills,
     standby_takes_over,
+    backfill_respects_room_account_data_off,
 );
 
 /// A slot invalidated by `max_slot_wal_keep_size` while A is down is detected, re-created, and
@@ -491,4 +492,49 @@ async fn postgres_restarts_lose_nothing() {
         crate::support::diff(&s.b.state(), &want_b)
     );
     assert!(relay.log_text().contains("reconnecting"), "{}", relay.log_text());
+}
+
+/// An appservice that turned room account data off gets none, through backfills as live.
+async fn backfill_respects_room_account_data_off(server: &'static Server) {
+    let s = prepare_with(server, &[], "[appservices.a]\nroom_account_data = false\n").await;
+    let c = &s.db.client;
+    w::set_global(c, "@a_1:example.org", "m.direct", "{\"n\":1}")
+        .await
+        .unwrap();
+    w::set_room(
+        c,
+        "@a_1:example.org",
+        "!r:example.org",
+        "m.fully_read",
+        "{\"event_id\":\"$1\"}",
+    )
+    .await
+    .unwrap();
+    w::add_tag(c, "@a_1:example.org", "!r:example.org", "u.work", "{}")
+        .await
+        .unwrap();
+    recreate_slot(&s);
+    let relay = start_relay(&s).await;
+    let key = ("@a_1:example.org".to_owned(), None, "m.direct".to_owned());
+    assert!(
+        s.a.wait_for(WAIT, |st| st.contains_key(&key)).await,
+        "{}",
+        relay.log_text()
+    );
+    w::add_tag(c, "@a_1:example.org", "!r:example.org", "u.live", "{}")
+        .await
+        .unwrap();
+    w::set_global(c, "@a_1:example.org", "m.direct", "{\"n\":2}")
+        .await
+        .unwrap();
+    let want = serde_json::json!({"n": 2});
+    assert!(
+        s.a.wait_for(WAIT, |st| st.get(&key) == Some(&want)).await,
+        "{}",
+        relay.log_text()
+    );
+    let rooms: Vec<_> = s.a.state().into_keys().filter(|k| k.1.is_some()).collect();
+    assert!(rooms.is_empty(), "room data reached A: {rooms:?}");
+    drop(relay);
+    s.db.drop_slot().await;
 }
