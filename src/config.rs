@@ -21,6 +21,8 @@ use crate::synapse::files::{HomeserverConfig, Registration, SynapseFileError};
 
 /// Default slot and publication name.
 pub const DEFAULT_NAME: &str = "synapse_account_data_relay";
+/// How long SIGTERM waits for requests in flight, unless `[shutdown] timeout` says otherwise.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where Synapse's config lives on a Debian/Ubuntu install (the `matrix-synapse` package).
 pub const DEFAULT_SYNAPSE_CONFIG: &[&str] = &["/etc/matrix-synapse/homeserver.yaml", "/etc/matrix-synapse/conf.d"];
 
@@ -187,6 +189,22 @@ pub struct AppserviceSection {
     pub room_account_data: Option<bool>,
 }
 
+/// `[http]`: the operations endpoint (`/metrics`, `/healthz`, `/readyz`, `/status.json`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address and port to listen on, e.g. `"127.0.0.1:9109"`. Absent: no endpoint.
+    pub listen: Option<String>,
+}
+
+/// `[shutdown]`: what SIGTERM may wait for.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSection {
+    /// How long requests in flight may take to finish before they are given up (default 10s).
+    pub timeout: Option<ConfigDuration>,
+}
+
 /// The relay's config file as written. Every key is optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,6 +219,10 @@ pub struct RelayConfig {
     pub delivery: DeliverySection,
     #[serde(default)]
     pub retention: RetentionSection,
+    #[serde(default)]
+    pub http: HttpSection,
+    #[serde(default)]
+    pub shutdown: ShutdownSection,
     #[serde(default)]
     pub appservices: BTreeMap<String, AppserviceSection>,
 }
@@ -219,7 +241,7 @@ impl RelayConfig {
 }
 
 /// Delivery settings, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliverySettings {
     pub max_entries_per_transaction: usize,
     pub request_timeout: Duration,
@@ -247,7 +269,7 @@ impl Default for DeliverySettings {
 }
 
 /// One appservice the relay delivers to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppserviceSettings {
     pub id: String,
     pub url: String,
@@ -296,6 +318,10 @@ pub struct Settings {
     pub appservices: Vec<AppserviceSettings>,
     pub skipped: Vec<SkippedAppservice>,
     pub synapse_files: Vec<PathBuf>,
+    /// Where the operations endpoint listens (`[http] listen`); `None`: no endpoint.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// How long SIGTERM waits for requests in flight (`[shutdown] timeout`).
+    pub shutdown_timeout: Duration,
 }
 
 impl Settings {
@@ -442,6 +468,25 @@ impl Settings {
             ));
         }
 
+        let http_listen = match &relay.http.listen {
+            None => None,
+            Some(text) => Some(text.trim().parse::<std::net::SocketAddr>().map_err(|e| {
+                invalid(
+                    relay_path,
+                    "http.listen",
+                    format!("{text:?} is not an address and port like \"127.0.0.1:9109\" or \"[::1]:9109\": {e}"),
+                )
+            })?),
+        };
+        let shutdown_timeout = relay.shutdown.timeout.map(|d| d.0).unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+        if shutdown_timeout.is_zero() || shutdown_timeout > Duration::from_secs(600) {
+            return Err(invalid(
+                relay_path,
+                "shutdown.timeout",
+                "must be more than 0 and at most 10m",
+            ));
+        }
+
         let mut appservices = Vec::new();
         let mut skipped = Vec::new();
         let mut seen_ids = BTreeMap::new();
@@ -545,6 +590,8 @@ impl Settings {
             appservices,
             skipped,
             synapse_files: hs.files.clone(),
+            http_listen,
+            shutdown_timeout,
         })
     }
 }
@@ -865,6 +912,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ignore"), "{err}");
+    }
+
+    #[test]
+    fn http_and_shutdown_settings() {
+        let f = Fixture::new(&[("a.yaml", &reg("a", "http://localhost:1", ""))]);
+        let s = f.resolve("").unwrap();
+        assert_eq!(s.http_listen, None, "no endpoint unless configured");
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(10));
+        let s = f
+            .resolve("[http]\nlisten = \"127.0.0.1:9109\"\n[shutdown]\ntimeout = \"3s\"\n")
+            .unwrap();
+        assert_eq!(s.http_listen, Some("127.0.0.1:9109".parse().unwrap()));
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(3));
+        let err = f.resolve("[http]\nlisten = \"localhost\"\n").unwrap_err().to_string();
+        assert!(err.contains("http.listen") && err.contains("localhost"), "{err}");
+        let err = f.resolve("[shutdown]\ntimeout = \"0s\"\n").unwrap_err().to_string();
+        assert!(err.contains("shutdown.timeout"), "{err}");
+        let err = f.resolve("[http]\nport = 1\n").unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
     }
 
     #[test]

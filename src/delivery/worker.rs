@@ -24,6 +24,7 @@ use crate::delivery::retry::{AttemptOutcome, RetryPolicy, RetrySchedule, classif
 use crate::delivery::state::{AppserviceState, DeliveryMode};
 use crate::delivery::transaction::{ResolvedEntry, build_body, transaction_id};
 use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
+use crate::ops::metrics::AppserviceMetrics;
 use crate::pgconfig::PgConnectionConfig;
 use crate::state_store::{RelayMessage, StateStore, StoreError};
 use crate::synapse::current::{read_current, wait_until_visible};
@@ -46,9 +47,12 @@ pub struct DeliveryStats {
 #[derive(Debug)]
 pub struct AppserviceHandle {
     pub settings: AppserviceSettings,
-    state: Mutex<AppserviceState>,
+    /// Shared with a handle that replaces this one on a reload ([`AppserviceHandle::replacing`]).
+    state: Arc<Mutex<AppserviceState>>,
     wake: Notify,
     stats: Mutex<DeliveryStats>,
+    /// This appservice's metric handles (see [`crate::ops::metrics`]).
+    pub metrics: AppserviceMetrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -58,11 +62,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl AppserviceHandle {
     pub fn new(settings: AppserviceSettings) -> AppserviceHandle {
+        AppserviceHandle::with_metrics(settings, AppserviceMetrics::default())
+    }
+
+    /// A handle whose deliveries update `metrics`.
+    pub fn with_metrics(settings: AppserviceSettings, metrics: AppserviceMetrics) -> AppserviceHandle {
         AppserviceHandle {
             settings,
-            state: Mutex::new(AppserviceState::new(DeliveryMode::Live)),
+            state: Arc::new(Mutex::new(AppserviceState::new(DeliveryMode::Live))),
             wake: Notify::new(),
             stats: Mutex::new(DeliveryStats::default()),
+            metrics,
+        }
+    }
+
+    /// A handle with new settings sharing this one's state (queue, mode, keys to record), for a
+    /// reload. Stop this handle's worker first; a recorder still holding this handle keeps
+    /// updating the same state.
+    pub fn replacing(&self, settings: AppserviceSettings, metrics: AppserviceMetrics) -> AppserviceHandle {
+        AppserviceHandle {
+            settings,
+            state: self.state.clone(),
+            wake: Notify::new(),
+            stats: Mutex::new(lock(&self.stats).clone()),
+            metrics,
         }
     }
 
@@ -340,7 +363,16 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
             .collect()
     };
     let outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
-    handle.with_state(|s| s.queue.complete_in_flight());
+    if outcome == Delivery::Delivered {
+        // Before completing: the batch's commits still hold the checkpoint, so their times are known.
+        handle
+            .metrics
+            .observe_commit_latency(batch.entries.iter().map(|e| e.first_lsn));
+    }
+    // Stopped mid-delivery: the transaction stays in flight, holding the checkpoint.
+    if outcome != Delivery::Shutdown {
+        handle.with_state(|s| s.queue.complete_in_flight());
+    }
     ctx.progress.notify_one();
     outcome != Delivery::Shutdown
 }
@@ -433,6 +465,7 @@ async fn deliver(
                     tracing::debug!(appservice = %id, txn_id = %txn_id, entries = entries.len(), bytes = body.len(), "transaction delivered");
                 }
                 handle.with_state(|s| s.delivery_succeeded());
+                handle.metrics.delivered(body.len(), entries.len(), attempt);
                 let mut s = lock(&handle.stats);
                 s.transactions_sent += 1;
                 s.entries_sent += entries.len() as u64;
@@ -442,6 +475,7 @@ async fn deliver(
             }
             AttemptOutcome::Retry { reason, retry_after } => {
                 handle.with_state(|s| s.delivery_failed(Instant::now()));
+                handle.metrics.attempt_failed();
                 let wait = schedule.next_delay(retry_after);
                 {
                     let mut s = lock(&handle.stats);
