@@ -294,6 +294,20 @@ impl AppserviceSettings {
     }
 }
 
+/// `url` for logs and messages: a user name or password in it is replaced by `***`.
+pub fn redacted_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("***");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) if url.contains('@') => "(an unparsable URL with credentials, not shown)".to_owned(),
+        Err(_) => url.to_owned(),
+    }
+}
+
 /// An appservice in Synapse's config that the relay does not serve, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedAppservice {
@@ -519,15 +533,16 @@ impl Settings {
                 Ok(u) => {
                     return Err(ConfigError::Other {
                         message: format!(
-                            "{}: url {url:?} must be http or https, not {:?}",
+                            "{}: url {:?} must be http or https, not {:?}",
                             path.display(),
+                            redacted_url(&url),
                             u.scheme()
                         ),
                     });
                 }
                 Err(e) => {
                     return Err(ConfigError::Other {
-                        message: format!("{}: url {url:?} is not a URL: {e}", path.display()),
+                        message: format!("{}: url {:?} is not a URL: {e}", path.display(), redacted_url(&url)),
                     });
                 }
             }
@@ -912,6 +927,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ignore"), "{err}");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_not_shown() {
+        assert_eq!(
+            redacted_url("https://u:pw@as.example:8/x"),
+            "https://***@as.example:8/x"
+        );
+        assert_eq!(redacted_url("http://as.example/x"), "http://as.example/x");
+        assert!(!redacted_url("http://u:pw@[bad").contains("pw"));
     }
 
     #[test]

@@ -211,7 +211,7 @@ impl Relay {
         for a in &self.settings.appservices {
             tracing::info!(
                 appservice = %a.id,
-                url = %a.url,
+                url = %crate::config::redacted_url(&a.url),
                 registration = %a.registration_path.display(),
                 namespaces = a.user_regexes.len(),
                 room_account_data = a.room_account_data,

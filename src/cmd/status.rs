@@ -327,7 +327,7 @@ pub async fn status(args: &StatusArgs) -> u8 {
                 report.recorded_keys = Some(counts);
             }
         }
-        Err(e) => report.database_error = Some(format!("cannot connect to PostgreSQL: {e}")),
+        Err(e) => report.database_error = Some(e.to_string()),
     }
     if let Some(ep) = &report.endpoint {
         match fetch_relay(ep).await {

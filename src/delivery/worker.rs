@@ -485,7 +485,7 @@ async fn deliver(
                 }
                 tracing::warn!(
                     appservice = %id,
-                    url = %handle.settings.url,
+                    url = %crate::config::redacted_url(&handle.settings.url),
                     txn_id = %txn_id,
                     attempt,
                     error = %reason,

@@ -681,7 +681,7 @@ mod tests {
         m.commit_times.push(Lsn(5), 0);
         h.metrics.observe_commit_latency([Lsn(5), Lsn(6)].into_iter());
         m.decode_errors.get_or_create(&KindLabel { kind: DECODE_ROW }).inc();
-        m.refresh(&[h.clone()]);
+        m.refresh(std::slice::from_ref(&h));
         let text = m.encode_prometheus();
         for needle in [
             "# TYPE synapse_account_data_relay_commit_to_ack_latency_seconds histogram",
