@@ -658,6 +658,34 @@ mod tests {
         ))
     }
 
+    /// The alert rules and the dashboard only use metrics that exist.
+    #[test]
+    fn the_examples_use_existing_metric_names() {
+        let m = Metrics::new();
+        let h = handle("bridge", &m);
+        m.refresh(std::slice::from_ref(&h));
+        m.set_recorded_keys(&BTreeMap::new(), std::slice::from_ref(&h));
+        m.decode_errors.get_or_create(&KindLabel { kind: DECODE_ROW }).inc();
+        m.reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
+        let text = m.encode_prometheus();
+        let names: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let re = regex::Regex::new(r"synapse_account_data_relay_[a-z_]+").unwrap();
+        for (file, content) in [
+            ("prometheus-alerts.yml", include_str!("../../examples/prometheus-alerts.yml")),
+            ("grafana-dashboard.json", include_str!("../../examples/grafana-dashboard.json")),
+        ] {
+            let used: Vec<&str> = re.find_iter(content).map(|x| x.as_str()).collect();
+            assert!(used.len() > 5, "{file}");
+            for name in used {
+                assert!(names.contains(name), "{file} uses {name}, which the relay does not export:\n{text}");
+            }
+        }
+    }
+
     #[test]
     fn commit_times_are_found_by_lsn_and_pruned_below_the_checkpoint() {
         let t = CommitTimes::default();
