@@ -19,7 +19,7 @@ for path in \
   ./usr/share/doc/synapse-account-data-relay/sql/setup.sql; do
   grep -q " $path\$" <<<"$contents" || fail "missing $path"
 done
-grep -Eq '^-rwxr-xr-x root/root .* \./usr/bin/synapse-account-data-relay$' <<<"$contents" || fail "the binary is not 0755 root:root"
+grep -Eq "^-rwxr-xr-x (root/root|0/0) .* \\./usr/bin/synapse-account-data-relay\$" <<<"$contents" || fail "the binary is not 0755 root:root"
 dpkg-deb -I "$deb" conffiles | grep -qx /etc/synapse-account-data-relay/config.toml || fail "config.toml is not a conffile"
 for field in Package Version Architecture Depends Section Description; do
   value="$(dpkg-deb -f "$deb" "$field")"

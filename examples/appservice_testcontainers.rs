@@ -44,7 +44,9 @@ async fn main() -> Result<(), Error> {
     let (pg_name, pg_tag) = image("RELAY_TEST_PG_IMAGE", "synapse-relay-test-postgres:17");
     let postgres = GenericImage::new(pg_name, pg_tag)
         .with_exposed_port(5432.tcp())
-        .with_wait_for(WaitFor::message_on_stderr("database system is ready to accept connections"))
+        .with_wait_for(WaitFor::message_on_stderr(
+            "database system is ready to accept connections",
+        ))
         .with_user("postgres")
         .with_cmd([
             "sh",
@@ -114,9 +116,21 @@ async fn main() -> Result<(), Error> {
         .await?;
 
     // 6. Account data changes the way Synapse writes them; the appservice receives them.
-    synapse_writes::set_global(&db, "@bridge_alice:example.org", "m.direct", r#"{"@bob:example.org":["!dm:example.org"]}"#)
-        .await?;
-    synapse_writes::add_tag(&db, "@bridge_alice:example.org", "!room:example.org", "u.work", r#"{"order":0.5}"#).await?;
+    synapse_writes::set_global(
+        &db,
+        "@bridge_alice:example.org",
+        "m.direct",
+        r#"{"@bob:example.org":["!dm:example.org"]}"#,
+    )
+    .await?;
+    synapse_writes::add_tag(
+        &db,
+        "@bridge_alice:example.org",
+        "!room:example.org",
+        "u.work",
+        r#"{"order":0.5}"#,
+    )
+    .await?;
     let started = Instant::now();
     let got = appservice
         .wait_for(Duration::from_secs(60), |state| state.len() >= 2)
@@ -126,7 +140,10 @@ async fn main() -> Result<(), Error> {
         return Err(format!("the appservice did not receive the account data; relay log:\n{logs}").into());
     }
     for ((user, room, data_type), content) in appservice.state() {
-        println!("received {user} {} {data_type}: {content}", room.as_deref().unwrap_or("(global)"));
+        println!(
+            "received {user} {} {data_type}: {content}",
+            room.as_deref().unwrap_or("(global)")
+        );
     }
     println!("ok: delivered {:?} after the writes", started.elapsed());
     Ok(())

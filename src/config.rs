@@ -930,6 +930,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let f = Fixture::new(&[("a.yaml", &reg("a", "http://localhost:1", ""))]);
+        let s = f.resolve(include_str!("../examples/config.toml")).unwrap();
+        assert_eq!(s.http_listen, Some("127.0.0.1:9109".parse().unwrap()));
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
     fn credentials_in_urls_are_not_shown() {
         assert_eq!(
             redacted_url("https://u:pw@as.example:8/x"),

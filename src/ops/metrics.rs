@@ -675,13 +675,22 @@ mod tests {
             .collect();
         let re = regex::Regex::new(r"synapse_account_data_relay_[a-z_]+").unwrap();
         for (file, content) in [
-            ("prometheus-alerts.yml", include_str!("../../examples/prometheus-alerts.yml")),
-            ("grafana-dashboard.json", include_str!("../../examples/grafana-dashboard.json")),
+            (
+                "prometheus-alerts.yml",
+                include_str!("../../examples/prometheus-alerts.yml"),
+            ),
+            (
+                "grafana-dashboard.json",
+                include_str!("../../examples/grafana-dashboard.json"),
+            ),
         ] {
             let used: Vec<&str> = re.find_iter(content).map(|x| x.as_str()).collect();
             assert!(used.len() > 5, "{file}");
             for name in used {
-                assert!(names.contains(name), "{file} uses {name}, which the relay does not export:\n{text}");
+                assert!(
+                    names.contains(name),
+                    "{file} uses {name}, which the relay does not export:\n{text}"
+                );
             }
         }
     }
