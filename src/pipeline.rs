@@ -307,7 +307,10 @@ impl Relay {
             }
             self.health.set_connected(false);
             match result? {
-                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Shutdown => {
+                    self.verify_final_confirmation(&db).await;
+                    return Ok(());
+                }
                 SessionEnd::SlotTaken => {
                     tracing::warn!(slot = %self.settings.slot_name, "another process took the replication slot over; dropping what was in memory (it is not confirmed, so the slot still has it) and waiting as a standby");
                     self.deactivate();
@@ -322,6 +325,66 @@ impl Relay {
                     }
                 }
             }
+        }
+    }
+
+    /// After the last status update and the end of the stream: check that PostgreSQL recorded
+    /// the confirmed position, and if the released slot is still behind it (a server can lose a
+    /// message sent just before a connection closes), advance the slot there. Bounded to a few
+    /// seconds; a slot taken over by another relay meanwhile is left to it.
+    async fn verify_final_confirmation(&self, db: &SynapseDb) {
+        let Some((_, confirmed)) = self.last_status else {
+            return;
+        };
+        let slot = &self.settings.slot_name;
+        let target = confirmed.to_string();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let client = match db.client().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot check the slot's confirmed position after stopping");
+                    return;
+                }
+            };
+            let row = client
+                .query_opt(
+                    "SELECT active, confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                    &[slot, &target],
+                )
+                .await;
+            match row {
+                Ok(Some(r)) => {
+                    let (active, recorded): (bool, Option<bool>) = (r.get(0), r.get(1));
+                    if recorded == Some(true) {
+                        return;
+                    }
+                    if !active {
+                        match client
+                            .execute(
+                                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
+                                &[slot, &target],
+                            )
+                            .await
+                        {
+                            Ok(_) => {
+                                tracing::info!(slot = %slot, confirmed = %target, "the server had not recorded the last confirmation; advanced the slot to it")
+                            }
+                            Err(e) => {
+                                tracing::warn!(slot = %slot, error = %e, "cannot advance the slot to the last confirmed position; what follows it will be sent again")
+                            }
+                        }
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot check the slot's confirmed position after stopping");
+                    return;
+                }
+            }
+            // The walsender is still releasing the slot (or another relay took it over).
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
