@@ -18,6 +18,8 @@ ALTER TABLE "room_tags_revisions" REPLICA IDENTITY USING INDEX "room_tag_revisio
 CREATE PUBLICATION "synapse_account_data_relay" FOR TABLE "account_data", "room_account_data", "room_tags_revisions" WITH (publish = 'insert, update, truncate');
 -- record each table's replica identity before setup, for teardown to restore
 COMMENT ON PUBLICATION "synapse_account_data_relay" IS 'synapse-account-data-relay; replica identity before setup: account_data=default room_account_data=default room_tags_revisions=default';
+-- create publication "synapse_account_data_relay_push_rules" for push_rules_stream, publishing inserts only (the table has no key and needs no replica identity for that)
+CREATE PUBLICATION "synapse_account_data_relay_push_rules" FOR TABLE "push_rules_stream" WITH (publish = 'insert');
 -- create the relay's state schema "synapse_account_data_relay" (keys to resync for appservices that are down)
 CREATE SCHEMA IF NOT EXISTS "synapse_account_data_relay";
 -- create the relay's state schema "synapse_account_data_relay" (keys to resync for appservices that are down)

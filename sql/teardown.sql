@@ -10,6 +10,8 @@ SET lock_timeout = '5s';
 BEGIN;
 -- drop publication "synapse_account_data_relay" (before touching replica identities)
 DROP PUBLICATION "synapse_account_data_relay";
+-- drop publication "synapse_account_data_relay_push_rules"
+DROP PUBLICATION "synapse_account_data_relay_push_rules";
 -- drop the relay's state schema "synapse_account_data_relay" and the keys it holds
 DROP SCHEMA "synapse_account_data_relay" CASCADE;
 -- restore account_data's replica identity to default

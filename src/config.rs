@@ -23,6 +23,8 @@ use crate::synapse::files::{HomeserverConfig, Registration, SynapseFileError};
 pub const DEFAULT_NAME: &str = "synapse_account_data_relay";
 /// How long SIGTERM waits for requests in flight, unless `[shutdown] timeout` says otherwise.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The push-rules publication's name for the default publication name.
+pub const DEFAULT_PUSH_PUBLICATION: &str = "synapse_account_data_relay_push_rules";
 /// Where Synapse's config lives on a Debian/Ubuntu install (the `matrix-synapse` package).
 pub const DEFAULT_SYNAPSE_CONFIG: &[&str] = &["/etc/matrix-synapse/homeserver.yaml", "/etc/matrix-synapse/conf.d"];
 
@@ -87,6 +89,10 @@ pub struct ReplicationSection {
     pub publication_name: Option<String>,
     /// How often a standby status update is sent (at most 1 s).
     pub status_interval: Option<ConfigDuration>,
+    /// How long the replication connection may stay silent before it is taken for dead (half
+    /// way, the relay asks the server for a reply). Catches network partitions TCP would not
+    /// report for many minutes.
+    pub timeout: Option<ConfigDuration>,
     /// The schema of the relay's own tables in Synapse's database (created by `setup`).
     pub state_schema: Option<String>,
     /// What to do when the slot is invalidated or missing: `resync` (re-create it and resync
@@ -115,6 +121,9 @@ pub struct RetentionSection {
     pub max_failing: Option<ConfigDuration>,
     /// How much WAL one appservice may hold back (e.g. "256MiB").
     pub max_retained_wal: Option<ByteSize>,
+    /// How many keys may wait, with their values, in memory for one appservice before they are
+    /// recorded as keys instead (bounds memory for huge transactions).
+    pub max_queued_keys: Option<usize>,
 }
 
 /// A size written as `"256MiB"`, `"1GB"`, `"512kB"` or a plain number of bytes.
@@ -187,6 +196,22 @@ pub struct AppserviceSection {
     pub account_data: Option<bool>,
     /// Send room account data and tags (`org.matrix.msc3682.room_account_data`). Default true.
     pub room_account_data: Option<bool>,
+    /// Which field carries global account data: `unstable` (`org.matrix.msc3682.account_data`,
+    /// the default), `stable` (`account_data`, once MSC3682 is merged) or `both`.
+    pub field_names: Option<FieldNames>,
+    /// Send the users' `m.push_rules` (fetched from Synapse's client API when they change).
+    pub push_rules: Option<bool>,
+}
+
+pub use crate::delivery::transaction::FieldNames;
+
+/// `[synapse]`: how to reach Synapse itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynapseSection {
+    /// Base URL of Synapse's client API, for push rules (default: Synapse's client listener from
+    /// homeserver.yaml).
+    pub client_url: Option<String>,
 }
 
 /// `[http]`: the operations endpoint (`/metrics`, `/healthz`, `/readyz`, `/status.json`).
@@ -223,6 +248,8 @@ pub struct RelayConfig {
     pub http: HttpSection,
     #[serde(default)]
     pub shutdown: ShutdownSection,
+    #[serde(default)]
+    pub synapse: SynapseSection,
     #[serde(default)]
     pub appservices: BTreeMap<String, AppserviceSection>,
 }
@@ -277,6 +304,11 @@ pub struct AppserviceSettings {
     pub sender_user_id: String,
     pub user_regexes: Vec<String>,
     pub room_account_data: bool,
+    pub field_names: FieldNames,
+    /// Send `m.push_rules`, fetched with `as_token` from Synapse's client API.
+    pub push_rules: bool,
+    /// The appservice's token towards Synapse (to read push rules as its users).
+    pub as_token: Secret,
     /// Also send `?access_token=` (Synapse's `use_appservice_legacy_authorization`).
     pub legacy_authorization: bool,
     pub registration_path: PathBuf,
@@ -323,7 +355,10 @@ pub struct Settings {
     pub postgres: PgConnectionConfig,
     pub slot_name: String,
     pub publication_name: String,
+    /// `<publication_name>_push_rules`.
+    pub push_publication_name: String,
     pub status_interval: Duration,
+    pub replication_timeout: Duration,
     pub state_schema: String,
     pub on_slot_lost: SlotLostPolicy,
     pub failover_slot: bool,
@@ -336,6 +371,8 @@ pub struct Settings {
     pub http_listen: Option<std::net::SocketAddr>,
     /// How long SIGTERM waits for requests in flight (`[shutdown] timeout`).
     pub shutdown_timeout: Duration,
+    /// Synapse's client API (for push rules), when known.
+    pub client_url: Option<String>,
 }
 
 impl Settings {
@@ -344,6 +381,7 @@ impl Settings {
         crate::provision::Names {
             slot: &self.slot_name,
             publication: &self.publication_name,
+            push_publication: &self.push_publication_name,
             state_schema: &self.state_schema,
             failover_slot: self.failover_slot,
         }
@@ -406,7 +444,7 @@ impl Settings {
             .publication_name
             .clone()
             .unwrap_or_else(|| DEFAULT_NAME.into());
-        if publication_name.is_empty() || publication_name.len() > 63 {
+        if publication_name.is_empty() || publication_name.len() > 52 {
             return Err(invalid(
                 relay_path,
                 "replication.publication_name",
@@ -449,7 +487,16 @@ impl Settings {
                 .map(|d| d.0)
                 .unwrap_or(Duration::from_secs(300)),
             max_retained_bytes: relay.retention.max_retained_wal.map(|b| b.0).unwrap_or(256 << 20),
+            max_queued_keys: relay.retention.max_queued_keys.unwrap_or(50_000),
         };
+        let replication_timeout = relay
+            .replication
+            .timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30));
+        if replication_timeout < Duration::from_secs(2) {
+            return Err(invalid(relay_path, "replication.timeout", "must be at least 2s"));
+        }
         let state_schema = relay
             .replication
             .state_schema
@@ -571,9 +618,32 @@ impl Settings {
                 hs_token: reg.hs_token.clone(),
                 user_regexes: reg.user_namespaces.iter().map(|n| n.regex.clone()).collect(),
                 room_account_data: section.and_then(|s| s.room_account_data).unwrap_or(true),
+                field_names: section.and_then(|s| s.field_names).unwrap_or_default(),
+                push_rules: section.and_then(|s| s.push_rules).unwrap_or(false),
+                as_token: reg.as_token.clone(),
                 legacy_authorization: hs.use_appservice_legacy_authorization,
                 registration_path: path.clone(),
             });
+        }
+        let client_url = relay.synapse.client_url.clone().or_else(|| hs.client_url.clone());
+        if let Some(u) = &client_url
+            && !reqwest::Url::parse(u).is_ok_and(|u| u.scheme() == "http" || u.scheme() == "https")
+        {
+            return Err(invalid(
+                relay_path,
+                "synapse.client_url",
+                format!("{u:?} is not an http(s) URL"),
+            ));
+        }
+        if let Some(a) = appservices.iter().find(|a| a.push_rules)
+            && client_url.is_none()
+        {
+            return Err(invalid(
+                relay_path,
+                &format!("appservices.{}.push_rules", a.id),
+                "push rules are read from Synapse's client API, but homeserver.yaml has no client listener: set \
+                 [synapse] client_url",
+            ));
         }
         for id in relay.appservices.keys() {
             if !seen_ids.contains_key(id) {
@@ -595,8 +665,10 @@ impl Settings {
             server_name: hs.server_name.clone(),
             postgres,
             slot_name,
+            push_publication_name: format!("{publication_name}_push_rules"),
             publication_name,
             status_interval,
+            replication_timeout,
             state_schema,
             on_slot_lost: relay.replication.on_slot_lost.unwrap_or_default(),
             failover_slot: relay.replication.failover.unwrap_or(false),
@@ -607,6 +679,7 @@ impl Settings {
             synapse_files: hs.files.clone(),
             http_listen,
             shutdown_timeout,
+            client_url,
         })
     }
 }
@@ -902,7 +975,8 @@ mod tests {
             s.retention,
             RetentionBudget {
                 max_failing: Duration::from_secs(300),
-                max_retained_bytes: 256 << 20
+                max_retained_bytes: 256 << 20,
+                max_queued_keys: 50_000
             }
         );
         assert_eq!(s.on_slot_lost, SlotLostPolicy::Resync);
@@ -914,7 +988,8 @@ mod tests {
             s.retention,
             RetentionBudget {
                 max_failing: Duration::from_secs(2),
-                max_retained_bytes: 1 << 20
+                max_retained_bytes: 1 << 20,
+                max_queued_keys: 50_000
             }
         );
         assert_eq!(s.on_slot_lost, SlotLostPolicy::Fail);

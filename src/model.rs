@@ -103,6 +103,9 @@ pub enum SourceTable {
     RoomAccountData,
     /// `room_tags`: all tags of one (user, room), assembled into one `m.tag` event.
     RoomTags,
+    /// A user's push rules, fetched from Synapse's client API (never rebuilt from tables: the
+    /// defaults live in Synapse's code).
+    PushRules,
 }
 
 /// The value a change carries.

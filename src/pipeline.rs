@@ -29,7 +29,7 @@ use crate::config::{Settings, SlotLostPolicy};
 use crate::delivery::retry::RetryPolicy;
 use crate::delivery::state::{DeliveryMode, Pushed};
 use crate::delivery::worker::{AppserviceHandle, DeliveryContext, DeliveryError, SynapseDb, http_client};
-use crate::model::Lsn;
+use crate::model::{ChangeContent, Lsn, SourceTable};
 use crate::ops::health::Health;
 use crate::ops::metrics::{DECODE_MESSAGE, DECODE_ROW, KindLabel, Metrics, ServedAppservices, SlotStatus};
 use crate::ops::reload::Reload;
@@ -39,7 +39,7 @@ use crate::replication::error::ReplicationError;
 use crate::replication::pgoutput::{self, DecodeError, PgOutputMessage};
 use crate::replication::wire::{self, ReplicationMessage, StandbyStatusUpdate, WireError};
 use crate::resync::enqueue_backfill;
-use crate::routing::{Router, RoutingError};
+use crate::routing::{Router, RoutingError, is_local_user};
 use crate::state_store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
 use crate::supervisor::Workers;
 use crate::synapse::rows::{MappingError, RowMapper, RowOutcome};
@@ -106,6 +106,8 @@ enum SessionError {
     Mapping(#[from] MappingError),
     #[error("the server ended the replication stream")]
     StreamEnded,
+    #[error("nothing received from the server for {0:?} (replication.timeout): taking the connection for dead")]
+    Silent(Duration),
     #[error(
         "the server keeps asking for confirmations the relay cannot give yet (it is shutting down, or waiting for \
          undelivered changes): releasing the connection so it can go on; the unconfirmed changes will be streamed again"
@@ -133,6 +135,8 @@ pub struct Relay {
     reloads: Option<tokio::sync::mpsc::Receiver<Reload>>,
     /// A reload received inside a transaction, applied at its end.
     pending_reload: Option<Reload>,
+    /// Chosen at each activation; part of every transaction id.
+    epoch: u64,
 }
 
 impl Relay {
@@ -144,7 +148,13 @@ impl Relay {
         let handles: Vec<Arc<AppserviceHandle>> = settings
             .appservices
             .iter()
-            .map(|a| Arc::new(AppserviceHandle::with_metrics(a.clone(), metrics.appservice(&a.id))))
+            .map(|a| {
+                Arc::new(AppserviceHandle::with_metrics(
+                    a.clone(),
+                    settings.retention.max_queued_keys,
+                    metrics.appservice(&a.id),
+                ))
+            })
             .collect();
         let served = Arc::new(ServedAppservices::default());
         served.set(handles.clone());
@@ -172,6 +182,7 @@ impl Relay {
             workers: None,
             reloads: None,
             pending_reload: None,
+            epoch: 0,
         })
     }
 
@@ -262,17 +273,32 @@ impl Relay {
     /// Stream until `shutdown` becomes true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
         self.log_appservices();
-        self.preflight().await?;
+        // PostgreSQL may not be up yet (the relay started first, or it is restarting): wait for it.
+        let mut startup = RetryPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+        }
+        .schedule();
+        loop {
+            match self.preflight().await {
+                Ok(()) => break,
+                Err(e @ RunError::Connect { .. }) => {
+                    let wait = startup.next_delay(None);
+                    tracing::warn!(error = %e, retry_in = ?wait, "PostgreSQL is not reachable yet; waiting for it");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if *shutdown.borrow() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let db = Arc::new(SynapseDb::new(self.settings.postgres.clone()));
-        let ctx = Arc::new(DeliveryContext {
-            http: http_client(&self.settings.delivery)?,
-            settings: self.settings.delivery.clone(),
-            db: db.clone(),
-            store: self.store.clone(),
-            progress: Arc::new(Notify::new()),
-            recorder_wake: self.recorder_wake.clone(),
-            shutdown: shutdown.clone(),
-        });
+        let http = http_client(&self.settings.delivery)?;
+        let progress = Arc::new(Notify::new());
         let (poll_stop, poll_stop_rx) = watch::channel(false);
         tokio::spawn(crate::ops::metrics::poll_slot(
             db.clone(),
@@ -292,6 +318,18 @@ impl Relay {
                 stream.finish().await;
                 return Err(e);
             }
+            let ctx = DeliveryContext {
+                http: http.clone(),
+                settings: self.settings.delivery.clone(),
+                db: db.clone(),
+                store: self.store.clone(),
+                client_url: self.settings.client_url.clone(),
+                epoch: self.epoch,
+                progress: progress.clone(),
+                recorder_wake: self.recorder_wake.clone(),
+                // Replaced by the workers' own stop signal.
+                shutdown: shutdown.clone(),
+            };
             let mut workers = Workers::start(&ctx, &self.handles);
             self.spawn_first_opt_in_backfills(&db, workers.background()).await;
             self.workers = Some(workers);
@@ -468,7 +506,7 @@ impl Relay {
         let mut conn = ReplicationConnection::connect(&self.settings.postgres).await?;
         let ident = conn.identify_system().await?;
         let stream = conn
-            .start_logical_replication(&self.settings.slot_name, resume_at, &self.settings.publication_name)
+            .start_logical_replication_of(&self.settings.slot_name, resume_at, &self.publications())
             .await?;
         self.health.set_connected(true);
         tracing::info!(
@@ -547,20 +585,28 @@ impl Relay {
     }
 
     /// Decide each appservice's mode from the state store.
+    ///
+    /// Every appservice starts in recording mode: the slot streams again everything after its
+    /// confirmed position, some of which an earlier run (or the relay that held the slot before)
+    /// may already have delivered, possibly with newer values after it. Recorded, those changes
+    /// are sent with their *current* values, so nothing older than what an appservice already
+    /// has can reach it; the first drain that finds nothing left switches it to live.
     async fn activate(&mut self, db: &SynapseDb) -> Result<(), RunError> {
         let client = db.client().await?;
         let pending = self.store.appservices_with_pending(&*client).await?;
         for h in &self.handles {
-            let mode = if pending.contains(&h.settings.id) {
+            if pending.contains(&h.settings.id) {
                 tracing::info!(appservice = %h.settings.id, "keys recorded for resync are waiting: resuming their delivery");
-                DeliveryMode::Recording { switch_at: None }
-            } else {
-                DeliveryMode::Live
-            };
-            h.reset(mode);
+            }
+            h.reset(DeliveryMode::Recording { switch_at: None });
             h.notify();
         }
         self.tracker = CheckpointTracker::new(Lsn::ZERO);
+        self.epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default()
+            ^ u64::from(std::process::id()).rotate_left(32);
         Ok(())
     }
 
@@ -669,6 +715,8 @@ impl Relay {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Since when the server has been asking for replies we cannot fully give.
         let mut server_waiting: Option<Instant> = None;
+        let mut last_received = Instant::now();
+        let timeout = self.settings.replication_timeout;
         loop {
             tokio::select! {
                 biased;
@@ -690,7 +738,12 @@ impl Relay {
                 }
                 _ = interval.tick() => {
                     self.apply_budget();
-                    self.send_status(&mut stream, false).await?;
+                    let silent = last_received.elapsed();
+                    if silent > timeout {
+                        return Err(SessionError::Silent(silent));
+                    }
+                    // Half way to the timeout, ask the server for a reply (a keepalive).
+                    self.send_status(&mut stream, silent > timeout / 2).await?;
                 }
                 reload = next_reload(&mut self.reloads) => match reload {
                     Some(r) => {
@@ -703,6 +756,7 @@ impl Relay {
                 },
                 payload = stream.next_copy_data() => {
                     let Some(payload) = payload? else { return Err(SessionError::StreamEnded) };
+                    last_received = Instant::now();
                     self.health.activity();
                     match wire::parse_copy_data(payload)? {
                         ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
@@ -711,7 +765,7 @@ impl Relay {
                                 self.observe_position(wal_end);
                             }
                             if reply_requested {
-                                self.send_status(&mut stream, true).await?;
+                                self.send_status(&mut stream, false).await?;
                                 // A walsender asks for replies like this while it waits, before
                                 // exiting, for everything it sent to be confirmed (a fast shutdown or
                                 // restart). Holding the connection would hold the server.
@@ -798,10 +852,19 @@ impl Relay {
             },
             other => match mapper.map(other, tx.commit_lsn, tx.xid) {
                 Ok(RowOutcome::Change(change)) => {
+                    if !is_local_user(&change.key.user_id, &self.settings.server_name) {
+                        tracing::debug!(user_id = %change.key.user_id, "not a local user: ignored");
+                        return Ok(());
+                    }
                     self.router.route_into(&change.key.user_id, &mut self.targets);
                     for &i in &self.targets {
                         let h = &self.handles[i];
                         if change.key.room_id.is_some() && !h.settings.room_account_data {
+                            continue;
+                        }
+                        if change.content == ChangeContent::ReadCurrent(SourceTable::PushRules)
+                            && !h.settings.push_rules
+                        {
                             continue;
                         }
                         if !tx.routed {
@@ -883,6 +946,7 @@ impl Relay {
                 None => {
                     let new = Arc::new(AppserviceHandle::with_metrics(
                         a.clone(),
+                        next.retention.max_queued_keys,
                         self.metrics.appservice(&a.id),
                     ));
                     if reload.with_pending.as_ref().is_some_and(|p| p.contains(&a.id)) {
@@ -970,6 +1034,15 @@ impl Relay {
         }
     }
 
+    /// The publications to stream: the push-rules one only when an appservice wants push rules.
+    fn publications(&self) -> Vec<&str> {
+        let mut v = vec![self.settings.publication_name.as_str()];
+        if self.settings.appservices.iter().any(|a| a.push_rules) {
+            v.push(self.settings.push_publication_name.as_str());
+        }
+        v
+    }
+
     /// The oldest commit LSN with an undelivered change, over all appservices.
     fn oldest_undelivered(&self) -> Option<Lsn> {
         self.handles
@@ -981,7 +1054,7 @@ impl Relay {
     async fn send_status(
         &mut self,
         stream: &mut LogicalReplicationStream,
-        asked: bool,
+        request_reply: bool,
     ) -> Result<(), ReplicationError> {
         let oldest = self.oldest_undelivered();
         let safe = self.tracker.safe_lsn(oldest);
@@ -991,13 +1064,13 @@ impl Relay {
             flush: safe,
             apply: safe,
             client_time_micros: wire::micros_since_pg_epoch(SystemTime::now()),
-            reply_requested: false,
+            reply_requested: request_reply,
         };
         let mut buf = BytesMut::with_capacity(StandbyStatusUpdate::ENCODED_LEN);
         update.encode(&mut buf);
         stream.send_copy_data(&buf).await?;
         if self.last_status.map(|s| s.1) != Some(safe) {
-            tracing::debug!(confirmed = %safe, received = %write, asked, "standby status update");
+            tracing::debug!(confirmed = %safe, received = %write, "standby status update");
         }
         self.last_status = Some((write, safe));
         self.health.status_sent(safe, oldest.is_some());

@@ -153,6 +153,8 @@ pub struct DatabaseState {
     pub current_wal_lsn: Lsn,
     /// Whether the role may create a schema in the database (for the relay's state).
     pub can_create_schema: bool,
+    /// Whether the push-rules publication exists.
+    pub push_publication: bool,
     /// The relay's state schema, if it exists.
     pub state_schema: Option<StateSchemaState>,
 }
@@ -189,6 +191,7 @@ impl DatabaseState {
             current_wal_lsn: Lsn(0),
             can_create_schema: true,
             state_schema: None,
+            push_publication: false,
         }
     }
 }
@@ -339,7 +342,16 @@ pub async fn inspect(client: &tokio_postgres::Client, names: Names<'_>) -> Resul
             ours: r.get(0),
             complete: r.get(1),
         });
+    let push_publication: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&names.push_publication],
+        )
+        .await
+        .map_err(err("reading the push-rules publication"))?
+        .get(0);
     Ok(DatabaseState {
+        push_publication,
         can_create_schema: row.get(10),
         state_schema,
         server_version_num: row.get(0),
@@ -392,6 +404,8 @@ impl std::fmt::Display for Problem {
 pub struct Names<'a> {
     pub slot: &'a str,
     pub publication: &'a str,
+    /// The publication of `push_rules_stream` (inserts only).
+    pub push_publication: &'a str,
     pub state_schema: &'a str,
     /// Whether the slot is (to be) created with `failover = true` (PostgreSQL 17+).
     pub failover_slot: bool,
@@ -549,6 +563,33 @@ pub fn problems(s: &DatabaseState, names: Names<'_>) -> Vec<Problem> {
                 ));
             }
         }
+    }
+    if !s.push_publication {
+        out.push(problem(
+            Severity::NeedsSetup,
+            format!(
+                "publication {:?} (push_rules_stream, inserts only) does not exist",
+                names.push_publication
+            ),
+        ));
+    }
+    match &s.state_schema {
+        Some(st) if st.complete => {}
+        Some(st) if !st.ours => out.push(problem(
+            Severity::Error,
+            format!(
+                "schema {:?} exists but is not the relay's (its comment does not say so); choose another \
+                 replication.state_schema",
+                names.state_schema
+            ),
+        )),
+        _ => out.push(problem(
+            Severity::NeedsSetup,
+            format!(
+                "the relay's state schema {:?} does not exist or is incomplete",
+                names.state_schema
+            ),
+        )),
     }
     match &s.slot {
         None => out.push(problem(
@@ -770,6 +811,20 @@ pub fn setup_plan(s: &DatabaseState, names: Names<'_>) -> Result<Vec<PlanStep>, 
             group: 1,
         });
     }
+    if !s.push_publication {
+        steps.push(PlanStep {
+            description: format!(
+                "create publication {:?} for push_rules_stream, publishing inserts only (the table has no key and \
+                 needs no replica identity for that)",
+                names.push_publication
+            ),
+            sql: format!(
+                "CREATE PUBLICATION {} FOR TABLE \"push_rules_stream\" WITH (publish = 'insert');",
+                escape_identifier(names.push_publication)
+            ),
+            group: 1,
+        });
+    }
     if !s.state_schema.as_ref().is_some_and(|st| st.complete) {
         for sql in crate::state_store::StateStore::create_sql(names.state_schema) {
             steps.push(PlanStep {
@@ -848,6 +903,13 @@ pub fn teardown_plan(s: &DatabaseState, names: Names<'_>) -> (Vec<PlanStep>, Vec
                 names.publication
             ),
             sql: format!("DROP PUBLICATION {};", escape_identifier(names.publication)),
+            group: 1,
+        });
+    }
+    if s.push_publication {
+        group1.push(PlanStep {
+            description: format!("drop publication {:?}", names.push_publication),
+            sql: format!("DROP PUBLICATION {};", escape_identifier(names.push_publication)),
             group: 1,
         });
     }
@@ -987,6 +1049,7 @@ mod tests {
     const NAMES: Names<'static> = Names {
         slot: "relay_slot",
         publication: "relay_pub",
+        push_publication: "relay_pub_push_rules",
         state_schema: "relay_state",
         failover_slot: false,
     };
@@ -1043,6 +1106,7 @@ mod tests {
             confirmed_flush_lsn: Some(Lsn(1)),
             restart_lsn: Some(Lsn(1)),
         });
+        s.push_publication = true;
         s.state_schema = Some(StateSchemaState {
             ours: true,
             complete: true,
@@ -1173,6 +1237,7 @@ pub fn stock_synapse_scripts() -> (String, String) {
     let names = Names {
         slot: crate::config::DEFAULT_NAME,
         publication: crate::config::DEFAULT_NAME,
+        push_publication: crate::config::DEFAULT_PUSH_PUBLICATION,
         state_schema: crate::config::DEFAULT_NAME,
         failover_slot: false,
     };
@@ -1205,6 +1270,7 @@ pub fn stock_synapse_scripts() -> (String, String) {
             ours: true,
             complete: true,
         }),
+        push_publication: true,
         ..stock.clone()
     };
     let (teardown, _) = teardown_plan(&after, names);

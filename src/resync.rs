@@ -63,7 +63,9 @@ pub async fn enqueue_backfill(
             .filter(|u| !interest.route(u).is_empty() && users.is_none_or(|f| !f.route(u).is_empty()))
             .collect();
         summary.users += chosen.len() as u64;
-        summary.keys += store.enqueue_users(&*client, &appservice.id, &chosen).await?;
+        summary.keys += store
+            .enqueue_users(&*client, &appservice.id, &chosen, appservice.push_rules)
+            .await?;
         after = last;
     }
     let tx = client.transaction().await.map_err(|e| StoreError {

@@ -15,6 +15,15 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// Whether `user_id` (`@localpart:server_name`, where the server name may carry a port) belongs
+/// to the homeserver `server_name`.
+pub fn is_local_user(user_id: &str, server_name: &str) -> bool {
+    user_id
+        .strip_prefix('@')
+        .and_then(|rest| rest.split_once(':'))
+        .is_some_and(|(_, server)| server == server_name)
+}
+
 /// What the router needs to know about one appservice.
 #[derive(Debug, Clone)]
 pub struct AppserviceInterest {
@@ -263,6 +272,17 @@ mod tests {
             let got = router.route(user) == vec![0];
             assert_eq!(got, *expected, "re.match({pattern:?}, {user:?})");
         }
+    }
+
+    #[test]
+    fn local_users_are_told_apart() {
+        assert!(is_local_user("@a:example.org", "example.org"));
+        assert!(is_local_user("@a:example.org:8448", "example.org:8448"));
+        assert!(!is_local_user("@a:example.org:8448", "example.org"));
+        assert!(!is_local_user("@a:other.org", "example.org"));
+        assert!(!is_local_user("@a:example.org.evil", "example.org"));
+        assert!(!is_local_user("a:example.org", "example.org"));
+        assert!(!is_local_user("@nocolon", "example.org"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio_postgres::GenericClient;
 
 use crate::model::{AccountDataKey, Lsn, SourceTable};
 use crate::synapse::current::read_current;
-use crate::synapse::rows::TAG_EVENT_TYPE;
+use crate::synapse::rows::{PUSH_RULES_EVENT_TYPE, TAG_EVENT_TYPE};
 
 /// The prefix of the relay's logical decoding messages.
 pub const MESSAGE_PREFIX: &str = "synapse-account-data-relay";
@@ -82,6 +82,7 @@ pub struct PendingPage {
 /// The source table a key's value is read from.
 pub fn source_of(key: &AccountDataKey) -> SourceTable {
     match &key.room_id {
+        None if &*key.data_type == crate::synapse::rows::PUSH_RULES_EVENT_TYPE => SourceTable::PushRules,
         None => SourceTable::AccountData,
         Some(_) if &*key.data_type == TAG_EVENT_TYPE => SourceTable::RoomTags,
         Some(_) => SourceTable::RoomAccountData,
@@ -341,18 +342,25 @@ impl StateStore {
         c: &impl GenericClient,
         appservice: &str,
         users: &[String],
+        push_rules: bool,
     ) -> Result<u64, StoreError> {
         if users.is_empty() {
             return Ok(0);
         }
         let (s, seq) = (&self.schema, self.sequence());
+        // Every user has push rules (Synapse's defaults at least).
+        let push = if push_rules {
+            format!(" UNION SELECT u, '', '{PUSH_RULES_EVENT_TYPE}' FROM unnest($2::text[]) AS u")
+        } else {
+            String::new()
+        };
         c.execute(
             &format!(
                 "INSERT INTO {s}.pending_keys (appservice_id, user_id, room_id, data_type, version) \
                  SELECT $1, user_id, room_id, data_type, nextval({seq}) FROM ( \
                    SELECT user_id, '' AS room_id, account_data_type AS data_type FROM account_data WHERE user_id = ANY($2) \
                    UNION SELECT user_id, room_id, account_data_type FROM room_account_data WHERE user_id = ANY($2) \
-                   UNION SELECT user_id, room_id, '{TAG_EVENT_TYPE}' FROM room_tags_revisions WHERE user_id = ANY($2)) AS k \
+                   UNION SELECT user_id, room_id, '{TAG_EVENT_TYPE}' FROM room_tags_revisions WHERE user_id = ANY($2){push}) AS k \
                  ON CONFLICT (appservice_id, user_id, room_id, data_type) DO UPDATE SET version = EXCLUDED.version"
             ),
             &[&appservice, &users],

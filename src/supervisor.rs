@@ -29,6 +29,8 @@ fn context_with(base: &DeliveryContext, shutdown: watch::Receiver<bool>) -> Arc<
         settings: base.settings.clone(),
         db: base.db.clone(),
         store: base.store.clone(),
+        client_url: base.client_url.clone(),
+        epoch: base.epoch,
         progress: base.progress.clone(),
         recorder_wake: base.recorder_wake.clone(),
         shutdown,

@@ -118,6 +118,7 @@ pub async fn check(args: &CheckArgs) -> u8 {
     let default_names = Names {
         slot: crate::config::DEFAULT_NAME,
         publication: crate::config::DEFAULT_NAME,
+        push_publication: crate::config::DEFAULT_PUSH_PUBLICATION,
         state_schema: crate::config::DEFAULT_NAME,
         failover_slot: false,
     };

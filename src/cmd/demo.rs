@@ -110,6 +110,7 @@ async fn demo_inner(args: &DemoArgs) -> Result<(), String> {
     execute_plan(&mut setup_client, &plan)
         .await
         .map_err(|e| e.to_string())?;
+    drop(setup_client);
     for step in plan.iter().filter(|s| !s.sql.starts_with("SET ")) {
         println!("   {}", step.sql);
     }

@@ -65,6 +65,9 @@ impl std::fmt::Display for SpillReason {
 pub struct RetentionBudget {
     pub max_failing: Duration,
     pub max_retained_bytes: u64,
+    /// Keys an appservice may have waiting with their values in memory (a huge transaction, a
+    /// slow appservice); past it, they are recorded as keys instead.
+    pub max_queued_keys: usize,
 }
 
 /// See the module documentation.
@@ -81,6 +84,8 @@ pub struct AppserviceState {
     flushes: u64,
     /// When the transaction in flight first failed (None while deliveries succeed).
     failing_since: Option<Instant>,
+    /// See [`RetentionBudget::max_queued_keys`].
+    queue_limit: usize,
 }
 
 impl AppserviceState {
@@ -93,7 +98,14 @@ impl AppserviceState {
             recording_oldest: None,
             flushes: 0,
             failing_since: None,
+            queue_limit: usize::MAX,
         }
+    }
+
+    /// Limit the keys waiting in memory (see [`RetentionBudget::max_queued_keys`]).
+    pub fn with_queue_limit(mut self, limit: usize) -> AppserviceState {
+        self.queue_limit = limit.max(1);
+        self
     }
 
     pub fn mode(&self) -> DeliveryMode {
@@ -114,6 +126,11 @@ impl AppserviceState {
             }
         }
         self.queue.push(change);
+        if self.queue.waiting_len() > self.queue_limit {
+            // Memory stays bounded: from here on, keys only.
+            self.spill();
+            return Pushed::Recorded;
+        }
         Pushed::Queued
     }
 
@@ -275,7 +292,21 @@ mod tests {
     const BUDGET: RetentionBudget = RetentionBudget {
         max_failing: Duration::from_secs(300),
         max_retained_bytes: 1000,
+        max_queued_keys: 100,
     };
+
+    #[test]
+    fn too_many_queued_keys_spill_to_recording() {
+        let mut s = AppserviceState::new(DeliveryMode::Live).with_queue_limit(3);
+        for i in 0..3 {
+            assert_eq!(s.push(change(&format!("@u{i}:x"), 10 + i)), Pushed::Queued);
+        }
+        assert_eq!(s.push(change("@u3:x", 20)), Pushed::Recorded);
+        assert_eq!(s.mode(), DeliveryMode::Recording { switch_at: None });
+        assert_eq!(s.unrecorded_len(), 4);
+        assert_eq!(s.push(change("@u4:x", 21)), Pushed::Recorded);
+        assert!(s.queue.is_idle());
+    }
 
     #[test]
     fn live_changes_queue_and_hold_the_slot() {

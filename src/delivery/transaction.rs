@@ -61,8 +61,34 @@ fn push_events<'a>(out: &mut Vec<u8>, events: &[&ResolvedEntry<'a>]) {
     out.extend_from_slice(b"]}");
 }
 
+/// The stable field name, for when MSC3682 is merged.
+pub const ACCOUNT_DATA_FIELD_STABLE: &str = "account_data";
+
+/// Which field carries global account data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldNames {
+    /// `org.matrix.msc3682.account_data` (the MSC's unstable prefix; the default).
+    #[default]
+    Unstable,
+    /// `account_data`.
+    Stable,
+    /// Both, with the same content.
+    Both,
+}
+
+impl FieldNames {
+    fn global_fields(self) -> &'static [&'static str] {
+        match self {
+            FieldNames::Unstable => &[ACCOUNT_DATA_FIELD],
+            FieldNames::Stable => &[ACCOUNT_DATA_FIELD_STABLE],
+            FieldNames::Both => &[ACCOUNT_DATA_FIELD, ACCOUNT_DATA_FIELD_STABLE],
+        }
+    }
+}
+
 /// Build the JSON body for `entries` (whose contents must be valid JSON text).
-pub fn build_body(entries: &[ResolvedEntry<'_>]) -> Vec<u8> {
+pub fn build_body(entries: &[ResolvedEntry<'_>], fields: FieldNames) -> Vec<u8> {
     let mut global: BTreeMap<&str, Vec<&ResolvedEntry<'_>>> = BTreeMap::new();
     let mut rooms: BTreeMap<&str, BTreeMap<&str, Vec<&ResolvedEntry<'_>>>> = BTreeMap::new();
     let mut size = 64;
@@ -80,9 +106,9 @@ pub fn build_body(entries: &[ResolvedEntry<'_>]) -> Vec<u8> {
     }
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(b"{\"events\":[]");
-    if !global.is_empty() {
+    for field in fields.global_fields().iter().filter(|_| !global.is_empty()) {
         out.extend_from_slice(b",\"");
-        out.extend_from_slice(ACCOUNT_DATA_FIELD.as_bytes());
+        out.extend_from_slice(field.as_bytes());
         out.extend_from_slice(b"\":{");
         for (i, (user, events)) in global.iter().enumerate() {
             if i > 0 {
@@ -121,8 +147,15 @@ pub fn build_body(entries: &[ResolvedEntry<'_>]) -> Vec<u8> {
 }
 
 /// The transaction id for a body covering commits `first..=last`.
-pub fn transaction_id(first: Lsn, last: Lsn, body: &[u8]) -> String {
-    let digest = Sha256::digest(body);
+///
+/// `epoch` is chosen when the relay starts streaming: a body that happens to repeat after a
+/// restart gets a new id, because the appservice may have received other values for the same
+/// keys in between, and a receiver that drops repeated ids would otherwise drop it.
+pub fn transaction_id(epoch: u64, first: Lsn, last: Lsn, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(epoch.to_be_bytes());
+    hasher.update(body);
+    let digest = hasher.finalize();
     let mut id = format!("msc3682-{:X}-{:X}-", first.0, last.0);
     for b in &digest[..8] {
         let _ = write!(id, "{b:02x}");
@@ -167,7 +200,7 @@ mod tests {
                 content: r#"{"event_id":"$e"}"#,
             },
         ];
-        let body = build_body(&entries);
+        let body = build_body(&entries, FieldNames::Unstable);
         let v: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
         assert_eq!(
             v,
@@ -192,36 +225,64 @@ mod tests {
         let k = key("@a:x", None, "t");
         // Synapse stores compact JSON with non-ASCII escaped; keep it exactly, even odd spacing.
         let content = r#"{"b": 1.0000,"a":"\u00e9"}"#;
-        let body = build_body(&[ResolvedEntry { key: &k, content }]);
+        let body = build_body(&[ResolvedEntry { key: &k, content }], FieldNames::Unstable);
         assert!(String::from_utf8(body).unwrap().contains(content));
     }
 
     #[test]
     fn empty_fields_are_omitted() {
         let k = key("@a:x", Some("!r:x"), "t");
-        let v: serde_json::Value =
-            serde_json::from_slice(&build_body(&[ResolvedEntry { key: &k, content: "{}" }])).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&build_body(
+            &[ResolvedEntry { key: &k, content: "{}" }],
+            FieldNames::Unstable,
+        ))
+        .unwrap();
         assert!(v.get(ACCOUNT_DATA_FIELD).is_none());
         assert!(v.get(ROOM_ACCOUNT_DATA_FIELD).is_some());
-        assert_eq!(build_body(&[]), br#"{"events":[]}"#);
+        assert_eq!(build_body(&[], FieldNames::Unstable), br#"{"events":[]}"#);
+    }
+
+    #[test]
+    fn field_names_can_be_stable_or_both() {
+        let k = key("@a:x", None, "t");
+        let r = key("@a:x", Some("!r:x"), "t");
+        let entries = [
+            ResolvedEntry {
+                key: &k,
+                content: "{\"v\":1}",
+            },
+            ResolvedEntry { key: &r, content: "{}" },
+        ];
+        let v: serde_json::Value = serde_json::from_slice(&build_body(&entries, FieldNames::Stable)).unwrap();
+        assert!(v.get(ACCOUNT_DATA_FIELD).is_none());
+        assert_eq!(v["account_data"]["@a:x"]["events"][0]["content"]["v"], 1);
+        assert!(v.get(ROOM_ACCOUNT_DATA_FIELD).is_some());
+        let v: serde_json::Value = serde_json::from_slice(&build_body(&entries, FieldNames::Both)).unwrap();
+        assert_eq!(v["account_data"], v[ACCOUNT_DATA_FIELD]);
+        assert_eq!(v["account_data"]["@a:x"]["events"][0]["type"], "t");
     }
 
     #[test]
     fn transaction_ids_are_never_numeric_url_safe_and_follow_the_body() {
-        let a = transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}");
+        let a = transaction_id(1, Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}");
         assert!(a.starts_with("msc3682-16B374D848-16B374D900-"), "{a}");
         assert!(a.parse::<u64>().is_err());
         assert!(a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{a}");
         assert_eq!(
             a,
-            transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}"),
+            transaction_id(1, Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}"),
             "same body, same id"
         );
         assert_ne!(
             a,
-            transaction_id(Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[1]}"),
+            transaction_id(1, Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[1]}"),
             "other body, other id"
         );
-        assert_ne!(a, transaction_id(Lsn(0), Lsn(0x16_B374_D900), b"{\"events\":[]}"));
+        assert_ne!(a, transaction_id(1, Lsn(0), Lsn(0x16_B374_D900), b"{\"events\":[]}"));
+        assert_ne!(
+            a,
+            transaction_id(2, Lsn(0x16_B374_D848), Lsn(0x16_B374_D900), b"{\"events\":[]}"),
+            "another run, another id"
+        );
     }
 }

@@ -26,7 +26,9 @@ use crate::delivery::transaction::{ResolvedEntry, build_body, transaction_id};
 use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
 use crate::ops::metrics::AppserviceMetrics;
 use crate::pgconfig::PgConnectionConfig;
+use crate::state_store::source_of;
 use crate::state_store::{RelayMessage, StateStore, StoreError};
+use crate::synapse::client_api::fetch_push_rules;
 use crate::synapse::current::{read_current, wait_until_visible};
 
 /// What an appservice worker has been doing, for logs, `check` and (later) metrics.
@@ -41,12 +43,15 @@ pub struct DeliveryStats {
     pub last_error: Option<String>,
     /// Pages of recorded keys delivered.
     pub resync_pages: u64,
+    /// Failed attempts to fetch push rules from Synapse's client API.
+    pub push_rule_fetches_failed: u64,
 }
 
 /// One appservice as the pipeline sees it: its settings, shared state and wake-up signal.
 #[derive(Debug)]
 pub struct AppserviceHandle {
     pub settings: AppserviceSettings,
+    queue_limit: usize,
     /// Shared with a handle that replaces this one on a reload ([`AppserviceHandle::replacing`]).
     state: Arc<Mutex<AppserviceState>>,
     wake: Notify,
@@ -61,15 +66,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AppserviceHandle {
-    pub fn new(settings: AppserviceSettings) -> AppserviceHandle {
-        AppserviceHandle::with_metrics(settings, AppserviceMetrics::default())
+    pub fn new(settings: AppserviceSettings, queue_limit: usize) -> AppserviceHandle {
+        AppserviceHandle::with_metrics(settings, queue_limit, AppserviceMetrics::default())
     }
 
     /// A handle whose deliveries update `metrics`.
-    pub fn with_metrics(settings: AppserviceSettings, metrics: AppserviceMetrics) -> AppserviceHandle {
+    pub fn with_metrics(
+        settings: AppserviceSettings,
+        queue_limit: usize,
+        metrics: AppserviceMetrics,
+    ) -> AppserviceHandle {
         AppserviceHandle {
             settings,
-            state: Arc::new(Mutex::new(AppserviceState::new(DeliveryMode::Live))),
+            queue_limit,
+            state: Arc::new(Mutex::new(
+                AppserviceState::new(DeliveryMode::Live).with_queue_limit(queue_limit),
+            )),
             wake: Notify::new(),
             stats: Mutex::new(DeliveryStats::default()),
             metrics,
@@ -82,6 +94,7 @@ impl AppserviceHandle {
     pub fn replacing(&self, settings: AppserviceSettings, metrics: AppserviceMetrics) -> AppserviceHandle {
         AppserviceHandle {
             settings,
+            queue_limit: self.queue_limit,
             state: self.state.clone(),
             wake: Notify::new(),
             stats: Mutex::new(lock(&self.stats).clone()),
@@ -96,7 +109,7 @@ impl AppserviceHandle {
 
     /// Forget everything in memory and start over in `mode` (after losing the slot).
     pub fn reset(&self, mode: DeliveryMode) {
-        *lock(&self.state) = AppserviceState::new(mode);
+        *lock(&self.state) = AppserviceState::new(mode).with_queue_limit(self.queue_limit);
     }
 
     /// Wake the worker (new changes, or a mode change).
@@ -202,6 +215,10 @@ pub struct DeliveryContext {
     pub settings: DeliverySettings,
     pub db: Arc<SynapseDb>,
     pub store: StateStore,
+    /// Synapse's client API, for push rules.
+    pub client_url: Option<String>,
+    /// Chosen when streaming starts; part of every transaction id (see `transaction_id`).
+    pub epoch: u64,
     /// Signalled after each delivered transaction or recorded batch, so the checkpoint can move.
     pub progress: Arc<Notify>,
     /// Wakes the recorder.
@@ -237,6 +254,23 @@ async fn pause(d: Duration, wake: Option<&Notify>, shutdown: &mut watch::Receive
     !*shutdown.borrow()
 }
 
+/// How long one database operation of the workers or the recorder may take. A connection that
+/// takes longer (a network partition TCP does not report) is dropped and made again.
+pub const SQL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `op`, or a "connection lost" error after [`SQL_TIMEOUT`].
+async fn bounded<T>(op: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    match tokio::time::timeout(SQL_TIMEOUT, op).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError {
+            what: "a database operation",
+            message: format!("no answer within {SQL_TIMEOUT:?}"),
+            sqlstate: None,
+            connection_lost: true,
+        }),
+    }
+}
+
 /// Run a database operation until it succeeds (backing off, reconnecting) or shutdown.
 async fn with_db_retry<T, F, Fut>(ctx: &DeliveryContext, id: &str, what: &str, mut op: F) -> Option<T>
 where
@@ -247,7 +281,7 @@ where
     let mut schedule = ctx.policy().schedule();
     loop {
         let result = match ctx.db.client().await {
-            Ok(c) => op(c).await,
+            Ok(c) => bounded(op(c)).await,
             Err(e) => Err(e),
         };
         match result {
@@ -362,6 +396,19 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
             })
             .collect()
     };
+    let mut resolved = resolved;
+    let push_keys: Vec<&AccountDataKey> = batch
+        .entries
+        .iter()
+        .filter(|e| matches!(e.content, ChangeContent::ReadCurrent(SourceTable::PushRules)))
+        .map(|e| &e.key)
+        .collect();
+    if !push_keys.is_empty() {
+        let Some(rules) = fetch_push_rules_retrying(handle, ctx, &push_keys).await else {
+            return false;
+        };
+        resolved.extend(rules);
+    }
     let outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
     if outcome == Delivery::Delivered {
         // Before completing: the batch's commits still hold the checkpoint, so their times are known.
@@ -406,11 +453,23 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
         }
         return pause(Duration::from_secs(1), Some(&handle.wake), &mut shutdown).await;
     }
-    let resolved: Vec<(AccountDataKey, Arc<str>)> = page
+    let mut resolved: Vec<(AccountDataKey, Arc<str>)> = page
         .keys
         .iter()
         .filter_map(|(k, _)| page.values.get(k).map(|v| (k.clone(), v.clone())))
         .collect();
+    let push_keys: Vec<&AccountDataKey> = page
+        .keys
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| source_of(k) == SourceTable::PushRules)
+        .collect();
+    if !push_keys.is_empty() {
+        let Some(rules) = fetch_push_rules_retrying(handle, ctx, &push_keys).await else {
+            return false;
+        };
+        resolved.extend(rules);
+    }
     if deliver(handle, ctx, &resolved, Lsn::ZERO, page.horizon, false).await == Delivery::Shutdown {
         return false;
     }
@@ -421,6 +480,42 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
     .await;
     lock(&handle.stats).resync_pages += 1;
     deleted.is_some()
+}
+
+/// Fetch the push rules of `keys`' users from Synapse's client API, retrying failures like
+/// deliveries (backoff, forever). `None` on shutdown, or when push rules are not configured.
+async fn fetch_push_rules_retrying(
+    handle: &AppserviceHandle,
+    ctx: &DeliveryContext,
+    keys: &[&AccountDataKey],
+) -> Option<Vec<(AccountDataKey, Arc<str>)>> {
+    let id = handle.settings.id.as_str();
+    let Some(base) = ctx.client_url.as_deref() else {
+        tracing::error!(appservice = %id, "push rules changed, but no client API URL is configured; they are not sent");
+        return Some(Vec::new());
+    };
+    let mut shutdown = ctx.shutdown.clone();
+    let mut schedule = ctx.policy().schedule();
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        loop {
+            match fetch_push_rules(&ctx.http, base, &handle.settings.as_token, &key.user_id).await {
+                Ok(rules) => {
+                    out.push(((*key).clone(), Arc::from(rules)));
+                    break;
+                }
+                Err(e) => {
+                    lock(&handle.stats).push_rule_fetches_failed += 1;
+                    let wait = schedule.next_delay(None);
+                    tracing::warn!(appservice = %id, error = %e, retry_in = ?wait, "fetching push rules failed; retrying");
+                    if !pause(wait, None, &mut shutdown).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+    Some(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -449,8 +544,8 @@ async fn deliver(
         .iter()
         .map(|(k, c)| ResolvedEntry { key: k, content: c })
         .collect();
-    let body = bytes::Bytes::from(build_body(&entries));
-    let txn_id = transaction_id(first, last, &body);
+    let body = bytes::Bytes::from(build_body(&entries, handle.settings.field_names));
+    let txn_id = transaction_id(ctx.epoch, first, last, &body);
     let url = format!("{}/_matrix/app/v1/transactions/{txn_id}", handle.settings.url);
     let mut schedule: RetrySchedule = ctx.policy().schedule();
     let mut attempt: u32 = 0;
@@ -609,15 +704,20 @@ pub async fn run_recorder(handles: Vec<Arc<AppserviceHandle>>, ctx: Arc<Delivery
                 let keys: Vec<AccountDataKey> = chunk.iter().map(|(k, _)| k.clone()).collect();
                 result = match ctx.db.client().await {
                     // Recorded keys are read back later: first let their changes become visible.
-                    Ok(c) => match wait_until_visible(&*c, &xids).await {
-                        Ok(()) => ctx.store.record_keys(&*c, id, &keys).await,
-                        Err(e) => Err(StoreError {
-                            what: "waiting for recorded changes to become visible",
-                            message: e.to_string(),
-                            sqlstate: e.sqlstate.clone(),
-                            connection_lost: e.connection_lost,
-                        }),
-                    },
+                    Ok(c) => {
+                        bounded(async {
+                            match wait_until_visible(&*c, &xids).await {
+                                Ok(()) => ctx.store.record_keys(&*c, id, &keys).await,
+                                Err(e) => Err(StoreError {
+                                    what: "waiting for recorded changes to become visible",
+                                    message: e.to_string(),
+                                    sqlstate: e.sqlstate.clone(),
+                                    connection_lost: e.connection_lost,
+                                }),
+                            }
+                        })
+                        .await
+                    }
                     Err(e) => Err(e),
                 };
                 if result.is_err() {

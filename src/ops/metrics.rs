@@ -651,9 +651,13 @@ mod tests {
                 sender_user_id: "@bot:x".into(),
                 user_regexes: vec![],
                 room_account_data: true,
+                field_names: Default::default(),
+                push_rules: false,
+                as_token: crate::model::Secret::new("secret-as-token"),
                 legacy_authorization: false,
                 registration_path: "r.yaml".into(),
             },
+            1000,
             metrics.appservice(id),
         ))
     }

@@ -9,7 +9,8 @@
 //! changes):
 //!
 //! - an **unchanged** appservice keeps its queue and worker;
-//! - a **changed** one (URL, token, namespaces, sender, room account data) keeps its queue,
+//! - a **changed** one (URL, tokens, namespaces, sender, room account data, field names, push
+//!   rules) keeps its queue,
 //!   delivered from now on with the new settings; a transaction in flight at the switch is
 //!   resent with its keys' current values. Changes before the reload were routed by the old
 //!   namespaces, changes after it by the new ones;
@@ -75,6 +76,15 @@ pub fn appservice_changes(old: &AppserviceSettings, new: &AppserviceSettings) ->
     if old.room_account_data != new.room_account_data {
         out.push("room_account_data");
     }
+    if old.field_names != new.field_names {
+        out.push("field_names");
+    }
+    if old.push_rules != new.push_rules {
+        out.push("push_rules");
+    }
+    if old.as_token != new.as_token {
+        out.push("as_token");
+    }
     if old.legacy_authorization != new.legacy_authorization {
         out.push("use_appservice_legacy_authorization");
     }
@@ -107,7 +117,7 @@ pub fn plan(old: &Settings, new: &Settings) -> ReloadPlan {
     if old.shutdown_timeout != new.shutdown_timeout {
         p.applied.push("shutdown.timeout");
     }
-    let restart: [(&'static str, bool); 10] = [
+    let restart: [(&'static str, bool); 13] = [
         ("postgres (the database connection)", old.postgres != new.postgres),
         ("replication.slot_name", old.slot_name != new.slot_name),
         (
@@ -119,6 +129,15 @@ pub fn plan(old: &Settings, new: &Settings) -> ReloadPlan {
             old.status_interval != new.status_interval,
         ),
         ("replication.state_schema", old.state_schema != new.state_schema),
+        (
+            "replication.publication_name (push rules)",
+            old.push_publication_name != new.push_publication_name,
+        ),
+        (
+            "replication.timeout",
+            old.replication_timeout != new.replication_timeout,
+        ),
+        ("synapse.client_url", old.client_url != new.client_url),
         ("replication.on_slot_lost", old.on_slot_lost != new.on_slot_lost),
         ("replication.failover", old.failover_slot != new.failover_slot),
         ("delivery", old.delivery != new.delivery),
@@ -191,6 +210,9 @@ mod tests {
             sender_user_id: format!("@{id}:x"),
             user_regexes: vec![format!("@{id}_.*")],
             room_account_data: true,
+            field_names: Default::default(),
+            push_rules: false,
+            as_token: Secret::new(format!("as-{id}")),
             legacy_authorization: false,
             registration_path: format!("{id}.yaml").into(),
         }
@@ -212,13 +234,16 @@ mod tests {
             },
             slot_name: "s".into(),
             publication_name: "p".into(),
+            push_publication_name: "p_push_rules".into(),
             status_interval: Duration::from_secs(1),
+            replication_timeout: Duration::from_secs(30),
             state_schema: "st".into(),
             on_slot_lost: Default::default(),
             failover_slot: false,
             retention: RetentionBudget {
                 max_failing: Duration::from_secs(300),
                 max_retained_bytes: 1,
+                max_queued_keys: 10,
             },
             delivery: Default::default(),
             appservices,
@@ -226,6 +251,7 @@ mod tests {
             synapse_files: vec![],
             http_listen: None,
             shutdown_timeout: Duration::from_secs(10),
+            client_url: None,
         }
     }
 

@@ -229,15 +229,20 @@ fn parse_fields(mut fields: ErrorFields<'_>, target: &str) -> io::Result<ServerE
 /// The `START_REPLICATION` command for a logical slot with pgoutput protocol version 1, with
 /// logical decoding messages (`pg_logical_emit_message`, PostgreSQL 14+) included.
 ///
-/// The slot is a quoted identifier. The publication name is quoted as an identifier (pgoutput
-/// splits `publication_names` as a list of identifiers) and that text is then quoted as a literal
-/// of the replication command grammar, which only knows `'…'` with doubled quotes (no `E'…'`
-/// strings, so backslashes stay as they are).
-pub fn start_replication_command(slot: &str, start: Lsn, publication: &str) -> String {
+/// The slot is a quoted identifier. Each publication name is quoted as an identifier (pgoutput
+/// splits `publication_names` as a comma-separated list of identifiers) and that list is then
+/// quoted as a literal of the replication command grammar, which only knows `'…'` with doubled
+/// quotes (no `E'…'` strings, so backslashes stay as they are).
+pub fn start_replication_command(slot: &str, start: Lsn, publications: &[&str]) -> String {
+    let list = publications
+        .iter()
+        .map(|p| escape_identifier(p))
+        .collect::<Vec<_>>()
+        .join(",");
     format!(
         "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
         escape_identifier(slot),
-        replication_literal(&escape_identifier(publication)),
+        replication_literal(&list),
     )
 }
 
@@ -701,13 +706,23 @@ impl ReplicationConnection {
     /// Errors such as a missing or busy slot are [`ReplicationError::Server`] errors (see
     /// `is_slot_missing`, `is_slot_in_use`, `is_slot_invalidated`).
     pub async fn start_logical_replication(
-        mut self,
+        self,
         slot: &str,
         start: Lsn,
         publication: &str,
     ) -> Result<LogicalReplicationStream, ReplicationError> {
+        self.start_logical_replication_of(slot, start, &[publication]).await
+    }
+
+    /// As [`ReplicationConnection::start_logical_replication`], for several publications.
+    pub async fn start_logical_replication_of(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        publications: &[&str],
+    ) -> Result<LogicalReplicationStream, ReplicationError> {
         let action = "starting replication";
-        let command = start_replication_command(slot, start, publication);
+        let command = start_replication_command(slot, start, publications);
         tracing::debug!(server = %self.io.target, %command, "starting replication");
         self.io.queue(action, |buf| frontend::query(&command, buf))?;
         self.io.flush(action).await?;
@@ -1169,12 +1184,16 @@ mod tests {
     #[test]
     fn builds_start_replication_commands() {
         assert_eq!(
-            start_replication_command("relay_slot", Lsn(0x16_B374_D848), "relay_pub"),
+            start_replication_command("relay_slot", Lsn(0x16_B374_D848), &["relay_pub"]),
             "START_REPLICATION SLOT \"relay_slot\" LOGICAL 16/B374D848 (proto_version '1', publication_names '\"relay_pub\"', messages 'true')"
         );
         assert_eq!(
-            start_replication_command("s", Lsn::ZERO, "we'ird\"pub\\"),
+            start_replication_command("s", Lsn::ZERO, &["we'ird\"pub\\"]),
             "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '1', publication_names '\"we''ird\"\"pub\\\"', messages 'true')"
+        );
+        assert_eq!(
+            start_replication_command("s", Lsn::ZERO, &["a", "a_push_rules"]),
+            "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '1', publication_names '\"a\",\"a_push_rules\"', messages 'true')"
         );
         // Without backslashes, the literal is what escape_literal produces.
         for value in ["plain", "it's", "\"q\""] {

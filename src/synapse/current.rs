@@ -46,6 +46,8 @@ pub async fn read_current(
     let rooms: Vec<&str> = keys.iter().map(|k| k.room_id.as_deref().unwrap_or("")).collect();
     let types: Vec<&str> = keys.iter().map(|k| &*k.data_type).collect();
     match table {
+        // Not in the tables: fetched from Synapse's client API (`synapse::client_api`).
+        SourceTable::PushRules => {}
         SourceTable::AccountData => {
             let rows = client
                 .query(

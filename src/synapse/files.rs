@@ -105,6 +105,53 @@ struct HomeserverFile {
     database: Option<DatabaseSection>,
     app_service_config_files: Option<Vec<String>>,
     use_appservice_legacy_authorization: Option<bool>,
+    listeners: Option<Vec<Listener>>,
+}
+
+/// One of Synapse's `listeners` (only what the relay needs to find the client API).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct Listener {
+    pub port: Option<u16>,
+    pub bind_addresses: Option<Vec<String>>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub tls: Option<bool>,
+    #[serde(default)]
+    pub resources: Vec<ListenerResource>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct ListenerResource {
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+impl Listener {
+    /// The URL of this listener's client API as seen from this host, if it serves one.
+    pub fn client_url(&self) -> Option<String> {
+        let port = self.port?;
+        if self.kind.as_deref().unwrap_or("http") != "http"
+            || !self.resources.iter().any(|r| r.names.iter().any(|n| n == "client"))
+        {
+            return None;
+        }
+        let scheme = if self.tls.unwrap_or(false) { "https" } else { "http" };
+        let addresses = self.bind_addresses.clone().unwrap_or_default();
+        let host = if addresses.is_empty()
+            || addresses
+                .iter()
+                .any(|a| a == "0.0.0.0" || a == "127.0.0.1" || a == "::")
+        {
+            "127.0.0.1".to_owned()
+        } else if addresses.iter().any(|a| a == "::1") {
+            "[::1]".to_owned()
+        } else if addresses[0].contains(':') {
+            format!("[{}]", addresses[0])
+        } else {
+            addresses[0].clone()
+        };
+        Some(format!("{scheme}://{host}:{port}"))
+    }
 }
 
 /// Synapse's configuration as the relay needs it, merged from all files.
@@ -116,6 +163,8 @@ pub struct HomeserverConfig {
     /// when relative.
     pub app_service_config_files: Vec<PathBuf>,
     pub use_appservice_legacy_authorization: bool,
+    /// The URL of Synapse's client API from its first client listener, if there is one.
+    pub client_url: Option<String>,
     /// The files read, in order (for messages).
     pub files: Vec<PathBuf>,
 }
@@ -158,6 +207,7 @@ impl HomeserverConfig {
         let mut database: Option<(DatabaseSection, PathBuf)> = None;
         let mut as_files: Option<Vec<PathBuf>> = None;
         let mut legacy = None;
+        let mut listeners: Option<Vec<Listener>> = None;
         for f in &files {
             // An empty file (only comments) is valid YAML for Synapse: it contributes nothing.
             let parsed: Option<HomeserverFile> = parse_yaml(f, "a Synapse config file")?;
@@ -174,6 +224,9 @@ impl HomeserverConfig {
             }
             if let Some(l) = parsed.use_appservice_legacy_authorization {
                 legacy = Some(l);
+            }
+            if let Some(l) = parsed.listeners {
+                listeners = Some(l);
             }
         }
         let (server_name, _) = server_name.ok_or_else(|| SynapseFileError::Invalid {
@@ -205,6 +258,7 @@ impl HomeserverConfig {
             database,
             app_service_config_files: as_files.unwrap_or_default(),
             use_appservice_legacy_authorization: legacy.unwrap_or(false),
+            client_url: listeners.unwrap_or_default().iter().find_map(Listener::client_url),
             files,
         })
     }

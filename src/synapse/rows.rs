@@ -28,9 +28,13 @@ pub enum SynapseTable {
     AccountData,
     RoomAccountData,
     RoomTagsRevisions,
+    /// Append-only, without a unique index: in a publication of its own that publishes inserts
+    /// only (so it needs no replica identity).
+    PushRulesStream,
 }
 
 impl SynapseTable {
+    /// The tables published with their updates (each needs a replica identity).
     pub const ALL: [SynapseTable; 3] = [
         SynapseTable::AccountData,
         SynapseTable::RoomAccountData,
@@ -42,6 +46,7 @@ impl SynapseTable {
             SynapseTable::AccountData => "account_data",
             SynapseTable::RoomAccountData => "room_account_data",
             SynapseTable::RoomTagsRevisions => "room_tags_revisions",
+            SynapseTable::PushRulesStream => "push_rules_stream",
         }
     }
 
@@ -51,11 +56,16 @@ impl SynapseTable {
             SynapseTable::AccountData => "account_data_uniqueness",
             SynapseTable::RoomAccountData => "room_account_data_uniqueness",
             SynapseTable::RoomTagsRevisions => "room_tag_revisions_uniqueness",
+            // No unique index, and none needed: its publication publishes inserts only.
+            SynapseTable::PushRulesStream => "",
         }
     }
 
     pub fn from_name(name: &str) -> Option<SynapseTable> {
-        SynapseTable::ALL.into_iter().find(|t| t.name() == name)
+        SynapseTable::ALL
+            .into_iter()
+            .chain([SynapseTable::PushRulesStream])
+            .find(|t| t.name() == name)
     }
 
     fn required_columns(self) -> &'static [&'static str] {
@@ -63,12 +73,15 @@ impl SynapseTable {
             SynapseTable::AccountData => &["user_id", "account_data_type", "content"],
             SynapseTable::RoomAccountData => &["user_id", "room_id", "account_data_type", "content"],
             SynapseTable::RoomTagsRevisions => &["user_id", "room_id"],
+            SynapseTable::PushRulesStream => &["user_id"],
         }
     }
 }
 
 /// The `m.tag` event type.
 pub const TAG_EVENT_TYPE: &str = "m.tag";
+/// The `m.push_rules` event type.
+pub const PUSH_RULES_EVENT_TYPE: &str = "m.push_rules";
 
 #[derive(Debug, Clone)]
 struct Layout {
@@ -257,11 +270,18 @@ impl RowMapper {
         let table = layout.table;
         let user_id = text(tuple, layout.user_id, table, "user_id")?;
         let room_id = match layout.room_id {
-            Some(i) if table != SynapseTable::AccountData => Some(text(tuple, i, table, "room_id")?),
+            Some(i) if matches!(table, SynapseTable::RoomAccountData | SynapseTable::RoomTagsRevisions) => {
+                Some(text(tuple, i, table, "room_id")?)
+            }
             _ => None,
         };
         let (data_type, content) = match table {
             SynapseTable::RoomTagsRevisions => (TAG_EVENT_TYPE, ChangeContent::ReadCurrent(SourceTable::RoomTags)),
+            // Push rules are global, whatever the row says; they are fetched from Synapse.
+            SynapseTable::PushRulesStream => (
+                PUSH_RULES_EVENT_TYPE,
+                ChangeContent::ReadCurrent(SourceTable::PushRules),
+            ),
             SynapseTable::AccountData | SynapseTable::RoomAccountData => {
                 let (Some(t), Some(c)) = (layout.data_type, layout.content) else {
                     return Err(MappingError::BadRow {
@@ -456,6 +476,55 @@ mod tests {
         );
         assert_eq!(c.key.data_type.as_ref(), "m.tag");
         assert_eq!(c.content, ChangeContent::ReadCurrent(SourceTable::RoomTags));
+    }
+
+    #[test]
+    fn push_rules_stream_rows_become_m_push_rules_to_fetch() {
+        let mut m = RowMapper::new();
+        let cols = [
+            "stream_id",
+            "event_stream_ordering",
+            "user_id",
+            "rule_id",
+            "op",
+            "priority_class",
+            "priority",
+            "conditions",
+            "actions",
+            "instance_name",
+        ];
+        m.map(&relation(4, "push_rules_stream", &cols), Lsn(0), 7).unwrap();
+        let c = change(
+            m.map(
+                &PgOutputMessage::Insert {
+                    relation_oid: 4,
+                    new_tuple: tuple(&[
+                        Some("5"),
+                        Some("9"),
+                        Some("@a:x"),
+                        Some("global/override/.m.rule.x"),
+                        Some("ADD"),
+                        Some("5"),
+                        Some("0"),
+                        Some("[]"),
+                        Some("[]"),
+                        None,
+                    ]),
+                },
+                Lsn(100),
+                7,
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            c.key,
+            AccountDataKey {
+                user_id: "@a:x".into(),
+                room_id: None,
+                data_type: "m.push_rules".into()
+            }
+        );
+        assert_eq!(c.content, ChangeContent::ReadCurrent(SourceTable::PushRules));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! watcher process ([`LocalCluster::stop_when_process_exits`]) that does the same once this
 //! process is gone, however it ended.
 
+pub mod proxy;
 pub mod receiver;
 pub mod synapse_writes;
 

@@ -13,6 +13,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use tokio::sync::Notify;
 
 use crate::delivery::transaction::{ACCOUNT_DATA_FIELD, ROOM_ACCOUNT_DATA_FIELD};
@@ -30,6 +31,8 @@ pub enum ReceiverMode {
     Hang,
     /// Accept, after this long (a slow appservice: a request stays in flight meanwhile).
     Delay(Duration),
+    /// Answer 200 and the start of a body, then stall forever.
+    HangMidBody,
 }
 
 /// One accepted transaction.
@@ -80,7 +83,9 @@ fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> tokio::task:
             "/_matrix/app/v1/transactions/{txn_id}",
             axum::routing::put(put_transaction),
         )
-        .with_state(shared);
+        .with_state(shared)
+        // Transactions can carry large account data (tests send 5 MB values).
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     })
@@ -119,6 +124,12 @@ async fn put_transaction(
                 }
             }
             return (StatusCode::SERVICE_UNAVAILABLE, r#"{"errcode":"M_UNKNOWN"}"#).into_response();
+        }
+        ReceiverMode::HangMidBody => {
+            // Status and the start of a body, then nothing: the client must time out.
+            let stream = futures_util::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{\"a\":")) })
+                .chain(futures_util::stream::pending());
+            return (StatusCode::OK, axum::body::Body::from_stream(stream)).into_response();
         }
     }
     let parsed: serde_json::Value = match serde_json::from_slice(&body) {

@@ -217,6 +217,21 @@ async fn systemd_metrics_status_and_sigterm(server: &'static Server) {
         "{ct}"
     );
 
+    // Appservices start in recording mode (resending what the slot streams again with current
+    // values); latency is observed for live deliveries, so write once they are live.
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let base = base.clone();
+            async move {
+                let m = scrape(&base).await;
+                metric(&m, "appservice_recording{appservice=\"a\"}") == 0.0
+                    && metric(&m, "appservice_recording{appservice=\"b\"}") == 0.0
+            }
+        })
+        .await,
+        "not live:\n{}",
+        relay.log_text()
+    );
     write_randomly(&s, rand::random(), 80, 2).await;
     assert_final_states(&s, &relay).await;
     let sent = |m: &BTreeMap<String, f64>, a: &str| {

@@ -84,8 +84,9 @@ async fn setup_defuses_the_replica_identity_landmine(server: &'static Server) {
             "CREATE FUNCTION refuse_unsafe_publication() RETURNS event_trigger LANGUAGE plpgsql AS $$
              BEGIN
                IF EXISTS (SELECT 1 FROM pg_publication_tables pt JOIN pg_class c ON c.relname = pt.tablename
-                          WHERE c.relreplident IN ('d', 'n')) THEN
-                 RAISE EXCEPTION 'a published table lacks a replica identity';
+                          JOIN pg_publication p ON p.pubname = pt.pubname
+                          WHERE c.relreplident IN ('d', 'n') AND (p.pubupdate OR p.pubdelete)) THEN
+                 RAISE EXCEPTION 'a table whose updates are published lacks a replica identity';
                END IF;
              END $$;
              CREATE EVENT TRIGGER guard ON ddl_command_end WHEN TAG IN ('CREATE PUBLICATION', 'ALTER PUBLICATION')
@@ -238,9 +239,11 @@ async fn shipped_sql_prepares_and_restores(server: &'static Server) {
         .batch_execute(&script("setup.sql"))
         .await
         .expect("sql/setup.sql applies");
+    let push_publication = format!("{}_push_rules", db.name);
     let names = Names {
         slot: &db.name,
         publication: &db.name,
+        push_publication: &push_publication,
         state_schema: &db.name,
         failover_slot: false,
     };

@@ -61,6 +61,13 @@ async fn a_dead_appservice_holds_bounded_wal(server: &'static Server) {
     )
     .await;
     let relay = start_relay(&s).await;
+    // A starts in recording mode (everything after the slot's position is resent with current
+    // values); wait until it is live, so that it is the budget that switches it.
+    assert!(
+        wait_for_log(&relay, "back to live delivery appservice=a", Duration::from_secs(30)).await,
+        "{}",
+        relay.log_text()
+    );
     s.a.stop_listening();
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -450,6 +450,11 @@ impl RelayProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL: no chance to confirm anything.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -483,11 +488,6 @@ impl RelayProcess {
                 .args([&format!("-{name}"), &c.id().to_string()])
                 .status();
         }
-    }
-
-    /// The process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
     }
 
     /// Whether the process is still running.

@@ -15,11 +15,12 @@ use crate::support::{RegistrationSpec, RelayFiles, RelayProcess, Server, TestDb,
 pub const WAIT: Duration = Duration::from_secs(60);
 
 /// Appservice A: `@a_*`, `@shared_*` and its sender; B: `@b_*`, `@shared_*`; C: `@c_*`, not opted in.
+/// Only local users (`:example.org`) are ever sent.
 pub fn interested_a(u: &str) -> bool {
-    u.starts_with("@a_") || u.starts_with("@shared_") || u == "@abot:example.org"
+    u.ends_with(":example.org") && (u.starts_with("@a_") || u.starts_with("@shared_") || u == "@abot:example.org")
 }
 pub fn interested_b(u: &str) -> bool {
-    u.starts_with("@b_") || u.starts_with("@shared_") || u == "@bbot:example.org"
+    u.ends_with(":example.org") && (u.starts_with("@b_") || u.starts_with("@shared_") || u == "@bbot:example.org")
 }
 
 pub struct Setup {
@@ -93,7 +94,9 @@ pub const USERS: &[&str] = &[
     "@a_2:example.org",
     "@b_1:example.org",
     "@b_2:example.org",
-    "@b_3:example.org.evil",
+    "@b_3:example.org",
+    // In B's namespace but not on this homeserver: never sent.
+    "@b_remote:other.example",
     "@shared_1:example.org",
     "@c_1:example.org",
     "@nobody:example.org",

@@ -1,0 +1,47 @@
+//! Synapse's client API, for what only Synapse can compute: a user's push rules. The relay never
+//! rebuilds `m.push_rules` from tables (the server defaults live in Synapse's code); it asks
+//! Synapse, as the user, with the appservice's `as_token` and `?user_id=` (appservices may act as
+//! the users in their namespaces), exactly as the appservice itself could.
+
+use crate::model::Secret;
+
+/// A failed fetch. Never carries the token.
+#[derive(Debug, thiserror::Error)]
+#[error("fetching the push rules of {user_id} from Synapse's client API: {message}")]
+pub struct ClientApiError {
+    pub user_id: String,
+    pub message: String,
+}
+
+/// `GET {base}/_matrix/client/v3/pushrules/?user_id={user_id}`: the user's push rules as JSON text
+/// (`{"global": {...}}`, the content of an `m.push_rules` event as /sync shows it).
+pub async fn fetch_push_rules(
+    http: &reqwest::Client,
+    base: &str,
+    as_token: &Secret,
+    user_id: &str,
+) -> Result<String, ClientApiError> {
+    let err = |message: String| ClientApiError {
+        user_id: user_id.to_owned(),
+        message,
+    };
+    let mut url = reqwest::Url::parse(&format!("{}/_matrix/client/v3/pushrules/", base.trim_end_matches('/')))
+        .map_err(|e| err(format!("invalid client API URL: {e}")))?;
+    url.query_pairs_mut().append_pair("user_id", user_id);
+    let resp = http
+        .get(url)
+        .header(reqwest::header::AUTHORIZATION, format!("Bearer {}", as_token.expose()))
+        .send()
+        .await
+        .map_err(|e| err(e.without_url().to_string()))?;
+    let status = resp.status();
+    let body = resp.text().await.map_err(|e| err(e.without_url().to_string()))?;
+    if !status.is_success() {
+        let snippet: String = body.chars().take(200).collect();
+        return Err(err(format!("HTTP status {status}: {snippet}")));
+    }
+    match serde_json::from_str::<&serde_json::value::RawValue>(&body) {
+        Ok(_) => Ok(body),
+        Err(e) => Err(err(format!("the answer is not JSON: {e}"))),
+    }
+}
