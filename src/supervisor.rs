@@ -130,3 +130,14 @@ impl Workers {
         finished
     }
 }
+
+impl Drop for Workers {
+    /// Never leave tasks running without a session: they stop at their next wait.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        let _ = self.recorder_stop.send(true);
+        for task in self.workers.values() {
+            task.abort();
+        }
+    }
+}
