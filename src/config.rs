@@ -21,6 +21,8 @@ use crate::synapse::files::{HomeserverConfig, Registration, SynapseFileError};
 
 /// Default slot and publication name.
 pub const DEFAULT_NAME: &str = "synapse_account_data_relay";
+/// How long SIGTERM waits for requests in flight, unless `[shutdown] timeout` says otherwise.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The push-rules publication's name for the default publication name.
 pub const DEFAULT_PUSH_PUBLICATION: &str = "synapse_account_data_relay_push_rules";
 /// Where Synapse's config lives on a Debian/Ubuntu install (the `matrix-synapse` package).
@@ -212,6 +214,22 @@ pub struct SynapseSection {
     pub client_url: Option<String>,
 }
 
+/// `[http]`: the operations endpoint (`/metrics`, `/healthz`, `/readyz`, `/status.json`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address and port to listen on, e.g. `"127.0.0.1:9109"`. Absent: no endpoint.
+    pub listen: Option<String>,
+}
+
+/// `[shutdown]`: what SIGTERM may wait for.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSection {
+    /// How long requests in flight may take to finish before they are given up (default 10s).
+    pub timeout: Option<ConfigDuration>,
+}
+
 /// The relay's config file as written. Every key is optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,6 +244,10 @@ pub struct RelayConfig {
     pub delivery: DeliverySection,
     #[serde(default)]
     pub retention: RetentionSection,
+    #[serde(default)]
+    pub http: HttpSection,
+    #[serde(default)]
+    pub shutdown: ShutdownSection,
     #[serde(default)]
     pub synapse: SynapseSection,
     #[serde(default)]
@@ -246,7 +268,7 @@ impl RelayConfig {
 }
 
 /// Delivery settings, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliverySettings {
     pub max_entries_per_transaction: usize,
     pub request_timeout: Duration,
@@ -274,7 +296,7 @@ impl Default for DeliverySettings {
 }
 
 /// One appservice the relay delivers to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppserviceSettings {
     pub id: String,
     pub url: String,
@@ -301,6 +323,20 @@ impl AppserviceSettings {
             user_regexes: self.user_regexes.clone(),
             source: self.registration_path.clone(),
         }
+    }
+}
+
+/// `url` for logs and messages: a user name or password in it is replaced by `***`.
+pub fn redacted_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("***");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) if url.contains('@') => "(an unparsable URL with credentials, not shown)".to_owned(),
+        Err(_) => url.to_owned(),
     }
 }
 
@@ -331,6 +367,10 @@ pub struct Settings {
     pub appservices: Vec<AppserviceSettings>,
     pub skipped: Vec<SkippedAppservice>,
     pub synapse_files: Vec<PathBuf>,
+    /// Where the operations endpoint listens (`[http] listen`); `None`: no endpoint.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// How long SIGTERM waits for requests in flight (`[shutdown] timeout`).
+    pub shutdown_timeout: Duration,
     /// Synapse's client API (for push rules), when known.
     pub client_url: Option<String>,
 }
@@ -489,6 +529,25 @@ impl Settings {
             ));
         }
 
+        let http_listen = match &relay.http.listen {
+            None => None,
+            Some(text) => Some(text.trim().parse::<std::net::SocketAddr>().map_err(|e| {
+                invalid(
+                    relay_path,
+                    "http.listen",
+                    format!("{text:?} is not an address and port like \"127.0.0.1:9109\" or \"[::1]:9109\": {e}"),
+                )
+            })?),
+        };
+        let shutdown_timeout = relay.shutdown.timeout.map(|d| d.0).unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+        if shutdown_timeout.is_zero() || shutdown_timeout > Duration::from_secs(600) {
+            return Err(invalid(
+                relay_path,
+                "shutdown.timeout",
+                "must be more than 0 and at most 10m",
+            ));
+        }
+
         let mut appservices = Vec::new();
         let mut skipped = Vec::new();
         let mut seen_ids = BTreeMap::new();
@@ -521,15 +580,16 @@ impl Settings {
                 Ok(u) => {
                     return Err(ConfigError::Other {
                         message: format!(
-                            "{}: url {url:?} must be http or https, not {:?}",
+                            "{}: url {:?} must be http or https, not {:?}",
                             path.display(),
+                            redacted_url(&url),
                             u.scheme()
                         ),
                     });
                 }
                 Err(e) => {
                     return Err(ConfigError::Other {
-                        message: format!("{}: url {url:?} is not a URL: {e}", path.display()),
+                        message: format!("{}: url {:?} is not a URL: {e}", path.display(), redacted_url(&url)),
                     });
                 }
             }
@@ -617,6 +677,8 @@ impl Settings {
             appservices,
             skipped,
             synapse_files: hs.files.clone(),
+            http_listen,
+            shutdown_timeout,
             client_url,
         })
     }
@@ -940,6 +1002,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ignore"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let f = Fixture::new(&[("a.yaml", &reg("a", "http://localhost:1", ""))]);
+        let s = f.resolve(include_str!("../examples/config.toml")).unwrap();
+        assert_eq!(s.http_listen, Some("127.0.0.1:9109".parse().unwrap()));
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn credentials_in_urls_are_not_shown() {
+        assert_eq!(
+            redacted_url("https://u:pw@as.example:8/x"),
+            "https://***@as.example:8/x"
+        );
+        assert_eq!(redacted_url("http://as.example/x"), "http://as.example/x");
+        assert!(!redacted_url("http://u:pw@[bad").contains("pw"));
+    }
+
+    #[test]
+    fn http_and_shutdown_settings() {
+        let f = Fixture::new(&[("a.yaml", &reg("a", "http://localhost:1", ""))]);
+        let s = f.resolve("").unwrap();
+        assert_eq!(s.http_listen, None, "no endpoint unless configured");
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(10));
+        let s = f
+            .resolve("[http]\nlisten = \"127.0.0.1:9109\"\n[shutdown]\ntimeout = \"3s\"\n")
+            .unwrap();
+        assert_eq!(s.http_listen, Some("127.0.0.1:9109".parse().unwrap()));
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(3));
+        let err = f.resolve("[http]\nlisten = \"localhost\"\n").unwrap_err().to_string();
+        assert!(err.contains("http.listen") && err.contains("localhost"), "{err}");
+        let err = f.resolve("[shutdown]\ntimeout = \"0s\"\n").unwrap_err().to_string();
+        assert!(err.contains("shutdown.timeout"), "{err}");
+        let err = f.resolve("[http]\nport = 1\n").unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
     }
 
     #[test]

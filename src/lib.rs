@@ -27,6 +27,7 @@ pub mod replication;
 pub mod resync;
 pub mod routing;
 pub mod state_store;
+pub mod supervisor;
 pub mod synapse;
 pub mod testkit;
 pub mod tls;

@@ -38,6 +38,8 @@ enum Command {
     Check(cmd::check::CheckArgs),
     /// Send an appservice the current account data of its users (safe while `run` is live).
     Backfill(cmd::backfill::BackfillArgs),
+    /// Show the slot's state and lag, and each appservice's state from a running relay.
+    Status(cmd::status::StatusArgs),
     /// Drop the slot and publication and restore replica identity as setup found it.
     Teardown(cmd::teardown::TeardownArgs),
     /// Show the relay working on a throw-away PostgreSQL with a sample appservice.
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
             Command::Check(a) => cmd::check::check(a).await,
             Command::Teardown(a) => cmd::teardown::teardown(a).await,
             Command::Backfill(a) => cmd::backfill::backfill(a).await,
+            Command::Status(a) => cmd::status::status(a).await,
             Command::Demo(a) => cmd::demo::demo(a).await,
         }
     });

@@ -28,11 +28,11 @@ use crate::checkpoint::CheckpointTracker;
 use crate::config::{Settings, SlotLostPolicy};
 use crate::delivery::retry::RetryPolicy;
 use crate::delivery::state::{DeliveryMode, Pushed};
-use crate::delivery::worker::{
-    AppserviceHandle, DeliveryContext, DeliveryError, SynapseDb, http_client, run_recorder, run_worker,
-};
+use crate::delivery::worker::{AppserviceHandle, DeliveryContext, DeliveryError, SynapseDb, http_client};
 use crate::model::{ChangeContent, Lsn, SourceTable};
 use crate::ops::health::Health;
+use crate::ops::metrics::{DECODE_MESSAGE, DECODE_ROW, KindLabel, Metrics, ServedAppservices, SlotStatus};
+use crate::ops::reload::Reload;
 use crate::provision::{Problem, ProvisionError, Severity, inspect, problems};
 use crate::replication::connection::{LogicalReplicationStream, ReplicationConnection};
 use crate::replication::error::ReplicationError;
@@ -41,7 +41,10 @@ use crate::replication::wire::{self, ReplicationMessage, StandbyStatusUpdate, Wi
 use crate::resync::enqueue_backfill;
 use crate::routing::{Router, RoutingError, is_local_user};
 use crate::state_store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
+use crate::supervisor::Workers;
 use crate::synapse::rows::{MappingError, RowMapper, RowOutcome};
+
+mod operations;
 
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,7 @@ const SERVER_WAIT_LIMIT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Copy, Default)]
 struct OpenTx {
     commit_lsn: Lsn,
+    commit_time_micros: i64,
     xid: u32,
     /// Whether any of its changes went to an appservice.
     routed: bool,
@@ -125,6 +129,14 @@ pub struct Relay {
     store: StateStore,
     health: Arc<Health>,
     recorder_wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    served: Arc<ServedAppservices>,
+    slot_status: Arc<SlotStatus>,
+    /// This session's workers and recorder.
+    workers: Option<Workers>,
+    reloads: Option<tokio::sync::mpsc::Receiver<Reload>>,
+    /// A reload received inside a transaction, applied at its end.
+    pending_reload: Option<Reload>,
     /// Chosen at each activation; part of every transaction id.
     epoch: u64,
 }
@@ -134,11 +146,20 @@ impl Relay {
     pub fn new(settings: Settings) -> Result<Relay, RunError> {
         let interests: Vec<_> = settings.appservices.iter().map(|a| a.interest()).collect();
         let router = Router::new(&interests)?;
+        let metrics = Arc::new(Metrics::new());
         let handles: Vec<Arc<AppserviceHandle>> = settings
             .appservices
             .iter()
-            .map(|a| Arc::new(AppserviceHandle::new(a.clone(), settings.retention.max_queued_keys)))
+            .map(|a| {
+                Arc::new(AppserviceHandle::with_metrics(
+                    a.clone(),
+                    settings.retention.max_queued_keys,
+                    metrics.appservice(&a.id),
+                ))
+            })
             .collect();
+        let served = Arc::new(ServedAppservices::default());
+        served.set(handles.clone());
         let by_id = settings
             .appservices
             .iter()
@@ -157,8 +178,35 @@ impl Relay {
             store,
             health: Arc::new(Health::new()),
             recorder_wake: Arc::new(Notify::new()),
+            metrics,
+            served,
+            slot_status: Arc::new(SlotStatus::default()),
+            workers: None,
+            reloads: None,
+            pending_reload: None,
             epoch: 0,
         })
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The appservices served now (replaced on reload).
+    pub fn served(&self) -> Arc<ServedAppservices> {
+        self.served.clone()
+    }
+
+    /// The slot as last read from PostgreSQL (every few seconds while running).
+    pub fn slot_status(&self) -> Arc<SlotStatus> {
+        self.slot_status.clone()
+    }
+
+    /// Apply the validated configurations received on `reloads` (see [`crate::ops::reload`]).
+    pub fn with_reloads(mut self, reloads: tokio::sync::mpsc::Receiver<Reload>) -> Relay {
+        self.reloads = Some(reloads);
+        self
     }
 
     /// The appservice handles (for status and tests).
@@ -176,7 +224,7 @@ impl Relay {
         for a in &self.settings.appservices {
             tracing::info!(
                 appservice = %a.id,
-                url = %a.url,
+                url = %crate::config::redacted_url(&a.url),
                 registration = %a.registration_path.display(),
                 namespaces = a.user_regexes.len(),
                 room_account_data = a.room_account_data,
@@ -253,6 +301,17 @@ impl Relay {
         let db = Arc::new(SynapseDb::new(self.settings.postgres.clone()));
         let http = http_client(&self.settings.delivery)?;
         let progress = Arc::new(Notify::new());
+        let (poll_stop, poll_stop_rx) = watch::channel(false);
+        tokio::spawn(crate::ops::metrics::poll_slot(
+            db.clone(),
+            self.store.clone(),
+            self.settings.slot_name.clone(),
+            self.metrics.clone(),
+            self.slot_status.clone(),
+            self.served.clone(),
+            poll_stop_rx,
+        ));
+        let _poll_stop = poll_stop;
         loop {
             let Some(stream) = self.acquire_slot(&mut shutdown).await? else {
                 return Ok(());
@@ -261,8 +320,7 @@ impl Relay {
                 stream.finish().await;
                 return Err(e);
             }
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let ctx = Arc::new(DeliveryContext {
+            let ctx = DeliveryContext {
                 http: http.clone(),
                 settings: self.settings.delivery.clone(),
                 db: db.clone(),
@@ -271,25 +329,28 @@ impl Relay {
                 epoch: self.epoch,
                 progress: progress.clone(),
                 recorder_wake: self.recorder_wake.clone(),
-                shutdown: stop_rx,
-            });
-            let mut tasks = tokio::task::JoinSet::new();
-            for h in &self.handles {
-                tasks.spawn(run_worker(h.clone(), ctx.clone()));
-            }
-            tasks.spawn(run_recorder(self.handles.clone(), ctx.clone()));
-            self.spawn_first_opt_in_backfills(&db, &mut tasks).await;
+                // Replaced by the workers' own stop signal.
+                shutdown: shutdown.clone(),
+            };
+            let mut workers = Workers::start(&ctx, &self.handles);
+            self.spawn_first_opt_in_backfills(&db, workers.background()).await;
+            self.workers = Some(workers);
             let result = self.replicate(stream, &mut shutdown).await;
-            let _ = stop_tx.send(true);
-            // Give workers a moment to notice; requests in flight are abandoned.
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while tasks.join_next().await.is_some() {}
-            })
-            .await;
-            tasks.shutdown().await;
+            // On shutdown the session already stopped them (before its last status update).
+            if let Some(workers) = self.workers.take() {
+                let wait = match &result {
+                    Ok(SessionEnd::Shutdown) => self.settings.shutdown_timeout,
+                    // Requests in flight are abandoned: nothing they did is confirmed.
+                    _ => Duration::from_secs(2),
+                };
+                workers.stop(wait).await;
+            }
             self.health.set_connected(false);
             match result? {
-                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Shutdown => {
+                    self.verify_final_confirmation(&db).await;
+                    return Ok(());
+                }
                 SessionEnd::SlotTaken => {
                     tracing::warn!(slot = %self.settings.slot_name, "another process took the replication slot over; dropping what was in memory (it is not confirmed, so the slot still has it) and waiting as a standby");
                     self.deactivate();
@@ -312,6 +373,7 @@ impl Relay {
         for h in &self.handles {
             h.reset(DeliveryMode::Live);
         }
+        self.metrics.commit_times.clear();
         self.tracker = CheckpointTracker::new(Lsn::ZERO);
         self.last_status = None;
     }
@@ -345,6 +407,7 @@ impl Relay {
                     return Ok(Some(s));
                 }
                 Err(SessionError::Replication(r)) if r.is_slot_in_use() => {
+                    self.health.set_standby();
                     if !busy_logged {
                         tracing::warn!(slot = %self.settings.slot_name, error = %r, "the replication slot is in use by another process (another relay?): waiting as a standby until it is free");
                         busy_logged = true;
@@ -565,6 +628,13 @@ impl Relay {
                 SessionError::Replication(r) if is_fatal(&r) => return Err(RunError::Replication(r)),
                 SessionError::Mapping(m @ MappingError::MissingColumn { .. }) => return Err(RunError::Mapping(m)),
                 other => {
+                    if matches!(other, SessionError::Wire(_) | SessionError::Decode(_)) {
+                        self.metrics
+                            .decode_errors
+                            .get_or_create(&KindLabel { kind: DECODE_MESSAGE })
+                            .inc();
+                    }
+                    self.metrics.reconnects.inc();
                     let wait = schedule.next_delay(None);
                     tracing::warn!(error = %other, retry_in = ?wait, "replication connection lost; reconnecting");
                     tokio::select! {
@@ -594,6 +664,14 @@ impl Relay {
                 biased;
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
+                        // Stop reading; let the workers finish their requests in flight (or give
+                        // up after shutdown.timeout), then confirm what was delivered.
+                        if let Some(workers) = self.workers.take() {
+                            let timeout = self.settings.shutdown_timeout;
+                            if !workers.stop(timeout).await {
+                                tracing::warn!(timeout = ?timeout, "requests still in flight after shutdown.timeout were given up; their changes stay unconfirmed and will be sent again");
+                            }
+                        }
                         self.send_status(&mut stream, false).await?;
                         stream.finish().await;
                         tracing::info!(confirmed = %self.last_status.map(|s| s.1).unwrap_or_default(), "replication stopped");
@@ -609,6 +687,15 @@ impl Relay {
                     // Half way to the timeout, ask the server for a reply (a keepalive).
                     self.send_status(&mut stream, silent > timeout / 2).await?;
                 }
+                reload = next_reload(&mut self.reloads) => match reload {
+                    Some(r) => {
+                        self.pending_reload = Some(r);
+                        if !self.tracker.in_transaction() {
+                            self.apply_reload().await;
+                        }
+                    }
+                    None => self.reloads = None,
+                },
                 payload = stream.next_copy_data() => {
                     let Some(payload) = payload? else { return Err(SessionError::StreamEnded) };
                     last_received = Instant::now();
@@ -639,6 +726,9 @@ impl Relay {
                         ReplicationMessage::XLogData { data, .. } => {
                             let message = pgoutput::decode(data)?;
                             self.on_message(&message, &mut mapper, &mut tx)?;
+                            if self.pending_reload.is_some() && !self.tracker.in_transaction() {
+                                self.apply_reload().await;
+                            }
                         }
                     }
                 }
@@ -662,9 +752,14 @@ impl Relay {
         tx: &mut OpenTx,
     ) -> Result<(), SessionError> {
         match message {
-            PgOutputMessage::Begin { final_lsn, xid, .. } => {
+            PgOutputMessage::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
                 *tx = OpenTx {
                     commit_lsn: *final_lsn,
+                    commit_time_micros: *commit_time_micros,
                     xid: *xid,
                     routed: false,
                 };
@@ -714,6 +809,10 @@ impl Relay {
                         {
                             continue;
                         }
+                        if !tx.routed {
+                            // Before the first change is queued, so a worker always finds it.
+                            self.metrics.commit_times.push(tx.commit_lsn, tx.commit_time_micros);
+                        }
                         match h.with_state(|s| s.push(change.clone())) {
                             Pushed::Queued => h.notify(),
                             Pushed::Recorded => self.recorder_wake.notify_one(),
@@ -729,7 +828,13 @@ impl Relay {
                 }
                 Ok(RowOutcome::RelationUpdated(t)) => tracing::debug!(table = t.name(), "relation described"),
                 Ok(_) => {}
-                Err(e) if e.is_row_level() => tracing::error!(commit_lsn = %tx.commit_lsn, "{e}"),
+                Err(e) if e.is_row_level() => {
+                    self.metrics
+                        .decode_errors
+                        .get_or_create(&KindLabel { kind: DECODE_ROW })
+                        .inc();
+                    tracing::error!(commit_lsn = %tx.commit_lsn, "{e}")
+                }
                 Err(e) => return Err(e.into()),
             },
         }
@@ -800,7 +905,18 @@ impl Relay {
         }
         self.last_status = Some((write, safe));
         self.health.status_sent(safe, oldest.is_some());
+        self.metrics.commit_times.prune_below(safe);
+        self.metrics.received_position.set(write.0 as i64);
+        self.metrics.confirmed_position.set(safe.0 as i64);
         Ok(())
+    }
+}
+
+/// The next validated configuration, if reloads are wired up.
+async fn next_reload(reloads: &mut Option<tokio::sync::mpsc::Receiver<Reload>>) -> Option<Reload> {
+    match reloads {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -178,6 +178,22 @@ impl StateStore {
         Ok(row.get(0))
     }
 
+    /// Recorded keys per appservice (for metrics and `status`).
+    pub async fn pending_counts(
+        &self,
+        c: &impl GenericClient,
+    ) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        let s = &self.schema;
+        let rows = c
+            .query(
+                &format!("SELECT appservice_id, count(*) FROM {s}.pending_keys GROUP BY appservice_id"),
+                &[],
+            )
+            .await
+            .map_err(store_error("counting keys to resync"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// The appservices served before.
     pub async fn known_appservices(&self, c: &impl GenericClient) -> Result<HashSet<String>, StoreError> {
         let s = &self.schema;

@@ -79,7 +79,7 @@ pub async fn check(args: &CheckArgs) -> u8 {
                 r.ok(format!(
                     "appservice {:?} is served ({}), {} user namespace(s)",
                     a.id,
-                    a.url,
+                    crate::config::redacted_url(&a.url),
                     a.user_regexes.len()
                 ));
             }

@@ -7,6 +7,7 @@ pub mod check;
 pub mod demo;
 pub mod run;
 pub mod setup;
+pub mod status;
 pub mod teardown;
 
 use std::path::PathBuf;

@@ -24,6 +24,7 @@ use crate::delivery::retry::{AttemptOutcome, RetryPolicy, RetrySchedule, classif
 use crate::delivery::state::{AppserviceState, DeliveryMode};
 use crate::delivery::transaction::{ResolvedEntry, build_body, transaction_id};
 use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
+use crate::ops::metrics::AppserviceMetrics;
 use crate::pgconfig::PgConnectionConfig;
 use crate::state_store::source_of;
 use crate::state_store::{RelayMessage, StateStore, StoreError};
@@ -51,9 +52,12 @@ pub struct DeliveryStats {
 pub struct AppserviceHandle {
     pub settings: AppserviceSettings,
     queue_limit: usize,
-    state: Mutex<AppserviceState>,
+    /// Shared with a handle that replaces this one on a reload ([`AppserviceHandle::replacing`]).
+    state: Arc<Mutex<AppserviceState>>,
     wake: Notify,
     stats: Mutex<DeliveryStats>,
+    /// This appservice's metric handles (see [`crate::ops::metrics`]).
+    pub metrics: AppserviceMetrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -63,12 +67,38 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl AppserviceHandle {
     pub fn new(settings: AppserviceSettings, queue_limit: usize) -> AppserviceHandle {
+        AppserviceHandle::with_metrics(settings, queue_limit, AppserviceMetrics::default())
+    }
+
+    /// A handle whose deliveries update `metrics`.
+    pub fn with_metrics(
+        settings: AppserviceSettings,
+        queue_limit: usize,
+        metrics: AppserviceMetrics,
+    ) -> AppserviceHandle {
         AppserviceHandle {
             settings,
             queue_limit,
-            state: Mutex::new(AppserviceState::new(DeliveryMode::Live).with_queue_limit(queue_limit)),
+            state: Arc::new(Mutex::new(
+                AppserviceState::new(DeliveryMode::Live).with_queue_limit(queue_limit),
+            )),
             wake: Notify::new(),
             stats: Mutex::new(DeliveryStats::default()),
+            metrics,
+        }
+    }
+
+    /// A handle with new settings sharing this one's state (queue, mode, keys to record), for a
+    /// reload. Stop this handle's worker first; a recorder still holding this handle keeps
+    /// updating the same state.
+    pub fn replacing(&self, settings: AppserviceSettings, metrics: AppserviceMetrics) -> AppserviceHandle {
+        AppserviceHandle {
+            settings,
+            queue_limit: self.queue_limit,
+            state: self.state.clone(),
+            wake: Notify::new(),
+            stats: Mutex::new(lock(&self.stats).clone()),
+            metrics,
         }
     }
 
@@ -380,7 +410,16 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
         resolved.extend(rules);
     }
     let outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
-    handle.with_state(|s| s.queue.complete_in_flight());
+    if outcome == Delivery::Delivered {
+        // Before completing: the batch's commits still hold the checkpoint, so their times are known.
+        handle
+            .metrics
+            .observe_commit_latency(batch.entries.iter().map(|e| e.first_lsn));
+    }
+    // Stopped mid-delivery: the transaction stays in flight, holding the checkpoint.
+    if outcome != Delivery::Shutdown {
+        handle.with_state(|s| s.queue.complete_in_flight());
+    }
     ctx.progress.notify_one();
     outcome != Delivery::Shutdown
 }
@@ -521,6 +560,7 @@ async fn deliver(
                     tracing::debug!(appservice = %id, txn_id = %txn_id, entries = entries.len(), bytes = body.len(), "transaction delivered");
                 }
                 handle.with_state(|s| s.delivery_succeeded());
+                handle.metrics.delivered(body.len(), entries.len(), attempt);
                 let mut s = lock(&handle.stats);
                 s.transactions_sent += 1;
                 s.entries_sent += entries.len() as u64;
@@ -530,6 +570,7 @@ async fn deliver(
             }
             AttemptOutcome::Retry { reason, retry_after } => {
                 handle.with_state(|s| s.delivery_failed(Instant::now()));
+                handle.metrics.attempt_failed();
                 let wait = schedule.next_delay(retry_after);
                 {
                     let mut s = lock(&handle.stats);
@@ -539,7 +580,7 @@ async fn deliver(
                 }
                 tracing::warn!(
                     appservice = %id,
-                    url = %handle.settings.url,
+                    url = %crate::config::redacted_url(&handle.settings.url),
                     txn_id = %txn_id,
                     attempt,
                     error = %reason,

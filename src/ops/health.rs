@@ -20,6 +20,8 @@ pub struct HealthSnapshot {
     pub confirmed_changed: Option<Instant>,
     /// Whether undelivered changes held the checkpoint at the last status update.
     pub work_pending: bool,
+    /// Whether the relay is waiting as the standby of another process holding the slot.
+    pub standby: bool,
 }
 
 /// Limits for [`assess`].
@@ -31,6 +33,29 @@ pub struct HealthLimits {
     /// With work pending, the confirmed LSN must move at least this often. Set it above the
     /// retention budget's time, after which a failing appservice stops holding the slot.
     pub max_stall: Duration,
+}
+
+impl HealthLimits {
+    /// The limits for a relay running with `settings`: the task sends a status update at least
+    /// every second, so 10 s of silence means it is stuck; with work pending, the confirmed
+    /// position may stand still while an appservice fails (up to `retention.max_failing`, plus a
+    /// request timeout, after which its changes are recorded and the slot moves on), and one
+    /// more minute.
+    pub fn for_settings(settings: &crate::config::Settings) -> HealthLimits {
+        HealthLimits {
+            max_silence: Duration::from_secs(10),
+            max_stall: settings.retention.max_failing + settings.delivery.request_timeout + Duration::from_secs(60),
+        }
+    }
+}
+
+/// Whether a systemd watchdog ping is deserved: the replication task is not stuck. While the
+/// replication connection is down the relay is reconnecting with bounded backoff, or waiting
+/// as a standby, and a restart would not help: the ping goes on (readiness says "not ready").
+/// While connected, it is the readiness verdict: a task that shows no activity, or holds
+/// pending work without confirming anything for too long, is stuck, and systemd restarts it.
+pub fn watchdog_ok(s: &HealthSnapshot, now: Instant, limits: &HealthLimits) -> bool {
+    !s.connected || assess(s, now, limits).ready
 }
 
 /// The verdict.
@@ -85,6 +110,7 @@ impl Health {
                 confirmed: Lsn::ZERO,
                 confirmed_changed: None,
                 work_pending: false,
+                standby: false,
             }),
         }
     }
@@ -96,6 +122,17 @@ impl Health {
     pub fn set_connected(&self, connected: bool) {
         self.update(|s| {
             s.connected = connected;
+            if connected {
+                s.standby = false;
+            }
+            s.last_activity = Some(Instant::now());
+        });
+    }
+
+    /// The slot is held by another process and this relay waits for it.
+    pub fn set_standby(&self) {
+        self.update(|s| {
+            s.standby = true;
             s.last_activity = Some(Instant::now());
         });
     }
@@ -142,7 +179,23 @@ mod tests {
             confirmed: Lsn(100),
             confirmed_changed: Some(t0),
             work_pending: false,
+            standby: false,
         }
+    }
+
+    #[test]
+    fn the_watchdog_is_fed_while_reconnecting_but_not_when_stuck_while_connected() {
+        let t0 = Instant::now();
+        let mut s = snapshot(t0);
+        let late = t0 + Duration::from_secs(3600);
+        assert!(!watchdog_ok(&s, late, &LIMITS), "connected and silent: stuck");
+        s.connected = false;
+        assert!(
+            watchdog_ok(&s, late, &LIMITS),
+            "reconnecting or standby: a restart would not help"
+        );
+        let s = snapshot(t0);
+        assert!(watchdog_ok(&s, t0 + Duration::from_secs(1), &LIMITS));
     }
 
     #[test]

@@ -524,6 +524,11 @@ impl PgIo {
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
             let _ = self.flush("closing the connection").await;
             let _ = self.stream.shutdown().await;
+            // Read until the server closes: closing a socket with unread data in it sends a
+            // reset, which can make the server drop what it has not read yet (such as the last
+            // standby status update, before it records the confirmed position).
+            let mut sink = [0u8; 8192];
+            while matches!(self.stream.read(&mut sink).await, Ok(n) if n > 0) {}
         })
         .await;
     }

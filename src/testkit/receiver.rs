@@ -29,6 +29,8 @@ pub enum ReceiverMode {
     NonJson,
     /// Never answer (until the mode changes or the client gives up).
     Hang,
+    /// Accept, after this long (a slow appservice: a request stays in flight meanwhile).
+    Delay(Duration),
     /// Answer 200 and the start of a body, then stall forever.
     HangMidBody,
 }
@@ -107,6 +109,7 @@ async fn put_transaction(
     };
     match mode {
         ReceiverMode::Accept => {}
+        ReceiverMode::Delay(d) => tokio::time::sleep(d).await,
         ReceiverMode::Fail(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return (status, r#"{"errcode":"M_UNKNOWN","error":"told to fail"}"#).into_response();

@@ -189,6 +189,7 @@ async fn a_dead_appservice_holds_bounded_wal(server: &'static Server) {
         .await,
         "recorded keys are deleted once delivered"
     );
+    // The switch back comes after the drain that finds nothing left (within a second or so).
     assert!(
         wait_for_log(&relay, "back to live delivery", Duration::from_secs(30)).await,
         "{}",

@@ -403,13 +403,20 @@ impl RelayFiles {
 
     /// Start `run` in the background.
     pub fn spawn_run(&self) -> RelayProcess {
+        self.spawn_run_with(&[], &[])
+    }
+
+    /// Start `run` in the background with extra environment variables and arguments.
+    pub fn spawn_run_with(&self, env: &[(&str, &str)], extra: &[&str]) -> RelayProcess {
         let log = self
             .path()
             .join(format!("relay-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(relay_binary())
             .args(self.args("run"))
+            .args(extra)
             .env("RUST_LOG", "synapse_account_data_relay=debug,info")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
@@ -472,6 +479,15 @@ impl RelayProcess {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Send a signal (`HUP`, `TERM`, …) without waiting.
+    pub fn signal(&self, name: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{name}"), &c.id().to_string()])
+                .status();
         }
     }
 
