@@ -738,7 +738,7 @@ impl Relay {
 
     fn observe_position(&self, position: Lsn) {
         for h in &self.handles {
-            if h.with_state(|s| s.observe_position(position)) {
+            if h.observe_position(position) {
                 tracing::info!(appservice = %h.settings.id, position = %position, "back to live delivery");
                 h.notify();
             }

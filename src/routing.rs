@@ -6,11 +6,19 @@
 //! `$`), case-sensitive, Python syntax. `@irc_.*` and `@irc_` are both prefix matches; `@a:x\.org`
 //! also matches `@a:x.org.evil`.
 //!
-//! Here every namespace regex of every appservice is compiled as `^(?:PATTERN)` into one
-//! [`regex::RegexSet`], so one scan of the user id answers for all appservices. Patterns the `regex`
-//! crate rejects (lookaround, backreferences) are compiled with `fancy-regex` instead and
-//! checked one by one; Python's `\Z` is rewritten to `\z` first. A pattern neither accepts is an error naming its registration file.
-//! Pure: no I/O.
+//! Three engines, one answer:
+//! - **literal shapes**, what bridges nearly always write (`@telegram_.*:example\.org`,
+//!   `@_irc_.+`, `@bot:example\.org`): a literal prefix, optionally `.*` or `.+`, optionally a
+//!   literal suffix. Recognised from the parsed pattern (`regex-syntax`), never from its text, and
+//!   matched without a regex engine: the user id's prefixes are looked up in one hash map per
+//!   distinct prefix length, so 5,000 such namespaces cost a handful of lookups per user id;
+//! - every other namespace regex is compiled as `^(?:PATTERN)` into one [`regex::RegexSet`], so one
+//!   scan of the user id answers for all of them;
+//! - patterns the `regex` crate rejects (lookaround, backreferences) are compiled with
+//!   `fancy-regex` instead and checked one by one.
+//!
+//! Python's `\Z` is rewritten to `\z` first. A pattern no engine accepts is an error naming its
+//! registration file. Pure: no I/O.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -56,9 +64,123 @@ pub struct RoutingWarning {
     pub message: String,
 }
 
+/// A namespace of the literal shape `PREFIX`, `PREFIX.*SUFFIX` or `PREFIX.+SUFFIX` (the suffix
+/// possibly empty), with Python's `re.match` semantics: anchored at the start only, `.` any
+/// character but a newline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LiteralShape {
+    prefix: String,
+    /// `None`: nothing after the prefix. `Some(min)`: `.*` (0) or `.+` (1), then `suffix`.
+    any: Option<u32>,
+    suffix: String,
+}
+
+impl LiteralShape {
+    /// The shape of `pattern` (already translated to Rust syntax), if it has one.
+    fn of(pattern: &str) -> Option<LiteralShape> {
+        use regex_syntax::hir::{Dot, Hir, HirKind};
+        let hir = regex_syntax::parse(pattern).ok()?;
+        let mut top = &hir;
+        while let HirKind::Capture(c) = top.kind() {
+            top = &c.sub;
+        }
+        let mut parts: Vec<&Hir> = match top.kind() {
+            HirKind::Concat(parts) => parts.iter().collect(),
+            _ => vec![top],
+        };
+        // Captures around a part change nothing for matching.
+        for part in parts.iter_mut() {
+            while let HirKind::Capture(c) = part.kind() {
+                *part = &c.sub;
+            }
+        }
+        let dot = Hir::dot(Dot::AnyCharExceptLF);
+        let mut shape = LiteralShape {
+            prefix: String::new(),
+            any: None,
+            suffix: String::new(),
+        };
+        for part in parts {
+            let text = match part.kind() {
+                HirKind::Literal(l) => std::str::from_utf8(&l.0).ok()?,
+                HirKind::Empty => "",
+                HirKind::Repetition(r) if shape.any.is_none() && r.max.is_none() && r.min <= 1 && *r.sub == dot => {
+                    shape.any = Some(r.min);
+                    continue;
+                }
+                _ => return None,
+            };
+            match shape.any {
+                None => shape.prefix.push_str(text),
+                Some(_) => shape.suffix.push_str(text),
+            }
+        }
+        Some(shape)
+    }
+
+    /// `re.match` of this shape on `user_id`, which is known to start with the prefix.
+    fn matches_rest(&self, rest: &str) -> bool {
+        let Some(min) = self.any else { return true };
+        // The first place the suffix can start: after `min` characters.
+        let first = match min {
+            0 => 0,
+            _ => match rest.chars().next() {
+                Some(c) => c.len_utf8(),
+                None => return false,
+            },
+        };
+        // `.` stops at a newline; the earliest occurrence of the suffix is the one to try, as
+        // any later one would span at least the same characters.
+        let at = match rest[first..].find(self.suffix.as_str()) {
+            Some(at) => first + at,
+            None => return false,
+        };
+        !rest[..at].contains('\n')
+    }
+}
+
+/// Literal-shape namespaces indexed by prefix: one map per distinct prefix length.
+#[derive(Debug, Default)]
+struct PrefixIndex {
+    /// (prefix length in bytes, prefix → (shape, appservice) pairs), by length.
+    by_length: Vec<(usize, HashMap<String, Vec<(LiteralShape, usize)>>)>,
+}
+
+impl PrefixIndex {
+    fn insert(&mut self, shape: LiteralShape, appservice: usize) {
+        let len = shape.prefix.len();
+        let slot = match self.by_length.iter().position(|(l, _)| *l == len) {
+            Some(i) => i,
+            None => {
+                self.by_length.push((len, HashMap::new()));
+                self.by_length.len() - 1
+            }
+        };
+        let entries = self.by_length[slot].1.entry(shape.prefix.clone()).or_default();
+        if !entries.contains(&(shape.clone(), appservice)) {
+            entries.push((shape, appservice));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_length.is_empty()
+    }
+
+    fn matches_into(&self, user_id: &str, out: &mut Vec<usize>) {
+        for (len, map) in &self.by_length {
+            let Some(head) = user_id.get(..*len) else { continue };
+            if let Some(entries) = map.get(head) {
+                let rest = &user_id[*len..];
+                out.extend(entries.iter().filter(|(s, _)| s.matches_rest(rest)).map(|(_, a)| *a));
+            }
+        }
+    }
+}
+
 /// user id → indices (into the slice given to [`Router::new`]) of the interested appservices.
 #[derive(Debug)]
 pub struct Router {
+    literal: PrefixIndex,
     set: regex::RegexSet,
     /// For each pattern of `set`, the appservice it belongs to.
     set_owner: Vec<usize>,
@@ -70,6 +192,7 @@ pub struct Router {
 
 impl Router {
     pub fn new(appservices: &[AppserviceInterest]) -> Result<Router, RoutingError> {
+        let mut literal = PrefixIndex::default();
         let mut set_patterns = Vec::new();
         let mut set_owner = Vec::new();
         let mut fancy = Vec::new();
@@ -78,13 +201,18 @@ impl Router {
         for (i, a) in appservices.iter().enumerate() {
             senders.entry(a.sender_user_id.clone()).or_default().push(i);
             for p in &a.user_regexes {
-                let anchored = format!("^(?:{})", translate_python_syntax(p));
+                let translated = translate_python_syntax(p);
+                let anchored = format!("^(?:{translated})");
                 if let Some(message) = python_difference(p) {
                     warnings.push(RoutingWarning {
                         appservice: a.id.clone(),
                         pattern: p.clone(),
                         message,
                     });
+                }
+                if let Some(shape) = LiteralShape::of(&translated) {
+                    literal.insert(shape, i);
+                    continue;
                 }
                 match regex::Regex::new(&anchored) {
                     Ok(_) => {
@@ -118,6 +246,7 @@ impl Router {
                 fancy_error: String::new(),
             })?;
         Ok(Router {
+            literal,
             set,
             set_owner,
             fancy,
@@ -137,6 +266,9 @@ impl Router {
         out.clear();
         if let Some(s) = self.senders.get(user_id) {
             out.extend_from_slice(s);
+        }
+        if !self.literal.is_empty() {
+            self.literal.matches_into(user_id, out);
         }
         if !self.set_owner.is_empty() {
             out.extend(self.set.matches(user_id).into_iter().map(|p| self.set_owner[p]));
@@ -331,6 +463,59 @@ mod tests {
         let r = Router::new(&[interest("a", "@s:x", &["@[[:alpha:]]+:x", "@plain_.*"])]).unwrap();
         assert_eq!(r.warnings().len(), 1);
         assert_eq!(r.warnings()[0].pattern, "@[[:alpha:]]+:x");
+    }
+
+    #[test]
+    fn literal_shapes_are_recognised_from_the_parsed_pattern() {
+        let shape = |p: &str| LiteralShape::of(&translate_python_syntax(p));
+        let s = shape("@telegram_.*:example\\.org").unwrap();
+        assert_eq!((s.prefix.as_str(), s.any, s.suffix.as_str()), ("@telegram_", Some(0), ":example.org"));
+        let s = shape("@_irc_.+").unwrap();
+        assert_eq!((s.prefix.as_str(), s.any, s.suffix.as_str()), ("@_irc_", Some(1), ""));
+        let s = shape("@bot:example\\.org").unwrap();
+        assert_eq!((s.prefix.as_str(), s.any), ("@bot:example.org", None));
+        let s = shape("(@wa_.*)").unwrap();
+        assert_eq!((s.prefix.as_str(), s.any), ("@wa_", Some(0)));
+        assert_eq!(shape("").unwrap().prefix, "");
+        // Everything else goes to a regex engine.
+        for p in [
+            "@a:example.org",           // `.` unescaped is a class
+            "@a_.*:example\\.org$",   // an end anchor
+            "@x_.*_.*:y",               // two repetitions
+            "(?i)@irc_.*",              // case-insensitive
+            "@[0-9]+:x",                // a class
+            "@(?s:.*)x",                // `.` matching newlines too
+            "@a.*?b",                   // lazy: same matches, still a literal shape
+        ] {
+            let got = shape(p);
+            if p == "@a.*?b" {
+                assert!(got.is_some(), "{p}");
+            } else {
+                assert!(got.is_none(), "{p} taken for a literal shape: {got:?}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// The literal-shape engine answers exactly as the regex engine does for the same pattern.
+        #[test]
+        fn literal_shapes_match_like_the_regex_engine(
+            prefix in "[@a_\\n]{0,3}",
+            any in proptest::option::of(0u32..2),
+            suffix in "[:a.\\n]{0,3}",
+            user in "[@a_:.\\nü]{0,8}",
+        ) {
+            let esc = |s: &str| regex::escape(s);
+            let pattern = match any {
+                None => esc(&prefix),
+                Some(0) => format!("{}.*{}", esc(&prefix), esc(&suffix)),
+                Some(_) => format!("{}.+{}", esc(&prefix), esc(&suffix)),
+            };
+            let shape = LiteralShape::of(&pattern).expect("a literal shape");
+            let fast = user.starts_with(&shape.prefix) && shape.matches_rest(&user[shape.prefix.len()..]);
+            let slow = regex::Regex::new(&format!("^(?:{pattern})")).unwrap().is_match(&user);
+            proptest::prop_assert_eq!(fast, slow, "pattern {:?} user {:?}", pattern, user);
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! See [`crate::delivery::state`] for the rules these follow.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,10 @@ pub struct AppserviceHandle {
     queue_limit: usize,
     /// Shared with a handle that replaces this one on a reload ([`AppserviceHandle::replacing`]).
     state: Arc<Mutex<AppserviceState>>,
+    /// The position at which the state would switch back to live (`u64::MAX`: none), kept
+    /// beside the state so the replication task, which reports every commit's position, takes
+    /// the lock only when that can change something.
+    switch_at: Arc<AtomicU64>,
     wake: Notify,
     stats: Mutex<DeliveryStats>,
     /// This appservice's metric handles (see [`crate::ops::metrics`]).
@@ -82,6 +87,7 @@ impl AppserviceHandle {
             state: Arc::new(Mutex::new(
                 AppserviceState::new(DeliveryMode::Live).with_queue_limit(queue_limit),
             )),
+            switch_at: Arc::new(AtomicU64::new(u64::MAX)),
             wake: Notify::new(),
             stats: Mutex::new(DeliveryStats::default()),
             metrics,
@@ -96,6 +102,7 @@ impl AppserviceHandle {
             settings,
             queue_limit: self.queue_limit,
             state: self.state.clone(),
+            switch_at: self.switch_at.clone(),
             wake: Notify::new(),
             stats: Mutex::new(lock(&self.stats).clone()),
             metrics,
@@ -104,12 +111,34 @@ impl AppserviceHandle {
 
     /// Run `f` on the shared state (briefly: the lock is shared with the replication task).
     pub fn with_state<R>(&self, f: impl FnOnce(&mut AppserviceState) -> R) -> R {
-        f(&mut lock(&self.state))
+        let mut state = lock(&self.state);
+        let r = f(&mut state);
+        self.publish_switch_at(&state);
+        r
+    }
+
+    fn publish_switch_at(&self, state: &AppserviceState) {
+        let at = match state.mode() {
+            DeliveryMode::Recording { switch_at: Some(l) } => l.0,
+            _ => u64::MAX,
+        };
+        self.switch_at.store(at, Ordering::Release);
+    }
+
+    /// The stream has passed `position`: returns true if that switched the appservice back to
+    /// live (see [`AppserviceState::observe_position`]). Lock-free unless it can.
+    pub fn observe_position(&self, position: Lsn) -> bool {
+        if position.0 < self.switch_at.load(Ordering::Acquire) {
+            return false;
+        }
+        self.with_state(|s| s.observe_position(position))
     }
 
     /// Forget everything in memory and start over in `mode` (after losing the slot).
     pub fn reset(&self, mode: DeliveryMode) {
-        *lock(&self.state) = AppserviceState::new(mode).with_queue_limit(self.queue_limit);
+        let mut state = lock(&self.state);
+        *state = AppserviceState::new(mode).with_queue_limit(self.queue_limit);
+        self.publish_switch_at(&state);
     }
 
     /// Wake the worker (new changes, or a mode change).
