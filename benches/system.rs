@@ -3,7 +3,7 @@
 //! ```text
 //! cargo bench --bench system                          # everything, full size (about 10 minutes)
 //! cargo bench --bench system -- --short               # the small form .ci/run prints (about 1 minute)
-//! cargo bench --bench system -- --only drain --changes 1000000
+//! cargo bench --bench system -- --only drain --changes 1000000 --appservices 1,100
 //! cargo bench --bench system -- --only latency --rates 100,1000,10000 --seconds 20
 //! cargo bench --bench system -- --only outage --changes 1000000 --keys 100000
 //! ```
@@ -55,6 +55,7 @@ struct Options {
     rates: Vec<u64>,
     seconds: u64,
     short: bool,
+    appservices: Vec<usize>,
 }
 
 fn parse_options() -> Options {
@@ -65,6 +66,7 @@ fn parse_options() -> Options {
         rates: vec![100, 1_000, 10_000],
         seconds: 20,
         short: false,
+        appservices: vec![1, 100],
     };
     let mut args = std::env::args().skip(1);
     let number = |flag: &str, v: Option<String>| -> u64 {
@@ -102,11 +104,19 @@ fn parse_options() -> Options {
                     .map(|r| number("--rates", Some(r.to_owned())))
                     .collect()
             }
+            "--appservices" => {
+                o.appservices = args
+                    .next()
+                    .expect("--appservices needs a list, e.g. 1,100")
+                    .split(',')
+                    .map(|r| number("--appservices", Some(r.to_owned())) as usize)
+                    .collect()
+            }
             // What `cargo bench` passes to every bench target.
             "--bench" => {}
             other => panic!(
                 "unknown argument {other:?}: --short, --only drain,latency,outage, --changes N, --keys N, \
-                 --rates 100,1000, --seconds S"
+                 --rates 100,1000, --seconds S, --appservices 1,100"
             ),
         }
     }
@@ -274,12 +284,9 @@ fn peak_rss_mib(pid: u32) -> f64 {
 
 fn cluster(settings: &[(&str, &str)]) -> &'static Server {
     let mut options = LocalClusterOptions::default();
-    for (k, v) in [
-        ("max_wal_size", "4GB"),
-        ("shared_buffers", "256MB"),
-    ]
-    .iter()
-    .chain(settings)
+    for (k, v) in [("max_wal_size", "4GB"), ("shared_buffers", "256MB")]
+        .iter()
+        .chain(settings)
     {
         options.settings.push((k.to_string(), v.to_string()));
     }
@@ -821,7 +828,7 @@ fn main() {
         );
         if o.wants("drain") {
             let mut rows = Vec::new();
-            for appservices in [1, 100] {
+            for &appservices in &o.appservices {
                 rows.push(drain(&o, server, appservices, &receiver, addr).await);
             }
             println!();

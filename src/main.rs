@@ -54,7 +54,12 @@ fn main() -> ExitCode {
         _ => Some("warn"),
     };
     logging::init(cli.log_format, cli.log_level.as_deref().or(default_level));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread: the relay's work is a pipeline of small steps handed from task to task, and
+    // on a thread pool every hand-over can be a futex wake-up and a context switch, which cost
+    // more than the steps (measured: docs/performance.md). One thread also leaves the other
+    // cores to PostgreSQL, whose walsender is the real limit. Blocking work (file reads at
+    // start) still goes to tokio's blocking pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -86,6 +86,26 @@ struct OpenTx {
     routed: bool,
 }
 
+/// Wake-ups owed after the messages being handled (see [`Relay::flush_wakes`]).
+#[derive(Debug, Default)]
+struct PendingWakes {
+    marked: Vec<bool>,
+    list: Vec<usize>,
+    recorder: bool,
+}
+
+impl PendingWakes {
+    fn worker(&mut self, i: usize) {
+        if self.marked.len() <= i {
+            self.marked.resize(i + 1, false);
+        }
+        if !self.marked[i] {
+            self.marked[i] = true;
+            self.list.push(i);
+        }
+    }
+}
+
 /// How a streaming session ended.
 enum SessionEnd {
     Shutdown,
@@ -125,6 +145,8 @@ pub struct Relay {
     by_id: HashMap<String, usize>,
     tracker: CheckpointTracker,
     targets: Vec<usize>,
+    /// Workers (and the recorder) to wake once the messages already read are handled.
+    wakes: PendingWakes,
     last_status: Option<(Lsn, Lsn)>,
     store: StateStore,
     health: Arc<Health>,
@@ -174,6 +196,7 @@ impl Relay {
             by_id,
             tracker: CheckpointTracker::new(Lsn::ZERO),
             targets: Vec::new(),
+            wakes: PendingWakes::default(),
             last_status: None,
             store,
             health: Arc::new(Health::new()),
@@ -731,8 +754,27 @@ impl Relay {
                             }
                         }
                     }
+                    // Wake each worker once per burst of messages, not once per change: a wake-up
+                    // is a context switch, dearer than handling a change.
+                    if !stream.has_buffered_message() {
+                        self.flush_wakes();
+                    }
                 }
             }
+        }
+    }
+
+    fn flush_wakes(&mut self) {
+        for i in self.wakes.list.drain(..) {
+            if let Some(h) = self.handles.get(i) {
+                h.notify();
+            }
+            if let Some(m) = self.wakes.marked.get_mut(i) {
+                *m = false;
+            }
+        }
+        if std::mem::take(&mut self.wakes.recorder) {
+            self.recorder_wake.notify_one();
         }
     }
 
@@ -814,8 +856,8 @@ impl Relay {
                             self.metrics.commit_times.push(tx.commit_lsn, tx.commit_time_micros);
                         }
                         match h.with_state(|s| s.push(change.clone())) {
-                            Pushed::Queued => h.notify(),
-                            Pushed::Recorded => self.recorder_wake.notify_one(),
+                            Pushed::Queued => self.wakes.worker(i),
+                            Pushed::Recorded => self.wakes.recorder = true,
                         }
                         tx.routed = true;
                     }

@@ -469,7 +469,10 @@ mod tests {
     fn literal_shapes_are_recognised_from_the_parsed_pattern() {
         let shape = |p: &str| LiteralShape::of(&translate_python_syntax(p));
         let s = shape("@telegram_.*:example\\.org").unwrap();
-        assert_eq!((s.prefix.as_str(), s.any, s.suffix.as_str()), ("@telegram_", Some(0), ":example.org"));
+        assert_eq!(
+            (s.prefix.as_str(), s.any, s.suffix.as_str()),
+            ("@telegram_", Some(0), ":example.org")
+        );
         let s = shape("@_irc_.+").unwrap();
         assert_eq!((s.prefix.as_str(), s.any, s.suffix.as_str()), ("@_irc_", Some(1), ""));
         let s = shape("@bot:example\\.org").unwrap();
@@ -479,13 +482,13 @@ mod tests {
         assert_eq!(shape("").unwrap().prefix, "");
         // Everything else goes to a regex engine.
         for p in [
-            "@a:example.org",           // `.` unescaped is a class
-            "@a_.*:example\\.org$",   // an end anchor
-            "@x_.*_.*:y",               // two repetitions
-            "(?i)@irc_.*",              // case-insensitive
-            "@[0-9]+:x",                // a class
-            "@(?s:.*)x",                // `.` matching newlines too
-            "@a.*?b",                   // lazy: same matches, still a literal shape
+            "@a:example.org",       // `.` unescaped is a class
+            "@a_.*:example\\.org$", // an end anchor
+            "@x_.*_.*:y",           // two repetitions
+            "(?i)@irc_.*",          // case-insensitive
+            "@[0-9]+:x",            // a class
+            "@(?s:.*)x",            // `.` matching newlines too
+            "@a.*?b",               // lazy: same matches, still a literal shape
         ] {
             let got = shape(p);
             if p == "@a.*?b" {

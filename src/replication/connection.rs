@@ -50,7 +50,7 @@ pub const MAX_MESSAGE_LEN: usize = 1 << 30;
 
 /// Read-buffer growth per read, and the most reserved at once for a large incomplete message (it
 /// grows further as the bytes actually arrive).
-const READ_CHUNK: usize = 8 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 const MAX_RESERVE: usize = 4 * 1024 * 1024;
 
 /// How long [`LogicalReplicationStream::finish`] and [`ReplicationConnection::close`] try.
@@ -1036,6 +1036,12 @@ impl LogicalReplicationStream {
             }
             (tag, _) => Err(self.io.unexpected(action, tag)),
         }
+    }
+
+    /// Whether a complete message is already buffered (the next [`Self::next_copy_data`] will not
+    /// wait for the network).
+    pub fn has_buffered_message(&self) -> bool {
+        frame_bytes_missing(&self.io.read_buf) == 0 && !self.io.read_buf.is_empty()
     }
 
     /// Sends `payload` in a CopyData message (e.g. a standby status update) and flushes.
