@@ -139,11 +139,14 @@ impl LiteralShape {
     }
 }
 
+/// Prefix → the literal shapes with that prefix, with their appservices.
+type ShapesByPrefix = HashMap<String, Vec<(LiteralShape, usize)>>;
+
 /// Literal-shape namespaces indexed by prefix: one map per distinct prefix length.
 #[derive(Debug, Default)]
 struct PrefixIndex {
     /// (prefix length in bytes, prefix → (shape, appservice) pairs), by length.
-    by_length: Vec<(usize, HashMap<String, Vec<(LiteralShape, usize)>>)>,
+    by_length: Vec<(usize, ShapesByPrefix)>,
 }
 
 impl PrefixIndex {
