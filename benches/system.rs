@@ -27,7 +27,7 @@
 //!   the relay live; its peak RSS, and the WAL the slot retained at most.
 
 #[path = "../tests/integration/support/mod.rs"]
-#[allow(unused_macros, unused_imports, dead_code)]
+#[allow(unused_macros, unused_imports)]
 mod support;
 
 use std::collections::HashSet;
