@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Every benchmark runs the release binary of the relay (`target/release/…`, built by `cargo
-//! bench`) as a child process against a throw-away PostgreSQL cluster from this machine's
+//! bench`; `RELAY_BENCH_BINARY=path` runs another build, to compare) as a child process against a throw-away PostgreSQL cluster from this machine's
 //! binaries (`testkit::LocalCluster`, `fsync=off`), with Synapse's exact tables and an HTTP
 //! receiver that answers at once. It prints numbers; it asserts nothing about speed.
 //!

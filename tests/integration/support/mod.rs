@@ -428,8 +428,13 @@ impl RelayFiles {
     }
 }
 
+/// The relay binary cargo built for this test or benchmark; `RELAY_BENCH_BINARY` names another
+/// (the system benchmarks compare builds with it).
 pub fn relay_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_synapse-account-data-relay"))
+    match std::env::var_os("RELAY_BENCH_BINARY") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_synapse-account-data-relay")),
+    }
 }
 
 pub fn text(o: &Output) -> String {
