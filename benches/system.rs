@@ -387,6 +387,24 @@ fn spawn_relay(files: &RelayFiles) -> RelayProcess {
     files.spawn_run_with(&[("RUST_LOG", "warn")], &[])
 }
 
+/// Files for one opted-in appservice at `url` interested in every user, after `setup`.
+fn one_appservice(db: &TestDb, url: &str) -> RelayFiles {
+    let files = RelayFiles::new(
+        db,
+        &[RegistrationSpec {
+            id: "as0",
+            url: Some(url),
+            hs_token: "hs_bench",
+            sender_localpart: "bot0",
+            user_regexes: &["@.*:example\\.org"],
+            opt_in: true,
+        }],
+        RELAY_TOML_EXTRA,
+    );
+    setup(&files);
+    files
+}
+
 const RELAY_TOML_EXTRA: &str = "backfill_new_appservices = false\n";
 
 // ---------------------------------------------------------------------------------------------
@@ -576,20 +594,7 @@ async fn latency(
     addr: SocketAddr,
 ) -> LatencyRow {
     let db = TestDb::new(server).await;
-    let url = format!("http://{addr}");
-    let files = RelayFiles::new(
-        &db,
-        &[RegistrationSpec {
-            id: "as0",
-            url: Some(&url),
-            hs_token: "hs_bench",
-            sender_localpart: "bot0",
-            user_regexes: &["@.*:example\\.org"],
-            opt_in: true,
-        }],
-        RELAY_TOML_EXTRA,
-    );
-    setup(&files);
+    let files = one_appservice(&db, &format!("http://{addr}"));
     receiver.reset(u64::MAX);
     receiver.receipts.lock().unwrap_or_else(|e| e.into_inner()).clear();
     receiver.record_seqs.store(true, Ordering::Relaxed);
@@ -724,19 +729,7 @@ async fn outage(o: &Options, server: &'static Server) -> OutageRow {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
-    let files = RelayFiles::new(
-        &db,
-        &[RegistrationSpec {
-            id: "down",
-            url: Some(&url),
-            hs_token: "hs_bench",
-            sender_localpart: "bot0",
-            user_regexes: &["@.*:example\\.org"],
-            opt_in: true,
-        }],
-        RELAY_TOML_EXTRA,
-    );
-    setup(&files);
+    let files = one_appservice(&db, &url);
     let mut relay = spawn_relay(&files);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let keys = o.keys();

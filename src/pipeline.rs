@@ -638,6 +638,8 @@ impl Relay {
                 Ok(s) => self.session(s, shutdown).await,
                 Err(e) => Err(e),
             };
+            // However the session ended, changes it queued must not wait for the next one.
+            self.flush_wakes();
             let err = match result {
                 Ok(end) => return Ok(end),
                 Err(e) => e,
@@ -683,6 +685,12 @@ impl Relay {
         let mut last_received = Instant::now();
         let timeout = self.settings.replication_timeout;
         loop {
+            // Wake each worker once per burst of messages, not once per change (a wake-up costs
+            // more than handling a change): only when no complete message is left to handle
+            // without waiting.
+            if !stream.has_buffered_message() {
+                self.flush_wakes();
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -753,11 +761,6 @@ impl Relay {
                                 self.apply_reload().await;
                             }
                         }
-                    }
-                    // Wake each worker once per burst of messages, not once per change: a wake-up
-                    // is a context switch, dearer than handling a change.
-                    if !stream.has_buffered_message() {
-                        self.flush_wakes();
                     }
                 }
             }
