@@ -84,6 +84,8 @@ struct OpenTx {
     xid: u32,
     /// Whether any of its changes went to an appservice.
     routed: bool,
+    /// Whether its commit time was kept for the latency metric (see [`crate::ops::metrics::CommitTimes`]).
+    timed: bool,
 }
 
 /// Wake-ups owed after the messages being handled (see [`Relay::flush_wakes`]).
@@ -807,6 +809,7 @@ impl Relay {
                     commit_time_micros: *commit_time_micros,
                     xid: *xid,
                     routed: false,
+                    timed: false,
                 };
                 self.tracker.begin(*final_lsn);
             }
@@ -854,12 +857,18 @@ impl Relay {
                         {
                             continue;
                         }
-                        if !tx.routed {
-                            // Before the first change is queued, so a worker always finds it.
-                            self.metrics.commit_times.push(tx.commit_lsn, tx.commit_time_micros);
-                        }
                         match h.with_state(|s| s.push(change.clone())) {
-                            Pushed::Queued => self.wakes.worker(i),
+                            Pushed::Queued => {
+                                // Only changes delivered live are timed: a recorded one leaves
+                                // later with its current value, and keeping the commit times of
+                                // a whole backlog cost megabytes. The worker that takes this
+                                // change runs on this thread, after this message: it finds it.
+                                if !tx.timed {
+                                    self.metrics.commit_times.push(tx.commit_lsn, tx.commit_time_micros);
+                                    tx.timed = true;
+                                }
+                                self.wakes.worker(i)
+                            }
                             Pushed::Recorded => self.wakes.recorder = true,
                         }
                         tx.routed = true;

@@ -73,8 +73,9 @@ pub struct ResultLabel {
 type FloatGauge = Gauge<f64, AtomicU64>;
 type HistogramFamily = Family<AppserviceLabel, Histogram, fn() -> Histogram>;
 
-/// Commit timestamps of the transactions routed to at least one appservice and not yet behind
-/// the confirmed position, by commit LSN. Pushed by the replication task (once per routed
+/// Commit timestamps of the transactions with a change queued for live delivery to at least one
+/// appservice and not yet behind the confirmed position, by commit LSN (changes reduced to keys
+/// in recording mode are not timed). Pushed by the replication task (once per such
 /// transaction), looked up by workers (once per accepted transaction), pruned at each status
 /// update. Its size is bounded by what the checkpoint holds back, which the retention budget
 /// bounds.
