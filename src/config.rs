@@ -487,7 +487,7 @@ impl Settings {
                 .map(|d| d.0)
                 .unwrap_or(Duration::from_secs(300)),
             max_retained_bytes: relay.retention.max_retained_wal.map(|b| b.0).unwrap_or(256 << 20),
-            max_queued_keys: relay.retention.max_queued_keys.unwrap_or(50_000),
+            max_queued_keys: relay.retention.max_queued_keys.unwrap_or(20_000),
         };
         let replication_timeout = relay
             .replication
@@ -976,7 +976,7 @@ mod tests {
             RetentionBudget {
                 max_failing: Duration::from_secs(300),
                 max_retained_bytes: 256 << 20,
-                max_queued_keys: 50_000
+                max_queued_keys: 20_000
             }
         );
         assert_eq!(s.on_slot_lost, SlotLostPolicy::Resync);
@@ -989,7 +989,7 @@ mod tests {
             RetentionBudget {
                 max_failing: Duration::from_secs(2),
                 max_retained_bytes: 1 << 20,
-                max_queued_keys: 50_000
+                max_queued_keys: 20_000
             }
         );
         assert_eq!(s.on_slot_lost, SlotLostPolicy::Fail);
