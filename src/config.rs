@@ -260,11 +260,26 @@ impl RelayConfig {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Toml {
+        parse_relay_config(&text).map_err(|message| ConfigError::Toml {
             path: path.into(),
-            message: e.to_string(),
+            message,
         })
     }
+}
+
+/// Parse the relay config's text. The error gives the position, the key and toml's message,
+/// never the offending line (toml's own `Display` quotes it, and it may hold the password).
+pub fn parse_relay_config(text: &str) -> Result<RelayConfig, String> {
+    toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|s| crate::redact::line_and_column(text, s.start));
+        crate::redact::parse_error(
+            text,
+            crate::redact::Syntax::Toml,
+            at.map(|a| a.0),
+            at.map(|a| a.1),
+            e.message(),
+        )
+    })
 }
 
 /// Delivery settings, resolved.
@@ -326,19 +341,9 @@ impl AppserviceSettings {
     }
 }
 
-/// `url` for logs and messages: a user name or password in it is replaced by `***`.
-pub fn redacted_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
-            let _ = u.set_username("***");
-            let _ = u.set_password(None);
-            u.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) if url.contains('@') => "(an unparsable URL with credentials, not shown)".to_owned(),
-        Err(_) => url.to_owned(),
-    }
-}
+/// `url` for logs and messages, without credentials, query values or token-like path segments
+/// (see [`crate::redact::url`]).
+pub use crate::redact::url as redacted_url;
 
 /// An appservice in Synapse's config that the relay does not serve, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -831,9 +836,9 @@ mod tests {
             Fixture { dir }
         }
         fn resolve(&self, relay_toml: &str) -> Result<Settings, ConfigError> {
-            let relay: RelayConfig = toml::from_str(relay_toml).map_err(|e| ConfigError::Toml {
+            let relay = parse_relay_config(relay_toml).map_err(|message| ConfigError::Toml {
                 path: "relay.toml".into(),
-                message: e.to_string(),
+                message,
             })?;
             Settings::resolve(
                 &[self.dir.path().join("homeserver.yaml")],
@@ -1020,6 +1025,50 @@ mod tests {
         );
         assert_eq!(redacted_url("http://as.example/x"), "http://as.example/x");
         assert!(!redacted_url("http://u:pw@[bad").contains("pw"));
+    }
+
+    /// Every way the `password` line can be wrong gives the position and the key, never the
+    /// line (toml's own message quotes it).
+    #[test]
+    fn a_bad_password_line_is_located_not_quoted() {
+        const PW: &str = "S3CRET-0xd1e5";
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("bad escape", format!("password = \"{PW}\\q\"\n"), true),
+            ("misspelt key", format!("pasword = \"{PW}\"\n"), true),
+            ("unterminated string", format!("password = \"{PW}\n"), true),
+            ("unterminated literal", format!("password = '{PW}\n"), true),
+            ("unterminated multi-line", format!("password = \"\"\"{PW}\n"), false),
+            ("unquoted", format!("password = {PW}\n"), true),
+            ("wrong type", "password = 982451653\n".to_owned(), true),
+            ("wrong type (table)", format!("password = {{ {PW} = 1 }}\n"), true),
+            (
+                "duplicate key",
+                format!("password = \"a\"\npassword = \"{PW}\"\n"),
+                false,
+            ),
+            ("junk after the value", format!("password = \"{PW}\" x\n"), true),
+            ("no `=`", format!("password \"{PW}\"\n"), false),
+        ];
+        for (what, line, names_the_key) in cases {
+            let path = dir.path().join("relay.toml");
+            std::fs::write(&path, format!("# the relay\n[postgres]\nuser = \"relay\"\n{line}")).unwrap();
+            let err = RelayConfig::load(&path).unwrap_err().to_string();
+            for secret in [PW, "982451653", "S3CRET"] {
+                assert!(!err.contains(secret), "{what}: the error quotes the password: {err}");
+            }
+            assert!(err.contains("relay.toml") && err.contains("line "), "{what}: {err}");
+            if names_the_key {
+                assert!(err.contains("postgres.pas"), "{what}: no key in {err}");
+            }
+        }
+        // The value of an ordinary key is still shown: it helps, and it is no secret.
+        std::fs::write(dir.path().join("r.toml"), "[replication]\non_slot_lost = \"ignore\"\n").unwrap();
+        let err = RelayConfig::load(&dir.path().join("r.toml")).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2, column 16, key `replication.on_slot_lost`") && err.contains("`ignore`"),
+            "{err}"
+        );
     }
 
     #[test]
