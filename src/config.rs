@@ -637,7 +637,7 @@ impl Settings {
             return Err(invalid(
                 relay_path,
                 "synapse.client_url",
-                format!("{u:?} is not an http(s) URL"),
+                format!("{:?} is not an http(s) URL", redacted_url(u)),
             ));
         }
         if let Some(a) = appservices.iter().find(|a| a.push_rules)
@@ -1025,6 +1025,40 @@ mod tests {
         );
         assert_eq!(redacted_url("http://as.example/x"), "http://as.example/x");
         assert!(!redacted_url("http://u:pw@[bad").contains("pw"));
+        assert_eq!(
+            redacted_url("https://as.example/x?access_token=S3CRET"),
+            "https://as.example/x?access_token=***"
+        );
+        // Every place a configured URL is printed goes through it.
+        let f = Fixture::new(&[(
+            "a.yaml",
+            &reg(
+                "a",
+                "ftp://as.example/x?token=S3CRET-as",
+                "org.matrix.msc3682.account_data: true\n",
+            ),
+        )]);
+        let err = f.resolve("").unwrap_err().to_string();
+        assert!(
+            err.contains("a.yaml") && err.contains("token=***") && !err.contains("S3CRET"),
+            "{err}"
+        );
+        let f = Fixture::new(&[(
+            "a.yaml",
+            &reg(
+                "a",
+                "http://[::1/8f14e45fceea167a5a36dedd4bea2543",
+                "org.matrix.msc3682.account_data: true\n",
+            ),
+        )]);
+        let err = f.resolve("").unwrap_err().to_string();
+        assert!(err.contains("a.yaml") && !err.contains("8f14e45fceea167a"), "{err}");
+        let f = Fixture::new(&[("a.yaml", &reg("a", "http://localhost:1", ""))]);
+        let err = f
+            .resolve("[synapse]\nclient_url = \"synapse.internal/?access_token=S3CRET-client\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("synapse.client_url") && !err.contains("S3CRET"), "{err}");
     }
 
     /// Every way the `password` line can be wrong gives the position and the key, never the

@@ -620,19 +620,22 @@ async fn readyz_fails_when_postgres_stops(server: &'static Server) {
 
 /// Known tokens and passwords never appear in the relay's output (JSON logs at debug level),
 /// its metrics, its status, `status`, `check`, or its errors: with legacy authorization (the
-/// token in the query string), a failing appservice, one whose URL carries a password and is
-/// unreachable, and a bad reload of a registration holding a token.
+/// token in the query string), a failing appservice, one whose URL carries a password, a token
+/// in its path and one in its query string and is unreachable, and a bad reload of a
+/// registration holding a token.
 async fn no_secret_anywhere(server: &'static Server) {
     const HS_A: &str = "S3CRET-hs-a-5d1f0c";
     const AS_A: &str = "S3CRET-as-a-77ab12";
     const HS_B: &str = "S3CRET-hs-b-9e0d44";
     const URL_PW: &str = "S3CRET-urlpass-31c7";
     const DB_PW: &str = "S3CRET-dbpass-f00d";
+    const PATH_TOKEN: &str = "S3CRETpathtoken0c9e2a";
+    const QUERY_TOKEN: &str = "S3CRET-query-5e7b";
     let db = TestDb::new(server).await;
     let a = RecordingAppservice::start(HS_A).await.unwrap();
     let dead = free_port().unwrap();
     let port = free_port().unwrap();
-    let url_b = format!("http://bridge:{URL_PW}@127.0.0.1:{dead}");
+    let url_b = format!("http://bridge:{URL_PW}@127.0.0.1:{dead}/hooks/{PATH_TOKEN}?secret={QUERY_TOKEN}");
     let a_url = a.url();
     let files = RelayFiles::new(
         &db,
@@ -741,7 +744,7 @@ async fn no_secret_anywhere(server: &'static Server) {
     relay.wait();
     outputs.push(("relay log", log()));
     for (what, output) in &outputs {
-        for secret in [HS_A, AS_A, HS_B, URL_PW, DB_PW] {
+        for secret in [HS_A, AS_A, HS_B, URL_PW, DB_PW, PATH_TOKEN, QUERY_TOKEN] {
             assert!(!output.contains(secret), "{secret} appears in {what}:\n{output}");
         }
     }
