@@ -72,7 +72,8 @@ pub struct PostgresSection {
     pub port: Option<u16>,
     pub user: Option<String>,
     pub password: Option<Secret>,
-    /// A file holding the password (e.g. a systemd credential); wins over `password`.
+    /// A file holding the password; wins over `password`. Refused if others have any access to
+    /// it, or its group has unless root owns it (see [`secret_file_problem`]).
     pub password_file: Option<PathBuf>,
     pub dbname: Option<String>,
     pub sslmode: Option<String>,
@@ -689,6 +690,49 @@ impl Settings {
     }
 }
 
+/// The name of the systemd credential (`LoadCredential=postgres-password:/path`) read as the
+/// database password, from `$CREDENTIALS_DIRECTORY`, when the relay config names no password.
+pub const PASSWORD_CREDENTIAL: &str = "postgres-password";
+
+/// Why a file holding a secret (`postgres.password_file`) may not be used, or `None`. As libpq
+/// for a private key (and stricter than for `.pgpass` only where root owns the file): no access
+/// for others at all, and for the group only read access to a file owned by root (the usual
+/// `root:<service group> 0640`).
+pub fn secret_file_problem(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o777;
+    let fix = "make it 0600 and owned by the relay's user, or 0640 owned by root, or hand it over with \
+               systemd's LoadCredential= (see the README)";
+    if mode & 0o007 != 0 {
+        return Some(format!(
+            "holds a password but other users have access to it (mode {mode:04o}): {fix}"
+        ));
+    }
+    if mode & 0o070 != 0 && (meta.uid() != 0 || mode & 0o030 != 0) {
+        return Some(format!(
+            "holds a password but its group has access to it (mode {mode:04o}, owner uid {}): {fix}",
+            meta.uid()
+        ));
+    }
+    None
+}
+
+/// A warning when the relay config at `path` holds `[postgres] password` and every local user
+/// can read it (the Debian package installs it `0640 root:synapse-account-data-relay`).
+pub fn config_file_warning(path: &Path, relay: &RelayConfig) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    relay.postgres.password.as_ref()?;
+    let mode = std::fs::metadata(path).ok()?.mode() & 0o777;
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "relay config {} holds [postgres] password and every local user can read it (mode {mode:04o}): \
+             chmod 0640 it (group: the relay's), or move the password to postgres.password_file or a systemd \
+             credential",
+            path.display()
+        )
+    })
+}
+
 /// The database connection from Synapse's `database.args`, the relay's `[postgres]` and the environment.
 pub fn resolve_postgres(
     hs: &HomeserverConfig,
@@ -736,24 +780,32 @@ pub fn resolve_postgres(
                 "no database user: set database.args.user in homeserver.yaml or [postgres] user in the relay config"
                     .into(),
         })?;
-    let password = match &over.password_file {
-        Some(f) => Some(Secret::new(
+    let read_password_file = |f: &Path, key: &str, check_mode: bool| -> Result<Secret, ConfigError> {
+        let cannot = |e: std::io::Error| invalid(relay_path, key, format!("cannot read {}: {e}", f.display()));
+        if check_mode && let Some(problem) = secret_file_problem(&std::fs::metadata(f).map_err(cannot)?) {
+            return Err(invalid(relay_path, key, format!("{}: {problem}", f.display())));
+        }
+        Ok(Secret::new(
             std::fs::read_to_string(f)
-                .map_err(|e| {
-                    invalid(
-                        relay_path,
-                        "postgres.password_file",
-                        format!("cannot read {}: {e}", f.display()),
-                    )
-                })?
+                .map_err(cannot)?
                 .trim_end_matches(['\n', '\r'])
                 .to_owned(),
-        )),
-        None => over
-            .password
-            .clone()
-            .or_else(|| args.password.clone())
-            .or_else(|| env("PGPASSWORD").map(Secret::new)),
+        ))
+    };
+    // systemd's `LoadCredential=postgres-password:…` puts a private copy here (mode 0400, this
+    // service only), so its mode is not checked.
+    let credential = env("CREDENTIALS_DIRECTORY")
+        .map(|d| Path::new(&d).join(PASSWORD_CREDENTIAL))
+        .filter(|p| p.is_file());
+    let password = match (&over.password_file, &over.password, &credential) {
+        (Some(f), _, _) => Some(read_password_file(f, "postgres.password_file", true)?),
+        (None, Some(p), _) => Some(p.clone()),
+        (None, None, Some(c)) => Some(read_password_file(
+            c,
+            "$CREDENTIALS_DIRECTORY/postgres-password",
+            false,
+        )?),
+        (None, None, None) => args.password.clone().or_else(|| env("PGPASSWORD").map(Secret::new)),
     };
     let dbname = over
         .dbname
@@ -960,6 +1012,7 @@ mod tests {
         );
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "from-file\n").unwrap();
+        set_mode(&pw, 0o600);
         let relay: RelayConfig = toml::from_str(&format!(
             "[postgres]\nuser = \"relay\"\nhost = \"127.0.0.1\"\npassword_file = \"{}\"\nsslmode = \"verify-full\"\n",
             pw.display()
@@ -970,6 +1023,82 @@ mod tests {
         assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("from-file"));
         assert_eq!(s.postgres.ssl_mode, SslMode::VerifyFull);
         assert_eq!(s.postgres.host, PgHost::Tcp("127.0.0.1".into()));
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// As libpq for a key file: a password file others (or, unless root owns it, the group) can
+    /// read is refused; a systemd credential is read when the relay config names no password.
+    #[test]
+    fn password_files_others_can_read_are_refused() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("hs.yaml"),
+            "server_name: example.org\ndatabase:\n  name: psycopg2\n  args:\n    user: u\n    password: from-yaml\n",
+        )
+        .unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "S3CRET-file\n").unwrap();
+        let relay: RelayConfig =
+            parse_relay_config(&format!("[postgres]\npassword_file = \"{}\"\n", pw.display())).unwrap();
+        let resolve = |relay: &RelayConfig, env: EnvLookup<'_>| {
+            Settings::resolve(&[dir.path().join("hs.yaml")], relay, Path::new("r.toml"), env)
+        };
+        let root_owned = std::fs::metadata(&pw).unwrap().uid() == 0;
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o644, false),
+            (0o604, false),
+            (0o660, false),
+            (0o640, root_owned),
+        ] {
+            set_mode(&pw, mode);
+            match resolve(&relay, &no_env) {
+                Ok(s) => {
+                    assert!(ok, "mode {mode:o} accepted");
+                    assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("S3CRET-file"));
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!ok, "mode {mode:o} refused: {e}");
+                    assert!(
+                        e.contains("postgres.password_file") && e.contains(&format!("{mode:04o}")),
+                        "{e}"
+                    );
+                    assert!(!e.contains("S3CRET"), "{e}");
+                }
+            }
+        }
+        // A systemd credential: used when the relay config names no password, before Synapse's.
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(creds.path().join(PASSWORD_CREDENTIAL), "from-credential\n").unwrap();
+        let creds_dir = creds.path().display().to_string();
+        let env = |k: &str| (k == "CREDENTIALS_DIRECTORY").then(|| creds_dir.clone());
+        let s = resolve(&RelayConfig::default(), &env).unwrap();
+        assert_eq!(
+            s.postgres.password.as_ref().map(|p| p.expose()),
+            Some("from-credential")
+        );
+        let s = resolve(&RelayConfig::default(), &no_env).unwrap();
+        assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("from-yaml"));
+        let explicit = parse_relay_config("[postgres]\npassword = \"explicit\"\n").unwrap();
+        let s = resolve(&explicit, &env).unwrap();
+        assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("explicit"));
+        // A relay config holding a password and readable by everyone gets a warning.
+        let toml_path = dir.path().join("relay.toml");
+        std::fs::write(&toml_path, "[postgres]\npassword = \"explicit\"\n").unwrap();
+        set_mode(&toml_path, 0o644);
+        let w = config_file_warning(&toml_path, &explicit).unwrap();
+        assert!(w.contains("0644") && !w.contains("explicit\""), "{w}");
+        set_mode(&toml_path, 0o640);
+        assert_eq!(config_file_warning(&toml_path, &explicit), None);
+        set_mode(&toml_path, 0o644);
+        assert_eq!(config_file_warning(&toml_path, &RelayConfig::default()), None);
     }
 
     #[test]

@@ -37,7 +37,13 @@ impl ConfigArgs {
     /// The relay config (empty when no file is given) and its path (for messages).
     pub fn relay_config(&self) -> Result<(RelayConfig, PathBuf), ConfigError> {
         match &self.config {
-            Some(p) => Ok((RelayConfig::load(p)?, p.clone())),
+            Some(p) => {
+                let relay = RelayConfig::load(p)?;
+                if let Some(w) = crate::config::config_file_warning(p, &relay) {
+                    tracing::warn!("{w}");
+                }
+                Ok((relay, p.clone()))
+            }
             None => Ok((RelayConfig::default(), PathBuf::from("(no relay config file)"))),
         }
     }
