@@ -72,7 +72,8 @@ pub struct PostgresSection {
     pub port: Option<u16>,
     pub user: Option<String>,
     pub password: Option<Secret>,
-    /// A file holding the password (e.g. a systemd credential); wins over `password`.
+    /// A file holding the password; wins over `password`. Refused if others have any access to
+    /// it, or its group has unless root owns it (see [`secret_file_problem`]).
     pub password_file: Option<PathBuf>,
     pub dbname: Option<String>,
     pub sslmode: Option<String>,
@@ -260,11 +261,26 @@ impl RelayConfig {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Toml {
+        parse_relay_config(&text).map_err(|message| ConfigError::Toml {
             path: path.into(),
-            message: e.to_string(),
+            message,
         })
     }
+}
+
+/// Parse the relay config's text. The error gives the position, the key and toml's message,
+/// never the offending line (toml's own `Display` quotes it, and it may hold the password).
+pub fn parse_relay_config(text: &str) -> Result<RelayConfig, String> {
+    toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|s| crate::redact::line_and_column(text, s.start));
+        crate::redact::parse_error(
+            text,
+            crate::redact::Syntax::Toml,
+            at.map(|a| a.0),
+            at.map(|a| a.1),
+            e.message(),
+        )
+    })
 }
 
 /// Delivery settings, resolved.
@@ -326,19 +342,9 @@ impl AppserviceSettings {
     }
 }
 
-/// `url` for logs and messages: a user name or password in it is replaced by `***`.
-pub fn redacted_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
-            let _ = u.set_username("***");
-            let _ = u.set_password(None);
-            u.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) if url.contains('@') => "(an unparsable URL with credentials, not shown)".to_owned(),
-        Err(_) => url.to_owned(),
-    }
-}
+/// `url` for logs and messages, without credentials, query values or token-like path segments
+/// (see [`crate::redact::url`]).
+pub use crate::redact::url as redacted_url;
 
 /// An appservice in Synapse's config that the relay does not serve, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -632,7 +638,7 @@ impl Settings {
             return Err(invalid(
                 relay_path,
                 "synapse.client_url",
-                format!("{u:?} is not an http(s) URL"),
+                format!("{:?} is not an http(s) URL", redacted_url(u)),
             ));
         }
         if let Some(a) = appservices.iter().find(|a| a.push_rules)
@@ -684,6 +690,49 @@ impl Settings {
     }
 }
 
+/// The name of the systemd credential (`LoadCredential=postgres-password:/path`) read as the
+/// database password, from `$CREDENTIALS_DIRECTORY`, when the relay config names no password.
+pub const PASSWORD_CREDENTIAL: &str = "postgres-password";
+
+/// Why a file holding a secret (`postgres.password_file`) may not be used, or `None`. As libpq
+/// for a private key (and stricter than for `.pgpass` only where root owns the file): no access
+/// for others at all, and for the group only read access to a file owned by root (the usual
+/// `root:<service group> 0640`).
+pub fn secret_file_problem(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o777;
+    let fix = "make it 0600 and owned by the relay's user, or 0640 owned by root, or hand it over with \
+               systemd's LoadCredential= (see the README)";
+    if mode & 0o007 != 0 {
+        return Some(format!(
+            "holds a password but other users have access to it (mode {mode:04o}): {fix}"
+        ));
+    }
+    if mode & 0o070 != 0 && (meta.uid() != 0 || mode & 0o030 != 0) {
+        return Some(format!(
+            "holds a password but its group has access to it (mode {mode:04o}, owner uid {}): {fix}",
+            meta.uid()
+        ));
+    }
+    None
+}
+
+/// A warning when the relay config at `path` holds `[postgres] password` and every local user
+/// can read it (the Debian package installs it `0640 root:synapse-account-data-relay`).
+pub fn config_file_warning(path: &Path, relay: &RelayConfig) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    relay.postgres.password.as_ref()?;
+    let mode = std::fs::metadata(path).ok()?.mode() & 0o777;
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "relay config {} holds [postgres] password and every local user can read it (mode {mode:04o}): \
+             chmod 0640 it (group: the relay's), or move the password to postgres.password_file or a systemd \
+             credential",
+            path.display()
+        )
+    })
+}
+
 /// The database connection from Synapse's `database.args`, the relay's `[postgres]` and the environment.
 pub fn resolve_postgres(
     hs: &HomeserverConfig,
@@ -731,24 +780,32 @@ pub fn resolve_postgres(
                 "no database user: set database.args.user in homeserver.yaml or [postgres] user in the relay config"
                     .into(),
         })?;
-    let password = match &over.password_file {
-        Some(f) => Some(Secret::new(
+    let read_password_file = |f: &Path, key: &str, check_mode: bool| -> Result<Secret, ConfigError> {
+        let cannot = |e: std::io::Error| invalid(relay_path, key, format!("cannot read {}: {e}", f.display()));
+        if check_mode && let Some(problem) = secret_file_problem(&std::fs::metadata(f).map_err(cannot)?) {
+            return Err(invalid(relay_path, key, format!("{}: {problem}", f.display())));
+        }
+        Ok(Secret::new(
             std::fs::read_to_string(f)
-                .map_err(|e| {
-                    invalid(
-                        relay_path,
-                        "postgres.password_file",
-                        format!("cannot read {}: {e}", f.display()),
-                    )
-                })?
+                .map_err(cannot)?
                 .trim_end_matches(['\n', '\r'])
                 .to_owned(),
-        )),
-        None => over
-            .password
-            .clone()
-            .or_else(|| args.password.clone())
-            .or_else(|| env("PGPASSWORD").map(Secret::new)),
+        ))
+    };
+    // systemd's `LoadCredential=postgres-password:…` puts a private copy here (mode 0400, this
+    // service only), so its mode is not checked.
+    let credential = env("CREDENTIALS_DIRECTORY")
+        .map(|d| Path::new(&d).join(PASSWORD_CREDENTIAL))
+        .filter(|p| p.is_file());
+    let password = match (&over.password_file, &over.password, &credential) {
+        (Some(f), _, _) => Some(read_password_file(f, "postgres.password_file", true)?),
+        (None, Some(p), _) => Some(p.clone()),
+        (None, None, Some(c)) => Some(read_password_file(
+            c,
+            "$CREDENTIALS_DIRECTORY/postgres-password",
+            false,
+        )?),
+        (None, None, None) => args.password.clone().or_else(|| env("PGPASSWORD").map(Secret::new)),
     };
     let dbname = over
         .dbname
@@ -831,9 +888,9 @@ mod tests {
             Fixture { dir }
         }
         fn resolve(&self, relay_toml: &str) -> Result<Settings, ConfigError> {
-            let relay: RelayConfig = toml::from_str(relay_toml).map_err(|e| ConfigError::Toml {
+            let relay = parse_relay_config(relay_toml).map_err(|message| ConfigError::Toml {
                 path: "relay.toml".into(),
-                message: e.to_string(),
+                message,
             })?;
             Settings::resolve(
                 &[self.dir.path().join("homeserver.yaml")],
@@ -955,6 +1012,7 @@ mod tests {
         );
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "from-file\n").unwrap();
+        set_mode(&pw, 0o600);
         let relay: RelayConfig = toml::from_str(&format!(
             "[postgres]\nuser = \"relay\"\nhost = \"127.0.0.1\"\npassword_file = \"{}\"\nsslmode = \"verify-full\"\n",
             pw.display()
@@ -965,6 +1023,82 @@ mod tests {
         assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("from-file"));
         assert_eq!(s.postgres.ssl_mode, SslMode::VerifyFull);
         assert_eq!(s.postgres.host, PgHost::Tcp("127.0.0.1".into()));
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// As libpq for a key file: a password file others (or, unless root owns it, the group) can
+    /// read is refused; a systemd credential is read when the relay config names no password.
+    #[test]
+    fn password_files_others_can_read_are_refused() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("hs.yaml"),
+            "server_name: example.org\ndatabase:\n  name: psycopg2\n  args:\n    user: u\n    password: from-yaml\n",
+        )
+        .unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "S3CRET-file\n").unwrap();
+        let relay: RelayConfig =
+            parse_relay_config(&format!("[postgres]\npassword_file = \"{}\"\n", pw.display())).unwrap();
+        let resolve = |relay: &RelayConfig, env: EnvLookup<'_>| {
+            Settings::resolve(&[dir.path().join("hs.yaml")], relay, Path::new("r.toml"), env)
+        };
+        let root_owned = std::fs::metadata(&pw).unwrap().uid() == 0;
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o644, false),
+            (0o604, false),
+            (0o660, false),
+            (0o640, root_owned),
+        ] {
+            set_mode(&pw, mode);
+            match resolve(&relay, &no_env) {
+                Ok(s) => {
+                    assert!(ok, "mode {mode:o} accepted");
+                    assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("S3CRET-file"));
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!ok, "mode {mode:o} refused: {e}");
+                    assert!(
+                        e.contains("postgres.password_file") && e.contains(&format!("{mode:04o}")),
+                        "{e}"
+                    );
+                    assert!(!e.contains("S3CRET"), "{e}");
+                }
+            }
+        }
+        // A systemd credential: used when the relay config names no password, before Synapse's.
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(creds.path().join(PASSWORD_CREDENTIAL), "from-credential\n").unwrap();
+        let creds_dir = creds.path().display().to_string();
+        let env = |k: &str| (k == "CREDENTIALS_DIRECTORY").then(|| creds_dir.clone());
+        let s = resolve(&RelayConfig::default(), &env).unwrap();
+        assert_eq!(
+            s.postgres.password.as_ref().map(|p| p.expose()),
+            Some("from-credential")
+        );
+        let s = resolve(&RelayConfig::default(), &no_env).unwrap();
+        assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("from-yaml"));
+        let explicit = parse_relay_config("[postgres]\npassword = \"explicit\"\n").unwrap();
+        let s = resolve(&explicit, &env).unwrap();
+        assert_eq!(s.postgres.password.as_ref().map(|p| p.expose()), Some("explicit"));
+        // A relay config holding a password and readable by everyone gets a warning.
+        let toml_path = dir.path().join("relay.toml");
+        std::fs::write(&toml_path, "[postgres]\npassword = \"explicit\"\n").unwrap();
+        set_mode(&toml_path, 0o644);
+        let w = config_file_warning(&toml_path, &explicit).unwrap();
+        assert!(w.contains("0644") && !w.contains("explicit\""), "{w}");
+        set_mode(&toml_path, 0o640);
+        assert_eq!(config_file_warning(&toml_path, &explicit), None);
+        set_mode(&toml_path, 0o644);
+        assert_eq!(config_file_warning(&toml_path, &RelayConfig::default()), None);
     }
 
     #[test]
@@ -1020,6 +1154,84 @@ mod tests {
         );
         assert_eq!(redacted_url("http://as.example/x"), "http://as.example/x");
         assert!(!redacted_url("http://u:pw@[bad").contains("pw"));
+        assert_eq!(
+            redacted_url("https://as.example/x?access_token=S3CRET"),
+            "https://as.example/x?access_token=***"
+        );
+        // Every place a configured URL is printed goes through it.
+        let f = Fixture::new(&[(
+            "a.yaml",
+            &reg(
+                "a",
+                "ftp://as.example/x?token=S3CRET-as",
+                "org.matrix.msc3682.account_data: true\n",
+            ),
+        )]);
+        let err = f.resolve("").unwrap_err().to_string();
+        assert!(
+            err.contains("a.yaml") && err.contains("token=***") && !err.contains("S3CRET"),
+            "{err}"
+        );
+        let f = Fixture::new(&[(
+            "a.yaml",
+            &reg(
+                "a",
+                "http://[::1/8f14e45fceea167a5a36dedd4bea2543",
+                "org.matrix.msc3682.account_data: true\n",
+            ),
+        )]);
+        let err = f.resolve("").unwrap_err().to_string();
+        assert!(err.contains("a.yaml") && !err.contains("8f14e45fceea167a"), "{err}");
+        let f = Fixture::new(&[("a.yaml", &reg("a", "http://localhost:1", ""))]);
+        let err = f
+            .resolve("[synapse]\nclient_url = \"synapse.internal/?access_token=S3CRET-client\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("synapse.client_url") && !err.contains("S3CRET"), "{err}");
+    }
+
+    /// Every way the `password` line can be wrong gives the position and the key, never the
+    /// line (toml's own message quotes it).
+    #[test]
+    fn a_bad_password_line_is_located_not_quoted() {
+        const PW: &str = "S3CRET-0xd1e5";
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("bad escape", format!("password = \"{PW}\\q\"\n"), true),
+            ("misspelt key", format!("pasword = \"{PW}\"\n"), true),
+            ("unterminated string", format!("password = \"{PW}\n"), true),
+            ("unterminated literal", format!("password = '{PW}\n"), true),
+            ("unterminated multi-line", format!("password = \"\"\"{PW}\n"), false),
+            ("unquoted", format!("password = {PW}\n"), true),
+            ("wrong type", "password = 982451653\n".to_owned(), true),
+            ("wrong type (table)", format!("password = {{ {PW} = 1 }}\n"), true),
+            (
+                "duplicate key",
+                format!("password = \"a\"\npassword = \"{PW}\"\n"),
+                false,
+            ),
+            ("junk after the value", format!("password = \"{PW}\" x\n"), true),
+            ("no `=`", format!("password \"{PW}\"\n"), false),
+        ];
+        for (what, line, names_the_key) in cases {
+            let path = dir.path().join("relay.toml");
+            std::fs::write(&path, format!("# the relay\n[postgres]\nuser = \"relay\"\n{line}")).unwrap();
+            let err = RelayConfig::load(&path).unwrap_err().to_string();
+            for secret in [PW, "982451653", "S3CRET"] {
+                assert!(!err.contains(secret), "{what}: the error quotes the password: {err}");
+            }
+            assert!(err.contains("relay.toml") && err.contains("line "), "{what}: {err}");
+            if names_the_key {
+                assert!(err.contains("postgres.pas"), "{what}: no key in {err}");
+            }
+        }
+        // The value of an ordinary key is still shown: it helps, and it is no secret.
+        std::fs::write(dir.path().join("r.toml"), "[replication]\non_slot_lost = \"ignore\"\n").unwrap();
+        let err = RelayConfig::load(&dir.path().join("r.toml")).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2, column 16, key `replication.on_slot_lost`") && err.contains("`ignore`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod pgconfig;
 pub mod pipeline;
 pub mod postgres_sql;
 pub mod provision;
+pub mod redact;
 pub mod replication;
 pub mod resync;
 pub mod routing;

@@ -37,7 +37,13 @@ impl ConfigArgs {
     /// The relay config (empty when no file is given) and its path (for messages).
     pub fn relay_config(&self) -> Result<(RelayConfig, PathBuf), ConfigError> {
         match &self.config {
-            Some(p) => Ok((RelayConfig::load(p)?, p.clone())),
+            Some(p) => {
+                let relay = RelayConfig::load(p)?;
+                if let Some(w) = crate::config::config_file_warning(p, &relay) {
+                    tracing::warn!("{w}");
+                }
+                Ok((relay, p.clone()))
+            }
             None => Ok((RelayConfig::default(), PathBuf::from("(no relay config file)"))),
         }
     }
@@ -84,4 +90,40 @@ pub async fn connect_and_inspect(config: &ConfigArgs) -> Result<(Settings, tokio
         EXIT_FAILURE
     })?;
     Ok((settings, client, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped unit agrees with the exit codes and the credential name, and keeps the
+    /// hardening the README describes.
+    #[test]
+    fn the_unit_matches_the_exit_codes_and_the_credential() {
+        let unit = include_str!("../../examples/synapse-account-data-relay.service");
+        let values = |key: &str| -> Vec<&str> {
+            unit.lines()
+                .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .collect()
+        };
+        // A configuration error is not retried (no restart loop on a bad config); a runtime
+        // failure is.
+        assert_eq!(values("RestartPreventExitStatus"), vec![EXIT_CONFIG.to_string()]);
+        assert_ne!(EXIT_CONFIG, EXIT_FAILURE);
+        assert_eq!(values("Restart"), vec!["always"]);
+        assert_eq!(
+            values("SystemCallFilter"),
+            vec!["@system-service", "~@privileged @resources"]
+        );
+        let nofile: u32 = values("LimitNOFILE")[0].parse().unwrap();
+        assert!(nofile >= 4096, "{nofile}");
+        // Synapse's group can read its signing key (Synapse writes it 0640): never given.
+        assert_eq!(values("SupplementaryGroups"), vec!["synapse-account-data-relay"]);
+        assert!(
+            unit.lines().any(|l| l
+                .trim_start_matches('#')
+                .starts_with(&format!("LoadCredential={}:", crate::config::PASSWORD_CREDENTIAL))),
+            "the unit shows how to load the password credential"
+        );
+    }
 }

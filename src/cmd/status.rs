@@ -112,16 +112,19 @@ async fn fetch_relay(endpoint: &str) -> Result<RelayStatus, String> {
         .build()
         .map_err(|e| e.without_url().to_string())?;
     let url = format!("{}/status.json", endpoint.trim_end_matches('/'));
-    let resp = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| format!("no running relay answered at {endpoint}: {}", describe(e)))?;
+    let shown = crate::config::redacted_url(&url);
+    let resp = client.get(&url).send().await.map_err(|e| {
+        format!(
+            "no running relay answered at {}: {}",
+            crate::config::redacted_url(endpoint),
+            describe(e)
+        )
+    })?;
     if !resp.status().is_success() {
-        return Err(format!("{url} answered HTTP status {}", resp.status().as_u16()));
+        return Err(format!("{shown} answered HTTP status {}", resp.status().as_u16()));
     }
     let body = resp.bytes().await.map_err(describe)?;
-    serde_json::from_slice(&body).map_err(|e| format!("{url} did not answer a relay status: {e}"))
+    serde_json::from_slice(&body).map_err(|e| format!("{shown} did not answer a relay status: {e}"))
 }
 
 fn describe(e: reqwest::Error) -> String {
@@ -329,11 +332,13 @@ pub async fn status(args: &StatusArgs) -> u8 {
         }
         Err(e) => report.database_error = Some(e.to_string()),
     }
-    if let Some(ep) = &report.endpoint {
-        match fetch_relay(ep).await {
+    if let Some(ep) = report.endpoint.take() {
+        match fetch_relay(&ep).await {
             Ok(r) => report.relay = Some(r),
             Err(e) => report.relay_error = Some(e),
         }
+        // Shown in the table and the JSON: without credentials or tokens.
+        report.endpoint = Some(crate::config::redacted_url(&ep));
     }
     let slot_ok = report
         .slot

@@ -50,10 +50,29 @@ fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) -
         path: path.into(),
         source,
     })?;
-    serde_saphyr::from_str_with_options(&text, yaml_options()).map_err(|e| SynapseFileError::Yaml {
-        path: path.into(),
-        what,
-        message: e.to_string(),
+    serde_saphyr::from_str_with_options(&text, yaml_options()).map_err(|e| {
+        // The message says where (`at line L, column C`) and may quote a value: the key at that
+        // line decides whether the value may be shown (never a token's or password's).
+        let at = e.location().map(|l| (l.line() as usize, l.column() as usize));
+        let message = e.without_snippet().to_string();
+        let message = match at {
+            Some((l, c)) => message
+                .strip_suffix(&format!(" at line {l}, column {c}"))
+                .unwrap_or(&message)
+                .to_owned(),
+            None => message,
+        };
+        SynapseFileError::Yaml {
+            path: path.into(),
+            what,
+            message: crate::redact::parse_error(
+                &text,
+                crate::redact::Syntax::Yaml,
+                at.map(|a| a.0),
+                at.map(|a| a.1),
+                &message,
+            ),
+        }
     })
 }
 
@@ -443,7 +462,31 @@ mod tests {
             .to_string();
         assert!(err.contains("`hs_token`"), "{err}");
         let bad_exclusive = REG.replace("exclusive: no", "exclusive: maybe");
-        assert!(Registration::load(&write(dir.path(), "ex.yaml", &bad_exclusive)).is_err());
+        let err = Registration::load(&write(dir.path(), "ex.yaml", &bad_exclusive))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`maybe`") && err.contains("key `exclusive`"),
+            "an ordinary value is shown: {err}"
+        );
+        // Each way a token's line can be wrong: located, never quoted.
+        for bad in [
+            "hs_token: [S3CRET-hs",
+            "hs_token: {x: S3CRET-hs}",
+            "hs_token: \"S3CRET-hs\\q\"",
+            "hs_token: \"S3CRET-hs",
+            "hs_token: !!int S3CRET-hs",
+            "hs_token: !!bool S3CRET-hs",
+            "hs_token: !!float S3CRET-hs",
+            "hs_token: S3CRET-hs: x",
+        ] {
+            let text = REG.replace("hs_token: hstok", bad);
+            let err = Registration::load(&write(dir.path(), "tok.yaml", &text))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("S3CRET") && !err.contains("astok"), "{bad}: {err}");
+            assert!(err.contains("tok.yaml") && err.contains("line 4"), "{bad}: {err}");
+        }
     }
 
     #[test]

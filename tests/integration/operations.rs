@@ -620,19 +620,22 @@ async fn readyz_fails_when_postgres_stops(server: &'static Server) {
 
 /// Known tokens and passwords never appear in the relay's output (JSON logs at debug level),
 /// its metrics, its status, `status`, `check`, or its errors: with legacy authorization (the
-/// token in the query string), a failing appservice, one whose URL carries a password and is
-/// unreachable, and a bad reload of a registration holding a token.
+/// token in the query string), a failing appservice, one whose URL carries a password, a token
+/// in its path and one in its query string and is unreachable, and a bad reload of a
+/// registration holding a token.
 async fn no_secret_anywhere(server: &'static Server) {
     const HS_A: &str = "S3CRET-hs-a-5d1f0c";
     const AS_A: &str = "S3CRET-as-a-77ab12";
     const HS_B: &str = "S3CRET-hs-b-9e0d44";
     const URL_PW: &str = "S3CRET-urlpass-31c7";
     const DB_PW: &str = "S3CRET-dbpass-f00d";
+    const PATH_TOKEN: &str = "S3CRETpathtoken0c9e2a";
+    const QUERY_TOKEN: &str = "S3CRET-query-5e7b";
     let db = TestDb::new(server).await;
     let a = RecordingAppservice::start(HS_A).await.unwrap();
     let dead = free_port().unwrap();
     let port = free_port().unwrap();
-    let url_b = format!("http://bridge:{URL_PW}@127.0.0.1:{dead}");
+    let url_b = format!("http://bridge:{URL_PW}@127.0.0.1:{dead}/hooks/{PATH_TOKEN}?secret={QUERY_TOKEN}");
     let a_url = a.url();
     let files = RelayFiles::new(
         &db,
@@ -741,7 +744,7 @@ async fn no_secret_anywhere(server: &'static Server) {
     relay.wait();
     outputs.push(("relay log", log()));
     for (what, output) in &outputs {
-        for secret in [HS_A, AS_A, HS_B, URL_PW, DB_PW] {
+        for secret in [HS_A, AS_A, HS_B, URL_PW, DB_PW, PATH_TOKEN, QUERY_TOKEN] {
             assert!(!output.contains(secret), "{secret} appears in {what}:\n{output}");
         }
     }
@@ -751,6 +754,73 @@ async fn no_secret_anywhere(server: &'static Server) {
     );
     assert!(log().contains("legacy") || log().contains("\"level\""), "JSON logs");
     db.drop_slot().await;
+}
+
+/// A relay config whose `password` line is wrong, each way it can be: the error gives the
+/// position and the key, never the line (toml's own message quotes it) — at startup (`run` exits
+/// 2), in `check`, and on SIGHUP (in the log and in systemd's `STATUS=` line, which any local
+/// user can read).
+async fn no_secret_in_relay_config_errors(server: &'static Server) {
+    const PW: &str = "S3CRET-tomlpw-4b1d";
+    const NUMERIC_PW: &str = "982451653";
+    let s = prepare(server).await;
+    let dir = s.files.path().to_owned();
+    let good = std::fs::read_to_string(dir.join("relay.toml")).unwrap();
+    let bad_lines = [
+        ("bad escape", format!("password = \"{PW}\\q\"")),
+        ("misspelt key", format!("pasword = \"{PW}\"")),
+        ("unterminated string", format!("password = \"{PW}")),
+        ("unquoted", format!("password = {PW}")),
+        ("wrong type", format!("password = {NUMERIC_PW}")),
+        ("wrong type (array)", format!("password = [\"{PW}\"]")),
+        ("duplicate key", format!("password = \"{PW}\"\npassword = \"{PW}\"")),
+        ("junk after the value", format!("password = \"{PW}\" x")),
+    ];
+    let write_bad = |line: &str| std::fs::write(dir.join("relay.toml"), format!("{good}[postgres]\n{line}\n")).unwrap();
+    let assert_clean = |what: &str, output: &str| {
+        for secret in [PW, NUMERIC_PW] {
+            assert!(!output.contains(secret), "{secret} appears in {what}:\n{output}");
+        }
+    };
+    for (how, line) in &bad_lines {
+        write_bad(line);
+        for sub in ["run", "check"] {
+            let out = s.files.command(sub, &[]);
+            let t = text(&out);
+            assert_eq!(out.status.code(), Some(2), "`{sub}` with a {how}: {t}");
+            assert!(
+                t.contains("relay.toml") && t.contains("line "),
+                "`{sub}` with a {how}: {t}"
+            );
+            assert_clean(&format!("`{sub}` with a {how}"), &t);
+        }
+    }
+    std::fs::write(dir.join("relay.toml"), &good).unwrap();
+    let notify = NotifySocket::new();
+    let socket = notify.path.display().to_string();
+    let relay = s.files.spawn_run_with(&[("NOTIFY_SOCKET", &socket)], &[]);
+    notify.wait_for("READY=1", |l| l == "READY=1").await;
+    for (i, (how, line)) in bad_lines.iter().enumerate() {
+        write_bad(line);
+        relay.signal("HUP");
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                relay.log_text().matches("reload failed").count() > i
+            })
+            .await,
+            "no failed reload for a {how}:\n{}",
+            relay.log_text()
+        );
+    }
+    let status = notify
+        .wait_for("the failed reload's STATUS", |l| {
+            l.starts_with("STATUS=reload failed") && l.contains("relay.toml")
+        })
+        .await;
+    assert!(status.contains("line "), "{status}");
+    assert_clean("the relay's log", &relay.log_text());
+    assert_clean("the notify socket", &notify.lines().join("\n"));
+    s.db.drop_slot().await;
 }
 
 use std::process::Command;
@@ -795,6 +865,7 @@ on_both_servers!(
     sigterm_gives_up_on_a_hanging_appservice,
     sighup_reloads_without_dropping_the_connection,
     no_secret_anywhere,
+    no_secret_in_relay_config_errors,
 );
 
 on_both_own_servers!(readyz_fails_when_postgres_stops, &[]);
