@@ -220,6 +220,32 @@ pub struct SynapseSection {
 pub struct HttpSection {
     /// Address and port to listen on, e.g. `"127.0.0.1:9109"`. Absent: no endpoint.
     pub listen: Option<String>,
+    /// How long a client may take to send a request's headers, from the connection's start or
+    /// the previous answer (default 10s).
+    pub header_read_timeout: Option<ConfigDuration>,
+    /// A connection with no bytes read or written for this long is closed (default 60s).
+    pub idle_timeout: Option<ConfigDuration>,
+    /// Connections served at once; more wait to be accepted (default 64).
+    pub max_connections: Option<usize>,
+}
+
+/// The operations endpoint's limits (`[http]`), so that whoever can reach it cannot hold the
+/// relay's file descriptors with idle or slow connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 64,
+        }
+    }
 }
 
 /// `[shutdown]`: what SIGTERM may wait for.
@@ -369,6 +395,8 @@ pub struct Settings {
     pub synapse_files: Vec<PathBuf>,
     /// Where the operations endpoint listens (`[http] listen`); `None`: no endpoint.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Its timeouts and connection limit.
+    pub http_limits: HttpLimits,
     /// How long SIGTERM waits for requests in flight (`[shutdown] timeout`).
     pub shutdown_timeout: Duration,
     /// Synapse's client API (for push rules), when known.
@@ -539,6 +567,34 @@ impl Settings {
                 )
             })?),
         };
+        let http_limits = {
+            let d = HttpLimits::default();
+            let limits = HttpLimits {
+                header_read_timeout: relay.http.header_read_timeout.map_or(d.header_read_timeout, |t| t.0),
+                idle_timeout: relay.http.idle_timeout.map_or(d.idle_timeout, |t| t.0),
+                max_connections: relay.http.max_connections.unwrap_or(d.max_connections),
+            };
+            for (key, value) in [
+                ("http.header_read_timeout", limits.header_read_timeout),
+                ("http.idle_timeout", limits.idle_timeout),
+            ] {
+                if value.is_zero() || value > Duration::from_secs(3600) {
+                    return Err(invalid(
+                        relay_path,
+                        key,
+                        format!("{value:?} must be more than 0 and at most 1h"),
+                    ));
+                }
+            }
+            if !(1..=10_000).contains(&limits.max_connections) {
+                return Err(invalid(
+                    relay_path,
+                    "http.max_connections",
+                    format!("{} must be between 1 and 10000", limits.max_connections),
+                ));
+            }
+            limits
+        };
         let shutdown_timeout = relay.shutdown.timeout.map(|d| d.0).unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
         if shutdown_timeout.is_zero() || shutdown_timeout > Duration::from_secs(600) {
             return Err(invalid(
@@ -678,6 +734,7 @@ impl Settings {
             skipped,
             synapse_files: hs.files.clone(),
             http_listen,
+            http_limits,
             shutdown_timeout,
             client_url,
         })

@@ -210,6 +210,8 @@ pub struct Metrics {
     pub ready: Gauge,
     pub decode_errors: Family<KindLabel, Counter>,
     pub reconnects: Counter,
+    /// User ids a fallback (fancy-regex) namespace could not answer for: backtrack limit exceeded.
+    pub routing_backtrack_limit: Counter,
     pub reloads: Family<ResultLabel, Counter>,
     latency: HistogramFamily,
     pending_keys: Family<AppserviceLabel, Gauge>,
@@ -255,6 +257,7 @@ impl Metrics {
             ready: Gauge::default(),
             decode_errors: Family::default(),
             reconnects: Counter::default(),
+            routing_backtrack_limit: Counter::default(),
             reloads: Family::default(),
             latency: HistogramFamily::new_with_constructor(new_latency_histogram),
             pending_keys: Family::default(),
@@ -322,6 +325,11 @@ impl Metrics {
             "reconnects",
             "Replication connections re-established after a failure",
             m.reconnects.clone(),
+        );
+        r.register(
+            "routing_backtrack_limit_exceeded",
+            "Times a users namespace regex that needs the fallback engine (fancy-regex) exceeded its backtrack limit on a user id; the user counts as outside that namespace",
+            m.routing_backtrack_limit.clone(),
         );
         r.register(
             "config_reloads",
