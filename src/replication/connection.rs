@@ -184,6 +184,80 @@ fn decode(frame: Frame) -> Result<Backend, String> {
     }
 }
 
+/// A backend message as the connection understands it, without the socket (for tests and the
+/// fuzz targets): [`parse_backend`] does what the connection does with each message type.
+#[derive(Debug)]
+pub enum ParsedBackend {
+    CopyBothResponse,
+    CopyData(Bytes),
+    CopyDone,
+    Error(ServerError),
+    Notice(ServerError),
+    Parameter {
+        name: String,
+        value: String,
+    },
+    /// A DataRow's values, as text (`None`: NULL).
+    Row(Vec<Option<String>>),
+    /// AuthenticationSASL: the mechanisms the server offers.
+    SaslMechanisms(Vec<String>),
+    /// Any other message that parses, by type byte.
+    Other(u8),
+}
+
+/// Parses one complete message (from [`split_frame`]) the way the connection does. Pure.
+pub fn parse_backend(frame: Frame) -> Result<ParsedBackend, String> {
+    let tag = frame.tag;
+    let message = match decode(frame)? {
+        Backend::CopyBothResponse => return Ok(ParsedBackend::CopyBothResponse),
+        Backend::CopyData(payload) => return Ok(ParsedBackend::CopyData(payload)),
+        Backend::CopyDone => return Ok(ParsedBackend::CopyDone),
+        Backend::Message(m) => m,
+    };
+    Ok(match message {
+        Message::ErrorResponse(body) => {
+            ParsedBackend::Error(parse_fields(body.fields(), "").map_err(|e| format!("malformed ErrorResponse: {e}"))?)
+        }
+        Message::NoticeResponse(body) => ParsedBackend::Notice(
+            parse_fields(body.fields(), "").map_err(|e| format!("malformed NoticeResponse: {e}"))?,
+        ),
+        Message::ParameterStatus(body) => match (body.name(), body.value()) {
+            (Ok(name), Ok(value)) => ParsedBackend::Parameter {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            },
+            _ => return Err("ParameterStatus that is not UTF-8".to_owned()),
+        },
+        Message::DataRow(body) => ParsedBackend::Row(data_row_values(&body)?),
+        Message::AuthenticationSasl(body) => ParsedBackend::SaslMechanisms(
+            body.mechanisms()
+                .map(|m| Ok(m.to_owned()))
+                .collect()
+                .map_err(|e| format!("malformed AuthenticationSASL: {e}"))?,
+        ),
+        _ => ParsedBackend::Other(tag),
+    })
+}
+
+/// A DataRow's values as text (`None`: NULL); errors describe the problem, never the values.
+fn data_row_values(row: &postgres_protocol::message::backend::DataRowBody) -> Result<Vec<Option<String>>, String> {
+    let buffer = row.buffer();
+    let malformed = |e: String| format!("malformed DataRow: {e}");
+    row.ranges()
+        .map_err(|e| malformed(e.to_string()))
+        .map(|range| match range {
+            None => Ok(None),
+            Some(range) => {
+                let bytes = buffer
+                    .get(range)
+                    .ok_or_else(|| malformed("value out of bounds".to_owned()))?;
+                let text = std::str::from_utf8(bytes).map_err(|e| malformed(format!("value is not UTF-8: {e}")))?;
+                Ok(Some(text.to_owned()))
+            }
+        })
+        .collect()
+}
+
 /// CopyBothResponse: format (i8), column count (i16), one i16 format per column.
 fn check_copy_both_response(body: &[u8]) -> Result<(), String> {
     match body {
@@ -705,21 +779,7 @@ impl ReplicationConnection {
         action: &'static str,
         row: &postgres_protocol::message::backend::DataRowBody,
     ) -> Result<Vec<Option<String>>, ReplicationError> {
-        let buffer = row.buffer();
-        let malformed = |e: String| self.io.protocol_error(action, format!("malformed DataRow: {e}"));
-        row.ranges()
-            .map_err(|e| malformed(e.to_string()))
-            .map(|range| match range {
-                None => Ok(None),
-                Some(range) => {
-                    let bytes = buffer
-                        .get(range)
-                        .ok_or_else(|| malformed("value out of bounds".to_owned()))?;
-                    let text = std::str::from_utf8(bytes).map_err(|e| malformed(format!("value is not UTF-8: {e}")))?;
-                    Ok(Some(text.to_owned()))
-                }
-            })
-            .collect()
+        data_row_values(row).map_err(|problem| self.io.protocol_error(action, problem))
     }
 
     /// `IDENTIFY_SYSTEM`: the system identifier, timeline, current WAL position and database.
@@ -807,7 +867,8 @@ impl ServerParameters {
     }
 }
 
-fn parse_identify_system(rows: &[Vec<Option<String>>]) -> Result<SystemIdentity, String> {
+/// The rows of an `IDENTIFY_SYSTEM` answer as a [`SystemIdentity`]. Pure.
+pub fn parse_identify_system(rows: &[Vec<Option<String>>]) -> Result<SystemIdentity, String> {
     let [row] = rows else {
         return Err(format!("IDENTIFY_SYSTEM returned {} rows, expected 1", rows.len()));
     };
