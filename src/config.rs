@@ -1099,6 +1099,39 @@ mod tests {
     }
 
     #[test]
+    fn http_limits_have_documented_defaults_and_bounds() {
+        let f = Fixture::new(&[("a.yaml", &reg("a", "http://localhost:1", ""))]);
+        let s = f.resolve("").unwrap();
+        assert_eq!(
+            s.http_limits,
+            HttpLimits {
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                max_connections: 64,
+            }
+        );
+        let s = f
+            .resolve("[http]\nheader_read_timeout = \"2s\"\nidle_timeout = \"5m\"\nmax_connections = 8\n")
+            .unwrap();
+        assert_eq!(
+            s.http_limits,
+            HttpLimits {
+                header_read_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(300),
+                max_connections: 8,
+            }
+        );
+        for (text, key) in [
+            ("header_read_timeout = \"0s\"", "http.header_read_timeout"),
+            ("idle_timeout = \"2h\"", "http.idle_timeout"),
+            ("max_connections = 0", "http.max_connections"),
+        ] {
+            let err = f.resolve(&format!("[http]\n{text}\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
     fn settings_debug_output_holds_no_secret() {
         let f = Fixture::new(&[(
             "a.yaml",

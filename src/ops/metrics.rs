@@ -731,6 +731,7 @@ mod tests {
         m.commit_times.push(Lsn(5), 0);
         h.metrics.observe_commit_latency([Lsn(5), Lsn(6)].into_iter());
         m.decode_errors.get_or_create(&KindLabel { kind: DECODE_ROW }).inc();
+        m.routing_backtrack_limit.inc();
         m.refresh(std::slice::from_ref(&h));
         let text = m.encode_prometheus();
         for needle in [
@@ -743,6 +744,7 @@ mod tests {
             "synapse_account_data_relay_appservice_up{appservice=\"bridge\"} 1",
             "synapse_account_data_relay_appservice_pending_keys{appservice=\"bridge\"} 0",
             "synapse_account_data_relay_decode_errors_total{kind=\"row\"} 1",
+            "synapse_account_data_relay_routing_backtrack_limit_exceeded_total 1",
             "synapse_account_data_relay_slot_retained_wal_bytes 0",
             "synapse_account_data_relay_build_info{version=",
         ] {
