@@ -221,6 +221,32 @@ pub struct SynapseSection {
 pub struct HttpSection {
     /// Address and port to listen on, e.g. `"127.0.0.1:9109"`. Absent: no endpoint.
     pub listen: Option<String>,
+    /// How long a client may take to send a request's headers, from the connection's start or
+    /// the previous answer (default 10s).
+    pub header_read_timeout: Option<ConfigDuration>,
+    /// A connection with no bytes read or written for this long is closed (default 60s).
+    pub idle_timeout: Option<ConfigDuration>,
+    /// Connections served at once; more wait to be accepted (default 64).
+    pub max_connections: Option<usize>,
+}
+
+/// The operations endpoint's limits (`[http]`), so that whoever can reach it cannot hold the
+/// relay's file descriptors with idle or slow connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 64,
+        }
+    }
 }
 
 /// `[shutdown]`: what SIGTERM may wait for.
@@ -375,6 +401,8 @@ pub struct Settings {
     pub synapse_files: Vec<PathBuf>,
     /// Where the operations endpoint listens (`[http] listen`); `None`: no endpoint.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Its timeouts and connection limit.
+    pub http_limits: HttpLimits,
     /// How long SIGTERM waits for requests in flight (`[shutdown] timeout`).
     pub shutdown_timeout: Duration,
     /// Synapse's client API (for push rules), when known.
@@ -545,6 +573,34 @@ impl Settings {
                 )
             })?),
         };
+        let http_limits = {
+            let d = HttpLimits::default();
+            let limits = HttpLimits {
+                header_read_timeout: relay.http.header_read_timeout.map_or(d.header_read_timeout, |t| t.0),
+                idle_timeout: relay.http.idle_timeout.map_or(d.idle_timeout, |t| t.0),
+                max_connections: relay.http.max_connections.unwrap_or(d.max_connections),
+            };
+            for (key, value) in [
+                ("http.header_read_timeout", limits.header_read_timeout),
+                ("http.idle_timeout", limits.idle_timeout),
+            ] {
+                if value.is_zero() || value > Duration::from_secs(3600) {
+                    return Err(invalid(
+                        relay_path,
+                        key,
+                        format!("{value:?} must be more than 0 and at most 1h"),
+                    ));
+                }
+            }
+            if !(1..=10_000).contains(&limits.max_connections) {
+                return Err(invalid(
+                    relay_path,
+                    "http.max_connections",
+                    format!("{} must be between 1 and 10000", limits.max_connections),
+                ));
+            }
+            limits
+        };
         let shutdown_timeout = relay.shutdown.timeout.map(|d| d.0).unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
         if shutdown_timeout.is_zero() || shutdown_timeout > Duration::from_secs(600) {
             return Err(invalid(
@@ -684,6 +740,7 @@ impl Settings {
             skipped,
             synapse_files: hs.files.clone(),
             http_listen,
+            http_limits,
             shutdown_timeout,
             client_url,
         })
@@ -1251,6 +1308,39 @@ mod tests {
         assert!(err.contains("shutdown.timeout"), "{err}");
         let err = f.resolve("[http]\nport = 1\n").unwrap_err().to_string();
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn http_limits_have_documented_defaults_and_bounds() {
+        let f = Fixture::new(&[("a.yaml", &reg("a", "http://localhost:1", ""))]);
+        let s = f.resolve("").unwrap();
+        assert_eq!(
+            s.http_limits,
+            HttpLimits {
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                max_connections: 64,
+            }
+        );
+        let s = f
+            .resolve("[http]\nheader_read_timeout = \"2s\"\nidle_timeout = \"5m\"\nmax_connections = 8\n")
+            .unwrap();
+        assert_eq!(
+            s.http_limits,
+            HttpLimits {
+                header_read_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(300),
+                max_connections: 8,
+            }
+        );
+        for (text, key) in [
+            ("header_read_timeout = \"0s\"", "http.header_read_timeout"),
+            ("idle_timeout = \"2h\"", "http.idle_timeout"),
+            ("max_connections = 0", "http.max_connections"),
+        ] {
+            let err = f.resolve(&format!("[http]\n{text}\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -139,6 +139,17 @@ enum SessionError {
     ServerWaiting,
 }
 
+/// Say at start which namespaces need the fallback regex engine.
+pub(crate) fn log_fallback_namespaces(router: &Router) {
+    for f in router.fallback_namespaces() {
+        tracing::info!(
+            appservice = %f.appservice,
+            pattern = %f.pattern,
+            "users namespace regex needs the fallback engine (fancy-regex: lookaround or backreferences): checked on its own, with a backtrack limit; a user id that exceeds it counts as outside the namespace (logged, metric routing_backtrack_limit_exceeded_total)"
+        );
+    }
+}
+
 /// The running relay: settings, router, appservice handles, checkpoint.
 pub struct Relay {
     settings: Settings,
@@ -163,6 +174,9 @@ pub struct Relay {
     pending_reload: Option<Reload>,
     /// Chosen at each activation; part of every transaction id.
     epoch: u64,
+    /// When a backtrack-limit failure of a fallback namespace was last logged, and how many
+    /// happened since (logged at most once a minute; all are counted in the metric).
+    backtrack_limit_log: (Option<Instant>, u64),
 }
 
 impl Relay {
@@ -210,6 +224,7 @@ impl Relay {
             reloads: None,
             pending_reload: None,
             epoch: 0,
+            backtrack_limit_log: (None, 0),
         })
     }
 
@@ -265,6 +280,7 @@ impl Relay {
         for w in self.router.warnings() {
             tracing::warn!(appservice = %w.appservice, pattern = %w.pattern, "{}", w.message);
         }
+        log_fallback_namespaces(&self.router);
     }
 
     /// Check the database before streaming: refuse to start (changing nothing) if a published
@@ -783,6 +799,29 @@ impl Relay {
         }
     }
 
+    /// A fallback namespace exceeded its backtrack limit on `user_id`: count it, and log it at
+    /// most once a minute (with how many were not logged).
+    fn note_backtrack_limit(&mut self, user_id: &str) {
+        self.metrics.routing_backtrack_limit.inc();
+        let (last, suppressed) = &mut self.backtrack_limit_log;
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)) {
+            *suppressed += 1;
+            return;
+        }
+        for f in self.router.backtrack_limit_exceeded(user_id) {
+            tracing::warn!(
+                appservice = %f.appservice,
+                pattern = %f.pattern,
+                %user_id,
+                not_logged_before = *suppressed,
+                "users namespace regex exceeded the fallback engine's backtrack limit on this user id: counted as outside the namespace (as Synapse's re.match might not); simplify the regex"
+            );
+        }
+        *last = Some(now);
+        *suppressed = 0;
+    }
+
     fn observe_position(&self, position: Lsn) {
         for h in &self.handles {
             if h.observe_position(position) {
@@ -846,7 +885,9 @@ impl Relay {
                         tracing::debug!(user_id = %change.key.user_id, "not a local user: ignored");
                         return Ok(());
                     }
-                    self.router.route_into(&change.key.user_id, &mut self.targets);
+                    if self.router.route_into(&change.key.user_id, &mut self.targets) > 0 {
+                        self.note_backtrack_limit(&change.key.user_id);
+                    }
                     for &i in &self.targets {
                         let h = &self.handles[i];
                         if change.key.room_id.is_some() && !h.settings.room_account_data {

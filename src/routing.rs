@@ -15,7 +15,9 @@
 //! - every other namespace regex is compiled as `^(?:PATTERN)` into one [`regex::RegexSet`], so one
 //!   scan of the user id answers for all of them;
 //! - patterns the `regex` crate rejects (lookaround, backreferences) are compiled with
-//!   `fancy-regex` instead and checked one by one.
+//!   `fancy-regex` instead and checked one by one ([`Router::fallback_namespaces`], named at
+//!   start). A user id that exceeds such a pattern's backtrack limit counts as no match, and
+//!   [`Router::route_into`] says so, for the caller to count and log.
 //!
 //! Python's `\Z` is rewritten to `\z` first. A pattern no engine accepts is an error naming its
 //! registration file. Pure: no I/O.
@@ -180,6 +182,17 @@ impl PrefixIndex {
     }
 }
 
+/// A namespace regex only `fancy-regex` accepts (lookaround, backreferences): checked on its own,
+/// by backtracking, with fancy-regex's backtrack limit.
+#[derive(Debug)]
+pub struct FallbackNamespace {
+    regex: fancy_regex::Regex,
+    owner: usize,
+    /// The appservice's id and the pattern as written in its registration, for logs.
+    pub appservice: String,
+    pub pattern: String,
+}
+
 /// user id → indices (into the slice given to [`Router::new`]) of the interested appservices.
 #[derive(Debug)]
 pub struct Router {
@@ -187,7 +200,7 @@ pub struct Router {
     set: regex::RegexSet,
     /// For each pattern of `set`, the appservice it belongs to.
     set_owner: Vec<usize>,
-    fancy: Vec<(fancy_regex::Regex, usize)>,
+    fancy: Vec<FallbackNamespace>,
     senders: HashMap<String, Vec<usize>>,
     warnings: Vec<RoutingWarning>,
     appservice_count: usize,
@@ -223,7 +236,12 @@ impl Router {
                         set_owner.push(i);
                     }
                     Err(regex_error) => match fancy_regex::Regex::new(&anchored) {
-                        Ok(r) => fancy.push((r, i)),
+                        Ok(regex) => fancy.push(FallbackNamespace {
+                            regex,
+                            owner: i,
+                            appservice: a.id.clone(),
+                            pattern: p.clone(),
+                        }),
                         Err(fancy_error) => {
                             return Err(RoutingError {
                                 source_file: a.source.clone(),
@@ -264,8 +282,17 @@ impl Router {
         &self.warnings
     }
 
+    /// The namespaces that need the fallback engine (say so at start: they are slower, and a user
+    /// id can exceed their backtrack limit).
+    pub fn fallback_namespaces(&self) -> &[FallbackNamespace] {
+        &self.fancy
+    }
+
     /// Write into `out` the sorted, distinct indices of the appservices interested in `user_id`.
-    pub fn route_into(&self, user_id: &str, out: &mut Vec<usize>) {
+    /// Returns how many fallback namespaces could not answer for `user_id` because it exceeds
+    /// their backtrack limit (they count as no match, as Synapse's own limit-less `re.match`
+    /// would not; see [`Router::backtrack_limit_exceeded`] for which); normally 0.
+    pub fn route_into(&self, user_id: &str, out: &mut Vec<usize>) -> usize {
         out.clear();
         if let Some(s) = self.senders.get(user_id) {
             out.extend_from_slice(s);
@@ -276,14 +303,27 @@ impl Router {
         if !self.set_owner.is_empty() {
             out.extend(self.set.matches(user_id).into_iter().map(|p| self.set_owner[p]));
         }
-        for (r, i) in &self.fancy {
-            // A pattern that exceeds fancy-regex's backtrack limit counts as no match.
-            if r.is_match(user_id).unwrap_or(false) {
-                out.push(*i);
+        let mut limit_exceeded = 0;
+        for f in &self.fancy {
+            match f.regex.is_match(user_id) {
+                Ok(true) => out.push(f.owner),
+                Ok(false) => {}
+                // Only the backtrack limit can fail a match of a compiled regex.
+                Err(_) => limit_exceeded += 1,
             }
         }
         out.sort_unstable();
         out.dedup();
+        limit_exceeded
+    }
+
+    /// The fallback namespaces that exceed their backtrack limit on `user_id` (for the log,
+    /// when [`Router::route_into`] says there are some).
+    pub fn backtrack_limit_exceeded(&self, user_id: &str) -> Vec<&FallbackNamespace> {
+        self.fancy
+            .iter()
+            .filter(|f| f.regex.is_match(user_id).is_err())
+            .collect()
     }
 
     /// Convenience form of [`Router::route_into`].
@@ -407,6 +447,36 @@ mod tests {
             let got = router.route(user) == vec![0];
             assert_eq!(got, *expected, "re.match({pattern:?}, {user:?})");
         }
+    }
+
+    /// A fallback pattern that backtracks too much on a user id is reported, not silently
+    /// taken as no match; the other engines still answer; the namespace is listed at start.
+    #[test]
+    fn backtrack_limit_exceeded_is_reported() {
+        let r = Router::new(&[
+            interest("a", "@abot:x", &[r"@((a|aa)+)\1:x"]),
+            interest("b", "@bbot:x", &["@a.*"]),
+        ])
+        .unwrap();
+        let fallback: Vec<(&str, &str)> = r
+            .fallback_namespaces()
+            .iter()
+            .map(|f| (f.appservice.as_str(), f.pattern.as_str()))
+            .collect();
+        assert_eq!(fallback, vec![("a", r"@((a|aa)+)\1:x")]);
+        let mut out = Vec::new();
+        assert_eq!(r.route_into("@aaaa:x", &mut out), 0);
+        assert_eq!(out, vec![0, 1]);
+        let hostile = format!("@{}b", "a".repeat(60));
+        assert_eq!(r.route_into(&hostile, &mut out), 1);
+        assert_eq!(out, vec![1]);
+        let hit: Vec<&str> = r
+            .backtrack_limit_exceeded(&hostile)
+            .iter()
+            .map(|f| f.appservice.as_str())
+            .collect();
+        assert_eq!(hit, vec!["a"]);
+        assert!(r.backtrack_limit_exceeded("@aaaa:x").is_empty());
     }
 
     #[test]

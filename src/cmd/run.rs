@@ -129,6 +129,7 @@ pub async fn run(args: &RunArgs) -> u8 {
                 slot: relay.slot_status(),
                 slot_name: settings.slot_name.clone(),
             },
+            settings.http_limits,
         );
         tracing::info!(address = %addr, "operations endpoint: /metrics, /healthz, /readyz, /status.json");
     }

@@ -1,8 +1,10 @@
 //! Delivery: per-appservice queues with coalescing ([`queue`]), transaction bodies and ids
 //! ([`transaction`]), what an answer means and how long to wait ([`retry`]) — all pure — and the
-//! I/O shell: the per-appservice worker that sends over HTTP ([`worker`]).
+//! I/O shell: the per-appservice worker that sends over HTTP ([`worker`]), reading answers
+//! with a bound ([`response_body`]).
 
 pub mod queue;
+pub mod response_body;
 pub mod retry;
 pub mod state;
 pub mod transaction;

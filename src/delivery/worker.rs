@@ -21,6 +21,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::{AppserviceSettings, DeliverySettings};
 use crate::delivery::queue::Batch;
+use crate::delivery::response_body::{BodyError, MAX_RESPONSE_BODY, read_bounded};
 use crate::delivery::retry::{AttemptOutcome, RetryPolicy, RetrySchedule, classify_response};
 use crate::delivery::state::{AppserviceState, DeliveryMode};
 use crate::delivery::transaction::{ResolvedEntry, build_body, transaction_id};
@@ -681,13 +682,17 @@ async fn put_transaction(
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    match resp.bytes().await {
+    match read_bounded(resp, MAX_RESPONSE_BODY).await {
         Ok(b) => classify_response(status, retry_after.as_deref(), &b),
-        Err(e) => AttemptOutcome::Retry {
+        Err(BodyError::Read(e)) => AttemptOutcome::Retry {
             reason: format!(
                 "HTTP status {status}, reading the body failed: {}",
                 describe_http_error(e)
             ),
+            retry_after: None,
+        },
+        Err(e @ BodyError::TooLarge { .. }) => AttemptOutcome::Retry {
+            reason: format!("HTTP status {status}, but {e}"),
             retry_after: None,
         },
     }

@@ -210,6 +210,8 @@ pub struct Metrics {
     pub ready: Gauge,
     pub decode_errors: Family<KindLabel, Counter>,
     pub reconnects: Counter,
+    /// User ids a fallback (fancy-regex) namespace could not answer for: backtrack limit exceeded.
+    pub routing_backtrack_limit: Counter,
     pub reloads: Family<ResultLabel, Counter>,
     latency: HistogramFamily,
     pending_keys: Family<AppserviceLabel, Gauge>,
@@ -255,6 +257,7 @@ impl Metrics {
             ready: Gauge::default(),
             decode_errors: Family::default(),
             reconnects: Counter::default(),
+            routing_backtrack_limit: Counter::default(),
             reloads: Family::default(),
             latency: HistogramFamily::new_with_constructor(new_latency_histogram),
             pending_keys: Family::default(),
@@ -322,6 +325,11 @@ impl Metrics {
             "reconnects",
             "Replication connections re-established after a failure",
             m.reconnects.clone(),
+        );
+        r.register(
+            "routing_backtrack_limit_exceeded",
+            "Times a users namespace regex that needs the fallback engine (fancy-regex) exceeded its backtrack limit on a user id; the user counts as outside that namespace",
+            m.routing_backtrack_limit.clone(),
         );
         r.register(
             "config_reloads",
@@ -723,6 +731,7 @@ mod tests {
         m.commit_times.push(Lsn(5), 0);
         h.metrics.observe_commit_latency([Lsn(5), Lsn(6)].into_iter());
         m.decode_errors.get_or_create(&KindLabel { kind: DECODE_ROW }).inc();
+        m.routing_backtrack_limit.inc();
         m.refresh(std::slice::from_ref(&h));
         let text = m.encode_prometheus();
         for needle in [
@@ -735,6 +744,7 @@ mod tests {
             "synapse_account_data_relay_appservice_up{appservice=\"bridge\"} 1",
             "synapse_account_data_relay_appservice_pending_keys{appservice=\"bridge\"} 0",
             "synapse_account_data_relay_decode_errors_total{kind=\"row\"} 1",
+            "synapse_account_data_relay_routing_backtrack_limit_exceeded_total 1",
             "synapse_account_data_relay_slot_retained_wal_bytes 0",
             "synapse_account_data_relay_build_info{version=",
         ] {

@@ -117,7 +117,7 @@ pub fn plan(old: &Settings, new: &Settings) -> ReloadPlan {
     if old.shutdown_timeout != new.shutdown_timeout {
         p.applied.push("shutdown.timeout");
     }
-    let restart: [(&'static str, bool); 13] = [
+    let restart: [(&'static str, bool); 14] = [
         ("postgres (the database connection)", old.postgres != new.postgres),
         ("replication.slot_name", old.slot_name != new.slot_name),
         (
@@ -142,6 +142,10 @@ pub fn plan(old: &Settings, new: &Settings) -> ReloadPlan {
         ("replication.failover", old.failover_slot != new.failover_slot),
         ("delivery", old.delivery != new.delivery),
         ("http.listen", old.http_listen != new.http_listen),
+        (
+            "http.header_read_timeout, idle_timeout or max_connections",
+            old.http_limits != new.http_limits,
+        ),
         ("server_name", old.server_name != new.server_name),
     ];
     p.needs_restart = restart.into_iter().filter(|(_, c)| *c).map(|(k, _)| k).collect();
@@ -250,6 +254,7 @@ mod tests {
             skipped: vec![],
             synapse_files: vec![],
             http_listen: None,
+            http_limits: Default::default(),
             shutdown_timeout: Duration::from_secs(10),
             client_url: None,
         }

@@ -90,6 +90,7 @@ impl Relay {
         for w in self.router.warnings() {
             tracing::warn!(appservice = %w.appservice, pattern = %w.pattern, "{}", w.message);
         }
+        super::log_fallback_namespaces(&self.router);
         let changed: Vec<String> = plan
             .changed
             .iter()

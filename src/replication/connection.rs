@@ -44,9 +44,32 @@ use crate::tls;
 /// itself but not the tag).
 pub const HEADER_LEN: usize = 5;
 
-/// The largest message accepted (the length field, as PostgreSQL's own `MaxAllocSize`). A longer
-/// length is a protocol error, never an allocation.
-pub const MAX_MESSAGE_LEN: usize = 1 << 30;
+/// The largest CopyData or DataRow message accepted (the length field): 64 MiB. One CopyData of
+/// the stream carries one change of one row, and a DataRow one row of a query; the largest rows
+/// the relay sees are Synapse's account data, whose content comes from one client request, which
+/// Synapse caps at 200 × 64 KiB (12.5 MiB; more only if the media repository runs in the same
+/// process, `max_upload_size`, default 50 MiB). PostgreSQL itself would allow 1 GiB
+/// (`MaxAllocSize`). A longer length is a protocol error naming the message type, never an
+/// allocation.
+pub const MAX_ROW_MESSAGE_LEN: usize = 64 << 20;
+
+/// The largest message of any other type (errors, notices, authentication, row descriptions,
+/// parameters, command tags): 1 MiB, far above the few KiB PostgreSQL sends.
+pub const MAX_OTHER_MESSAGE_LEN: usize = 1 << 20;
+
+/// The most bytes of ParameterStatus names and values kept for one connection: 64 KiB.
+/// PostgreSQL reports about fifteen parameters at startup (under 1 KiB in all) and again only
+/// when one of them changes; the total is checked after each message, so repeats of a known
+/// parameter replace it and do not add up.
+pub const MAX_PARAMETER_BYTES: usize = 64 << 10;
+
+/// The largest message of type `tag` that is accepted (see [`MAX_ROW_MESSAGE_LEN`]).
+pub fn max_message_len(tag: u8) -> usize {
+    match tag {
+        COPY_DATA_TAG | DATA_ROW_TAG => MAX_ROW_MESSAGE_LEN,
+        _ => MAX_OTHER_MESSAGE_LEN,
+    }
+}
 
 /// Read-buffer growth per read, and the most reserved at once for a large incomplete message (it
 /// grows further as the bytes actually arrive).
@@ -59,6 +82,7 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
 const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
 const COPY_DATA_TAG: u8 = b'd';
 const COPY_DONE_TAG: u8 = b'c';
+const DATA_ROW_TAG: u8 = b'D';
 
 /// A complete backend message taken out of the read buffer.
 #[derive(Debug, PartialEq, Eq)]
@@ -89,8 +113,8 @@ impl Frame {
 pub enum FrameError {
     #[error("message type {tag:#04x} declares length {len}, less than the 4 bytes of the length itself")]
     LengthTooShort { tag: u8, len: u32 },
-    #[error("message type {tag:#04x} declares length {len}, more than the {MAX_MESSAGE_LEN}-byte limit")]
-    LengthTooLong { tag: u8, len: u32 },
+    #[error("a {} message declares length {len}, more than the {limit}-byte limit for that type", tag_name(*tag))]
+    LengthTooLong { tag: u8, len: u32, limit: usize },
 }
 
 fn peek_header(buf: &[u8]) -> Result<Option<(u8, usize)>, FrameError> {
@@ -101,9 +125,10 @@ fn peek_header(buf: &[u8]) -> Result<Option<(u8, usize)>, FrameError> {
     if len < 4 {
         return Err(FrameError::LengthTooShort { tag, len });
     }
-    let len_usize = usize::try_from(len).map_err(|_| FrameError::LengthTooLong { tag, len })?;
-    if len_usize > MAX_MESSAGE_LEN {
-        return Err(FrameError::LengthTooLong { tag, len });
+    let limit = max_message_len(tag);
+    let len_usize = usize::try_from(len).map_err(|_| FrameError::LengthTooLong { tag, len, limit })?;
+    if len_usize > limit {
+        return Err(FrameError::LengthTooLong { tag, len, limit });
     }
     Ok(Some((tag, len_usize + 1)))
 }
@@ -157,6 +182,80 @@ fn decode(frame: Frame) -> Result<Backend, String> {
             }
         }
     }
+}
+
+/// A backend message as the connection understands it, without the socket (for tests and the
+/// fuzz targets): [`parse_backend`] does what the connection does with each message type.
+#[derive(Debug)]
+pub enum ParsedBackend {
+    CopyBothResponse,
+    CopyData(Bytes),
+    CopyDone,
+    Error(ServerError),
+    Notice(ServerError),
+    Parameter {
+        name: String,
+        value: String,
+    },
+    /// A DataRow's values, as text (`None`: NULL).
+    Row(Vec<Option<String>>),
+    /// AuthenticationSASL: the mechanisms the server offers.
+    SaslMechanisms(Vec<String>),
+    /// Any other message that parses, by type byte.
+    Other(u8),
+}
+
+/// Parses one complete message (from [`split_frame`]) the way the connection does. Pure.
+pub fn parse_backend(frame: Frame) -> Result<ParsedBackend, String> {
+    let tag = frame.tag;
+    let message = match decode(frame)? {
+        Backend::CopyBothResponse => return Ok(ParsedBackend::CopyBothResponse),
+        Backend::CopyData(payload) => return Ok(ParsedBackend::CopyData(payload)),
+        Backend::CopyDone => return Ok(ParsedBackend::CopyDone),
+        Backend::Message(m) => m,
+    };
+    Ok(match message {
+        Message::ErrorResponse(body) => {
+            ParsedBackend::Error(parse_fields(body.fields(), "").map_err(|e| format!("malformed ErrorResponse: {e}"))?)
+        }
+        Message::NoticeResponse(body) => ParsedBackend::Notice(
+            parse_fields(body.fields(), "").map_err(|e| format!("malformed NoticeResponse: {e}"))?,
+        ),
+        Message::ParameterStatus(body) => match (body.name(), body.value()) {
+            (Ok(name), Ok(value)) => ParsedBackend::Parameter {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            },
+            _ => return Err("ParameterStatus that is not UTF-8".to_owned()),
+        },
+        Message::DataRow(body) => ParsedBackend::Row(data_row_values(&body)?),
+        Message::AuthenticationSasl(body) => ParsedBackend::SaslMechanisms(
+            body.mechanisms()
+                .map(|m| Ok(m.to_owned()))
+                .collect()
+                .map_err(|e| format!("malformed AuthenticationSASL: {e}"))?,
+        ),
+        _ => ParsedBackend::Other(tag),
+    })
+}
+
+/// A DataRow's values as text (`None`: NULL); errors describe the problem, never the values.
+fn data_row_values(row: &postgres_protocol::message::backend::DataRowBody) -> Result<Vec<Option<String>>, String> {
+    let buffer = row.buffer();
+    let malformed = |e: String| format!("malformed DataRow: {e}");
+    row.ranges()
+        .map_err(|e| malformed(e.to_string()))
+        .map(|range| match range {
+            None => Ok(None),
+            Some(range) => {
+                let bytes = buffer
+                    .get(range)
+                    .ok_or_else(|| malformed("value out of bounds".to_owned()))?;
+                let text = std::str::from_utf8(bytes).map_err(|e| malformed(format!("value is not UTF-8: {e}")))?;
+                Ok(Some(text.to_owned()))
+            }
+        })
+        .collect()
 }
 
 /// CopyBothResponse: format (i8), column count (i16), one i16 format per column.
@@ -385,7 +484,7 @@ struct PgIo {
     read_buf: BytesMut,
     write_buf: BytesMut,
     target: String,
-    parameters: HashMap<String, String>,
+    parameters: ServerParameters,
 }
 
 impl PgIo {
@@ -395,7 +494,7 @@ impl PgIo {
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: BytesMut::with_capacity(1024),
             target,
-            parameters: HashMap::new(),
+            parameters: ServerParameters::default(),
         }
     }
 
@@ -485,7 +584,9 @@ impl PgIo {
                         return Err(self.protocol_error(action, "ParameterStatus that is not UTF-8"));
                     };
                     tracing::debug!(server = %self.target, parameter = name, value, "server parameter");
-                    self.parameters.insert(name.to_owned(), value.to_owned());
+                    self.parameters
+                        .record(name, value)
+                        .map_err(|problem| self.protocol_error(action, problem))?;
                 }
                 other => return Ok((tag, other)),
             }
@@ -628,7 +729,7 @@ impl ReplicationConnection {
 
     /// A run-time parameter the server reported (ParameterStatus), e.g. `server_version`.
     pub fn parameter(&self, name: &str) -> Option<&str> {
-        self.io.parameters.get(name).map(String::as_str)
+        self.io.parameters.get(name)
     }
 
     /// Where this connection goes (`PgConnectionConfig::describe()`).
@@ -678,21 +779,7 @@ impl ReplicationConnection {
         action: &'static str,
         row: &postgres_protocol::message::backend::DataRowBody,
     ) -> Result<Vec<Option<String>>, ReplicationError> {
-        let buffer = row.buffer();
-        let malformed = |e: String| self.io.protocol_error(action, format!("malformed DataRow: {e}"));
-        row.ranges()
-            .map_err(|e| malformed(e.to_string()))
-            .map(|range| match range {
-                None => Ok(None),
-                Some(range) => {
-                    let bytes = buffer
-                        .get(range)
-                        .ok_or_else(|| malformed("value out of bounds".to_owned()))?;
-                    let text = std::str::from_utf8(bytes).map_err(|e| malformed(format!("value is not UTF-8: {e}")))?;
-                    Ok(Some(text.to_owned()))
-                }
-            })
-            .collect()
+        data_row_values(row).map_err(|problem| self.io.protocol_error(action, problem))
     }
 
     /// `IDENTIFY_SYSTEM`: the system identifier, timeline, current WAL position and database.
@@ -742,7 +829,46 @@ impl ReplicationConnection {
     }
 }
 
-fn parse_identify_system(rows: &[Vec<Option<String>>]) -> Result<SystemIdentity, String> {
+/// The run-time parameters the server reported (ParameterStatus), at most
+/// [`MAX_PARAMETER_BYTES`] of names and values in all.
+#[derive(Debug, Default)]
+pub struct ServerParameters {
+    values: HashMap<String, String>,
+    /// The bytes of all names and values in `values`.
+    bytes: usize,
+}
+
+impl ServerParameters {
+    /// Keeps a reported parameter (a repeat replaces it); refuses one that would pass the limit.
+    pub fn record(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let replaced = self.values.get(name).map_or(0, |v| name.len() + v.len());
+        let bytes = self.bytes - replaced + name.len() + value.len();
+        if bytes > MAX_PARAMETER_BYTES {
+            return Err(format!(
+                "the server's ParameterStatus messages ({name:?} and {} others) pass the {MAX_PARAMETER_BYTES}-byte limit",
+                self.values.len()
+            ));
+        }
+        self.values.insert(name.to_owned(), value.to_owned());
+        self.bytes = bytes;
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+/// The rows of an `IDENTIFY_SYSTEM` answer as a [`SystemIdentity`]. Pure.
+pub fn parse_identify_system(rows: &[Vec<Option<String>>]) -> Result<SystemIdentity, String> {
     let [row] = rows else {
         return Err(format!("IDENTIFY_SYSTEM returned {} rows, expected 1", rows.len()));
     };
@@ -1122,20 +1248,82 @@ mod tests {
             split_frame(&mut buf),
             Err(FrameError::LengthTooShort { tag: b'd', len: 3 })
         );
-        let mut buf = BytesMut::from(&[b'd', 0x40, 0, 0, 1][..]);
-        assert_eq!(
-            split_frame(&mut buf),
-            Err(FrameError::LengthTooLong {
-                tag: b'd',
-                len: 0x4000_0001
-            })
-        );
         let mut buf = BytesMut::from(&[b'd', 0xFF, 0xFF, 0xFF, 0xFF][..]);
         assert!(matches!(split_frame(&mut buf), Err(FrameError::LengthTooLong { .. })));
         assert_eq!(frame_bytes_missing(&buf), 0);
-        // Exactly 1 GiB is allowed (and only waited for).
-        let mut buf = BytesMut::from(&[b'd', 0x40, 0, 0, 0][..]);
-        assert_eq!(split_frame(&mut buf), Ok(None));
+    }
+
+    fn header(tag: u8, len: usize) -> BytesMut {
+        let mut buf = BytesMut::from(&[tag][..]);
+        buf.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+        buf
+    }
+
+    /// CopyData and DataRow (a row of Synapse's tables) up to 64 MiB, anything else up to 1 MiB;
+    /// longer is refused from the header, with the message type and the limit in the error.
+    #[test]
+    fn message_lengths_are_bounded_per_type() {
+        for tag in [b'd', b'D'] {
+            assert_eq!(split_frame(&mut header(tag, 64 << 20)), Ok(None));
+            let err = split_frame(&mut header(tag, (64 << 20) + 1)).unwrap_err();
+            assert_eq!(
+                err,
+                FrameError::LengthTooLong {
+                    tag,
+                    len: (64 << 20) + 1,
+                    limit: MAX_ROW_MESSAGE_LEN
+                }
+            );
+            // What PostgreSQL would still send (1 GiB) is refused.
+            assert!(split_frame(&mut header(tag, 1 << 30)).is_err());
+        }
+        let err = split_frame(&mut header(b'd', (64 << 20) + 1)).unwrap_err().to_string();
+        assert!(err.contains("CopyData") && err.contains("67108864-byte limit"), "{err}");
+        for tag in [b'E', b'N', b'S', b'R', b'T', b'C', b'Z', b'W'] {
+            assert_eq!(split_frame(&mut header(tag, 1 << 20)), Ok(None));
+            let err = split_frame(&mut header(tag, (1 << 20) + 1)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    FrameError::LengthTooLong {
+                        limit: MAX_OTHER_MESSAGE_LEN,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+    }
+
+    /// ParameterStatus: what PostgreSQL sends fits; repeats replace; more than 64 KiB in all is
+    /// refused, naming the parameter.
+    #[test]
+    fn parameters_are_bounded_in_total() {
+        let mut p = ServerParameters::default();
+        p.record("server_version", "17.2").unwrap();
+        p.record("application_name", &"x".repeat(60_000)).unwrap();
+        for _ in 0..100 {
+            p.record("application_name", &"y".repeat(60_000)).unwrap();
+        }
+        assert_eq!(p.len(), 2);
+        assert_eq!(p.get("server_version"), Some("17.2"));
+        let err = p.record("TimeZone", &"z".repeat(6_000)).unwrap_err();
+        assert!(
+            err.contains("\"TimeZone\"") && err.contains("65536-byte limit"),
+            "{err}"
+        );
+        assert_eq!(p.get("TimeZone"), None);
+        // A shorter value makes room again.
+        p.record("application_name", "relay").unwrap();
+        p.record("TimeZone", &"z".repeat(6_000)).unwrap();
+        let mut p = ServerParameters::default();
+        for i in 0..5000 {
+            if p.record(&format!("custom.p{i}"), "some value").is_err() {
+                assert!(i > 2000, "refused at {i}");
+                return;
+            }
+        }
+        panic!("5000 distinct parameters of 20 bytes were all kept");
     }
 
     #[test]
@@ -1316,10 +1504,7 @@ mod tests {
             stream.next_copy_data().await.unwrap().unwrap(),
             Bytes::from_static(b"k")
         );
-        assert_eq!(
-            stream.io.parameters.get("application_name").map(String::as_str),
-            Some("x")
-        );
+        assert_eq!(stream.io.parameters.get("application_name"), Some("x"));
         assert_eq!(stream.next_copy_data().await.unwrap(), None);
         assert_eq!(stream.next_copy_data().await.unwrap(), None);
     }
@@ -1338,11 +1523,29 @@ mod tests {
         let err = stream.next_copy_data().await.unwrap_err();
         assert!(matches!(err, ReplicationError::Io { .. }), "{err:?}");
 
-        // A length over 1 GiB is refused from the header alone.
+        // A length over the limit is refused from the header alone.
         let (mut stream, mut server) = stream_pair();
         server.write_all(&[b'd', 0x7F, 0xFF, 0xFF, 0xFF]).await.unwrap();
         let err = stream.next_copy_data().await.unwrap_err();
         assert!(matches!(err, ReplicationError::Protocol { .. }), "{err:?}");
+        let (mut stream, mut server) = stream_pair();
+        server.write_all(&header(b'd', (64 << 20) + 1)).await.unwrap();
+        let err = stream.next_copy_data().await.unwrap_err();
+        assert!(err.to_string().contains("CopyData"), "{err}");
+
+        // Endless ParameterStatus messages are refused once they pass the limit.
+        let (mut stream, mut server) = stream_pair();
+        let mut flood = Vec::new();
+        // 70 KB: more than the limit, less than the socket's buffer (written before reading).
+        for i in 0..70 {
+            let mut body = format!("custom.p{i}\0").into_bytes();
+            body.extend_from_slice(&[b'v'; 1000]);
+            body.push(0);
+            flood.extend(message(b'S', &body));
+        }
+        server.write_all(&flood).await.unwrap();
+        let err = stream.next_copy_data().await.unwrap_err();
+        assert!(err.to_string().contains("ParameterStatus"), "{err}");
 
         // A walsender that ends the command (shutdown) ends the stream.
         let (mut stream, mut server) = stream_pair();

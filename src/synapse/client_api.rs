@@ -3,6 +3,7 @@
 //! Synapse, as the user, with the appservice's `as_token` and `?user_id=` (appservices may act as
 //! the users in their namespaces), exactly as the appservice itself could.
 
+use crate::delivery::response_body::{BodyError, MAX_RESPONSE_BODY, read_bounded};
 use crate::model::Secret;
 
 /// A failed fetch. Never carries the token.
@@ -35,13 +36,18 @@ pub async fn fetch_push_rules(
         .await
         .map_err(|e| err(e.without_url().to_string()))?;
     let status = resp.status();
-    let body = resp.text().await.map_err(|e| err(e.without_url().to_string()))?;
+    let body = match read_bounded(resp, MAX_RESPONSE_BODY).await {
+        Ok(b) => b,
+        Err(BodyError::Read(e)) => return Err(err(format!("reading the answer failed: {}", e.without_url()))),
+        Err(e @ BodyError::TooLarge { .. }) => return Err(err(format!("HTTP status {status}, but {e}"))),
+    };
+    let body = String::from_utf8_lossy(&body);
     if !status.is_success() {
         let snippet: String = body.chars().take(200).collect();
         return Err(err(format!("HTTP status {status}: {snippet}")));
     }
     match serde_json::from_str::<&serde_json::value::RawValue>(&body) {
-        Ok(_) => Ok(body),
+        Ok(_) => Ok(body.into_owned()),
         Err(e) => Err(err(format!("the answer is not JSON: {e}"))),
     }
 }

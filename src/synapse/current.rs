@@ -31,8 +31,30 @@ fn read_error(table: &'static str, e: &tokio_postgres::Error) -> ReadError {
     }
 }
 
+/// `raw` if it is one valid JSON value (as the live path checks in `synapse::rows`), else `None`
+/// and an error naming the key, never the content. The content goes into the transaction body
+/// as it is: a row that is not JSON would make every attempt fail (the appservice refuses the
+/// body) or, like `1}, {"type": "…"`, add entries of its own.
+fn checked_content(table: &'static str, key: &AccountDataKey, raw: &str) -> Option<Arc<str>> {
+    match serde_json::from_str::<&serde_json::value::RawValue>(raw) {
+        Ok(_) => Some(Arc::from(raw)),
+        Err(e) => {
+            tracing::error!(
+                table,
+                user_id = %key.user_id,
+                room_id = key.room_id.as_deref().unwrap_or(""),
+                data_type = %key.data_type,
+                error = %e,
+                "{table} row skipped: its content is not valid JSON"
+            );
+            None
+        }
+    }
+}
+
 /// The current content of `keys` read from `table`. Keys whose row no longer exists are absent
-/// from the answer, except for `RoomTags`, where a room without tags has content `{"tags":{}}`.
+/// from the answer, and so are rows whose content is not valid JSON (logged with their key),
+/// except for `RoomTags`, where a room without tags has content `{"tags":{}}`.
 pub async fn read_current(
     client: &impl tokio_postgres::GenericClient,
     table: SourceTable,
@@ -64,7 +86,9 @@ pub async fn read_current(
                     room_id: None,
                     data_type: r.get::<_, &str>(1).into(),
                 };
-                out.insert(key, Arc::from(r.get::<_, &str>(2)));
+                if let Some(content) = checked_content("account_data", &key, r.get(2)) {
+                    out.insert(key, content);
+                }
             }
         }
         SourceTable::RoomAccountData => {
@@ -83,7 +107,9 @@ pub async fn read_current(
                     room_id: Some(r.get::<_, &str>(1).into()),
                     data_type: r.get::<_, &str>(2).into(),
                 };
-                out.insert(key, Arc::from(r.get::<_, &str>(3)));
+                if let Some(content) = checked_content("room_account_data", &key, r.get(3)) {
+                    out.insert(key, content);
+                }
             }
         }
         SourceTable::RoomTags => {

@@ -45,12 +45,20 @@ fn yaml_options() -> serde_saphyr::Options {
     }
 }
 
-fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) -> Result<T, SynapseFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SynapseFileError::Read {
+fn read_text(path: &Path) -> Result<String, SynapseFileError> {
+    std::fs::read_to_string(path).map_err(|source| SynapseFileError::Read {
         path: path.into(),
         source,
-    })?;
-    serde_saphyr::from_str_with_options(&text, yaml_options()).map_err(|e| {
+    })
+}
+
+/// `text`, the content of `path`, as YAML (errors name `path` and the key, never quote a secret).
+fn parse_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    what: &'static str,
+) -> Result<T, SynapseFileError> {
+    serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| {
         // The message says where (`at line L, column C`) and may quote a value: the key at that
         // line decides whether the value may be shown (never a token's or password's).
         let at = e.location().map(|l| (l.line() as usize, l.column() as usize));
@@ -66,7 +74,7 @@ fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, what: &'static str) -
             path: path.into(),
             what,
             message: crate::redact::parse_error(
-                &text,
+                text,
                 crate::redact::Syntax::Yaml,
                 at.map(|a| a.0),
                 at.map(|a| a.1),
@@ -215,21 +223,32 @@ impl HomeserverConfig {
     /// Read and merge Synapse's config files (see [`expand_config_paths`]).
     pub fn load(paths: &[PathBuf]) -> Result<HomeserverConfig, SynapseFileError> {
         let files = expand_config_paths(paths)?;
-        let first = files.first().cloned().unwrap_or_default();
         if files.is_empty() {
             return Err(SynapseFileError::Invalid {
                 path: paths.first().cloned().unwrap_or_default(),
                 message: "no Synapse config file found (a directory contributes its *.yaml files)".into(),
             });
         }
+        let texts = files
+            .into_iter()
+            .map(|f| read_text(&f).map(|t| (f, t)))
+            .collect::<Result<Vec<_>, _>>()?;
+        HomeserverConfig::from_yaml(&texts)
+    }
+
+    /// Merge Synapse's config files, given as `(path, content)` in the order Synapse reads them
+    /// (pure: the paths only name the files in errors and resolve relative registration paths).
+    pub fn from_yaml(texts: &[(PathBuf, String)]) -> Result<HomeserverConfig, SynapseFileError> {
+        let files: Vec<PathBuf> = texts.iter().map(|(f, _)| f.clone()).collect();
+        let first = files.first().cloned().unwrap_or_default();
         let mut server_name: Option<(String, PathBuf)> = None;
         let mut database: Option<(DatabaseSection, PathBuf)> = None;
         let mut as_files: Option<Vec<PathBuf>> = None;
         let mut legacy = None;
         let mut listeners: Option<Vec<Listener>> = None;
-        for f in &files {
+        for (f, text) in texts {
             // An empty file (only comments) is valid YAML for Synapse: it contributes nothing.
-            let parsed: Option<HomeserverFile> = parse_yaml(f, "a Synapse config file")?;
+            let parsed: Option<HomeserverFile> = parse_yaml(text, f, "a Synapse config file")?;
             let Some(parsed) = parsed else { continue };
             let dir = f.parent().unwrap_or(Path::new("."));
             if let Some(n) = parsed.server_name {
@@ -332,7 +351,12 @@ impl Registration {
     /// Load one registration file with Synapse's checks (required string fields; `url` a string
     /// or an explicit null, never missing).
     pub fn load(path: &Path) -> Result<Registration, SynapseFileError> {
-        let raw: RegistrationFile = parse_yaml(path, "an appservice registration")?;
+        Registration::from_yaml(&read_text(path)?, path)
+    }
+
+    /// As [`Registration::load`], from the file's content `text` (pure; `path` names it in errors).
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Registration, SynapseFileError> {
+        let raw: RegistrationFile = parse_yaml(text, path, "an appservice registration")?;
         let invalid = |message: String| SynapseFileError::Invalid {
             path: path.into(),
             message,
@@ -351,7 +375,7 @@ impl Registration {
                 ))
             })
         };
-        if raw.url.is_none() && !has_explicit_null_url(path) {
+        if raw.url.is_none() && !has_explicit_null_url(text) {
             return Err(invalid(
                 "required field `url` is missing: it must be a URL or an explicit `url: null` (Synapse rejects this file too)"
                     .into(),
@@ -377,13 +401,10 @@ impl Registration {
 
 /// Whether the file has a top-level `url` key whose value is null (`null`, `~`, `Null`, `NULL` or
 /// nothing), as opposed to no `url` key at all.
-fn has_explicit_null_url(path: &Path) -> bool {
+fn has_explicit_null_url(text: &str) -> bool {
     #[derive(Deserialize)]
     struct Keys(BTreeMap<String, serde::de::IgnoredAny>);
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return false;
-    };
-    serde_saphyr::from_str_with_options::<Keys>(&text, yaml_options())
+    serde_saphyr::from_str_with_options::<Keys>(text, yaml_options())
         .map(|k| k.0.contains_key("url"))
         .unwrap_or(false)
 }

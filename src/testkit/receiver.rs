@@ -33,6 +33,10 @@ pub enum ReceiverMode {
     Delay(Duration),
     /// Answer 200 and the start of a body, then stall forever.
     HangMidBody,
+    /// Accept, answering 200 with this many bytes of whitespace (streamed, without a
+    /// Content-Length) before `{}`: valid JSON of any size (`u64::MAX`: endless), a hostile or
+    /// broken appservice the relay must not buffer.
+    PaddedBody(u64),
 }
 
 /// One accepted transaction.
@@ -108,7 +112,7 @@ async fn put_transaction(
         inner.mode.clone()
     };
     match mode {
-        ReceiverMode::Accept => {}
+        ReceiverMode::Accept | ReceiverMode::PaddedBody(_) => {}
         ReceiverMode::Delay(d) => tokio::time::sleep(d).await,
         ReceiverMode::Fail(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -132,6 +136,10 @@ async fn put_transaction(
             return (StatusCode::OK, axum::body::Body::from_stream(stream)).into_response();
         }
     }
+    let padding = match mode {
+        ReceiverMode::PaddedBody(n) => Some(n),
+        _ => None,
+    };
     let parsed: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(_) => return (StatusCode::BAD_REQUEST, r#"{"errcode":"M_NOT_JSON"}"#).into_response(),
@@ -156,7 +164,27 @@ async fn put_transaction(
         }
     }
     shared.changed.notify_waiters();
-    (StatusCode::OK, "{}").into_response()
+    match padding {
+        Some(n) => (StatusCode::OK, axum::body::Body::from_stream(padded_json(n))).into_response(),
+        None => (StatusCode::OK, "{}").into_response(),
+    }
+}
+
+/// `n` bytes of spaces, in 64 KiB chunks, then `{}`.
+fn padded_json(n: u64) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    const CHUNK: u64 = 64 << 10;
+    let spaces = Bytes::from(vec![b' '; CHUNK as usize]);
+    futures_util::stream::unfold(Some(n), move |left| {
+        let spaces = spaces.clone();
+        async move {
+            let left = left?;
+            if left == 0 {
+                return Some((Ok(Bytes::from_static(b"{}")), None));
+            }
+            let take = left.min(CHUNK);
+            Some((Ok(spaces.slice(..take as usize)), Some(left - take)))
+        }
+    })
 }
 
 impl RecordingAppservice {

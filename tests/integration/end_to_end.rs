@@ -176,7 +176,112 @@ on_both_servers!(
     idle_slot_advances,
     invalid_json_is_skipped_and_named,
     visibility_check_follows_commit,
+    endless_answer_is_a_failed_attempt_and_not_buffered,
+    read_back_content_is_checked_as_json,
 );
+
+/// Content read back from the tables (unchanged TOAST, resync) is checked as JSON like the live
+/// path's: a row that is not JSON, or that would splice entries of its own into the body, is
+/// left out; the others are read.
+async fn read_back_content_is_checked_as_json(server: &'static Server) {
+    use synapse_account_data_relay::model::{AccountDataKey, SourceTable};
+    use synapse_account_data_relay::synapse::current::read_current;
+    let db = crate::support::TestDb::new(server).await;
+    let injection = r#"{}}, {"type": "m.injected", "content": {}"#;
+    for (user, content) in [
+        ("@a_good:example.org", r#"{"k": 1}"#),
+        ("@a_bad:example.org", "{not json"),
+        ("@a_inject:example.org", injection),
+    ] {
+        db.client
+            .execute(
+                "INSERT INTO account_data (user_id, account_data_type, stream_id, content) VALUES ($1, 'm.direct', 1, $2)",
+                &[&user, &content],
+            )
+            .await
+            .unwrap();
+        db.client
+            .execute(
+                "INSERT INTO room_account_data (user_id, room_id, account_data_type, stream_id, content) VALUES ($1, '!r:example.org', 'm.fully_read', 1, $2)",
+                &[&user, &content],
+            )
+            .await
+            .unwrap();
+    }
+    for (table, room) in [
+        (SourceTable::AccountData, None),
+        (SourceTable::RoomAccountData, Some("!r:example.org")),
+    ] {
+        let data_type = if room.is_some() { "m.fully_read" } else { "m.direct" };
+        let keys: Vec<AccountDataKey> = ["@a_good:example.org", "@a_bad:example.org", "@a_inject:example.org"]
+            .iter()
+            .map(|u| AccountDataKey {
+                user_id: (*u).into(),
+                room_id: room.map(Into::into),
+                data_type: data_type.into(),
+            })
+            .collect();
+        let refs: Vec<&AccountDataKey> = keys.iter().collect();
+        let got = read_current(&db.client, table, &refs).await.unwrap();
+        assert_eq!(got.len(), 1, "{table:?}: {got:?}");
+        assert_eq!(got.get(&keys[0]).map(|c| &**c), Some(r#"{"k": 1}"#));
+    }
+}
+
+/// The relay process's peak resident memory (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// An appservice that answers 200 with an endless body (whitespace: it would be valid JSON if it
+/// ended): the relay reads at most 1 MiB of it, counts the attempt as failed and retries; its
+/// memory stays bounded; B is not held up; once A answers normally it gets the change.
+async fn endless_answer_is_a_failed_attempt_and_not_buffered(server: &'static Server) {
+    let s = prepare(server).await;
+    let relay = start_relay(&s).await;
+    s.a.set_mode(ReceiverMode::PaddedBody(u64::MAX));
+    w::set_global(&s.db.client, "@shared_1:example.org", "m.direct", r#"{"k":1}"#)
+        .await
+        .unwrap();
+    let key = ("@shared_1:example.org".to_string(), None, "m.direct".to_string());
+    assert!(
+        s.b.wait_for(WAIT, |st| st.contains_key(&key)).await,
+        "{}",
+        relay.log_text()
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while s.a.attempts() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A was not retried:\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let peak = peak_rss(relay.pid().unwrap());
+    eprintln!("relay peak RSS after {} attempts: {} MiB", s.a.attempts(), peak >> 20);
+    assert!(
+        peak < 100 << 20,
+        "the relay buffered the endless answer: peak RSS {} MiB",
+        peak >> 20
+    );
+    let log = relay.log_text();
+    assert!(log.contains("larger than 1048576 bytes"), "{log}");
+    s.a.set_mode(ReceiverMode::Accept);
+    assert!(
+        s.a.wait_for(WAIT, |st| st.contains_key(&key)).await,
+        "{}",
+        relay.log_text()
+    );
+    drop(relay);
+    s.db.drop_slot().await;
+}
 
 /// A transaction is visible only once committed: the check the relay makes before reading a value
 /// back (pgoutput can deliver a commit a moment before other sessions see it).
