@@ -23,7 +23,7 @@ use crate::config::{AppserviceSettings, DeliverySettings};
 use crate::delivery::queue::Batch;
 use crate::delivery::retry::{AttemptOutcome, RetryPolicy, RetrySchedule, classify_response};
 use crate::delivery::state::{AppserviceState, DeliveryMode};
-use crate::delivery::transaction::{ResolvedEntry, build_body, transaction_id};
+use crate::delivery::transaction::{ResolvedEntry, build_body, split_by_size, transaction_id};
 use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
 use crate::ops::metrics::AppserviceMetrics;
 use crate::pgconfig::PgConnectionConfig;
@@ -253,10 +253,13 @@ pub struct DeliveryContext {
     /// Wakes the recorder.
     pub recorder_wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
+    /// Where a worker that died is reported (see [`crate::supervisor`]).
+    pub health: Arc<crate::ops::health::Health>,
 }
 
 impl DeliveryContext {
-    fn policy(&self) -> RetryPolicy {
+    /// The backoff of deliveries.
+    pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
             initial: self.settings.retry_initial_delay,
             max: self.settings.retry_max_delay,
@@ -386,6 +389,22 @@ async fn resolve(
         .collect())
 }
 
+/// For tests of the worker supervisor only: the environment variable naming an account-data type
+/// whose first live batch makes the worker panic (once per process), as a bug would. Never set it
+/// in production.
+pub const TEST_PANIC_ON_TYPE_ENV: &str = "SYNAPSE_ACCOUNT_DATA_RELAY_TEST_PANIC_ON_TYPE";
+
+fn panic_if_told_to(batch: &Batch) {
+    static TYPE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(ty) = TYPE.get_or_init(|| std::env::var(TEST_PANIC_ON_TYPE_ENV).ok()) else {
+        return;
+    };
+    if batch.entries.iter().any(|e| *e.key.data_type == **ty) && !FIRED.swap(true, Ordering::SeqCst) {
+        panic!("{TEST_PANIC_ON_TYPE_ENV} is set and a batch holds a change of type {ty}");
+    }
+}
+
 /// One live transaction. Returns false on shutdown.
 async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bool {
     let mut shutdown = ctx.shutdown.clone();
@@ -401,6 +420,7 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
         return pause(Duration::from_secs(3600), Some(&handle.wake), &mut shutdown).await;
     };
     let id = handle.settings.id.as_str();
+    panic_if_told_to(&batch);
     let needs_read = batch
         .entries
         .iter()
@@ -555,7 +575,9 @@ enum Delivery {
     Shutdown,
 }
 
-/// PUT one transaction until it is accepted. `live`: give up when the appservice leaves live mode.
+/// Deliver `resolved` in as many transactions as `delivery.max_transaction_bytes` requires, one
+/// after another, each PUT until it is accepted. `live`: give up when the appservice leaves live
+/// mode (the rest is then recorded with the keys of the whole batch).
 async fn deliver(
     handle: &AppserviceHandle,
     ctx: &DeliveryContext,
@@ -564,16 +586,49 @@ async fn deliver(
     last: Lsn,
     live: bool,
 ) -> Delivery {
-    if resolved.is_empty() {
-        return Delivery::Delivered;
-    }
-    let mut shutdown = ctx.shutdown.clone();
-    let id = handle.settings.id.as_str();
     let entries: Vec<ResolvedEntry<'_>> = resolved
         .iter()
         .map(|(k, c)| ResolvedEntry { key: k, content: c })
         .collect();
-    let body = bytes::Bytes::from(build_body(&entries, handle.settings.field_names));
+    let fields = handle.settings.field_names;
+    for chunk in split_by_size(&entries, fields, ctx.settings.max_transaction_bytes) {
+        let part = &entries[chunk.range];
+        let body = build_body(part, fields);
+        if chunk.oversized
+            && let [e] = part
+        {
+            handle.metrics.oversized_entry();
+            tracing::warn!(
+                appservice = %handle.settings.id,
+                user_id = %e.key.user_id,
+                room_id = e.key.room_id.as_deref().unwrap_or(""),
+                data_type = %e.key.data_type,
+                bytes = body.len(),
+                max_transaction_bytes = ctx.settings.max_transaction_bytes,
+                "one account-data entry is larger than delivery.max_transaction_bytes: sending it alone, in a transaction over the budget"
+            );
+        }
+        let outcome = deliver_body(handle, ctx, bytes::Bytes::from(body), part.len(), first, last, live).await;
+        if outcome != Delivery::Delivered {
+            return outcome;
+        }
+    }
+    Delivery::Delivered
+}
+
+/// PUT one transaction of `entries` entries until it is accepted. `live`: give up when the
+/// appservice leaves live mode.
+async fn deliver_body(
+    handle: &AppserviceHandle,
+    ctx: &DeliveryContext,
+    body: bytes::Bytes,
+    entries: usize,
+    first: Lsn,
+    last: Lsn,
+    live: bool,
+) -> Delivery {
+    let mut shutdown = ctx.shutdown.clone();
+    let id = handle.settings.id.as_str();
     let txn_id = transaction_id(ctx.epoch, first, last, &body);
     let url = format!("{}/_matrix/app/v1/transactions/{txn_id}", handle.settings.url);
     let mut schedule: RetrySchedule = ctx.policy().schedule();
@@ -586,13 +641,13 @@ async fn deliver(
                 if attempt > 1 {
                     tracing::info!(appservice = %id, txn_id = %txn_id, attempts = attempt, after = ?started.elapsed(), "appservice accepted the transaction again");
                 } else {
-                    tracing::debug!(appservice = %id, txn_id = %txn_id, entries = entries.len(), bytes = body.len(), "transaction delivered");
+                    tracing::debug!(appservice = %id, txn_id = %txn_id, entries, bytes = body.len(), "transaction delivered");
                 }
                 handle.with_state(|s| s.delivery_succeeded());
-                handle.metrics.delivered(body.len(), entries.len(), attempt);
+                handle.metrics.delivered(body.len(), entries, attempt);
                 let mut s = lock(&handle.stats);
                 s.transactions_sent += 1;
-                s.entries_sent += entries.len() as u64;
+                s.entries_sent += entries as u64;
                 s.bytes_sent += body.len() as u64;
                 s.current_failures = 0;
                 return Delivery::Delivered;

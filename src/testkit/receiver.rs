@@ -2,7 +2,7 @@
 //! `PUT /_matrix/app/v1/transactions/{txnId}` the way appservice frameworks do, for `demo` and
 //! the tests. It keeps every accepted transaction, drops a txnId it has already accepted (as
 //! mautrix and matrix-bot-sdk do), checks the `Authorization` header, and can be told to fail
-//! (status codes, non-JSON bodies, hanging) to exercise retries.
+//! (status codes, non-JSON bodies, hanging, bodies over a size limit) to exercise retries.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -33,6 +33,9 @@ pub enum ReceiverMode {
     Delay(Duration),
     /// Answer 200 and the start of a body, then stall forever.
     HangMidBody,
+    /// Answer 413 `M_TOO_LARGE` to a body of more than this many bytes, as appservice frameworks
+    /// with a body limit do (matrix-appservice-node: 5 MB); accept the others.
+    RejectOver(usize),
 }
 
 /// One accepted transaction.
@@ -55,6 +58,9 @@ struct Inner {
     attempts: u64,
     duplicates: u64,
     bad_auth: u64,
+    rejected_too_large: u64,
+    /// Body size of each accepted transaction, in order.
+    accepted_sizes: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -109,6 +115,15 @@ async fn put_transaction(
     };
     match mode {
         ReceiverMode::Accept => {}
+        ReceiverMode::RejectOver(limit) if body.len() > limit => {
+            shared.lock().rejected_too_large += 1;
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                r#"{"errcode":"M_TOO_LARGE","error":"request body too large"}"#,
+            )
+                .into_response();
+        }
+        ReceiverMode::RejectOver(_) => {}
         ReceiverMode::Delay(d) => tokio::time::sleep(d).await,
         ReceiverMode::Fail(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -146,6 +161,7 @@ async fn put_transaction(
     {
         let mut inner = shared.lock();
         if inner.seen_ids.insert(txn_id.clone()) {
+            inner.accepted_sizes.push(body.len());
             inner.accepted.push(ReceivedTransaction {
                 txn_id,
                 body: parsed,
@@ -180,6 +196,8 @@ impl RecordingAppservice {
                 attempts: 0,
                 duplicates: 0,
                 bad_auth: 0,
+                rejected_too_large: 0,
+                accepted_sizes: Vec::new(),
             }),
             changed: Notify::new(),
         });
@@ -246,6 +264,16 @@ impl RecordingAppservice {
     /// Repeated txnIds that were dropped.
     pub fn duplicate_ids(&self) -> u64 {
         self.shared.lock().duplicates
+    }
+
+    /// Requests answered 413 by [`ReceiverMode::RejectOver`].
+    pub fn rejected_too_large(&self) -> u64 {
+        self.shared.lock().rejected_too_large
+    }
+
+    /// The body size in bytes of each accepted transaction, in order of receipt.
+    pub fn accepted_sizes(&self) -> Vec<usize> {
+        self.shared.lock().accepted_sizes.clone()
     }
 
     /// Requests with a wrong or missing bearer token.
