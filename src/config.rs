@@ -882,11 +882,19 @@ mod tests {
         let f = Fixture::new(&[
             (
                 "a.yaml",
-                &reg("a", "http://127.0.0.1:29318/", "org.matrix.msc3682.account_data: true\n"),
+                &reg(
+                    "a",
+                    "http://127.0.0.1:29318/",
+                    "org.matrix.msc3682.account_data: true\n",
+                ),
             ),
             (
                 "b.yaml",
-                &reg("b", "https://as.example/bridge//", "org.matrix.msc3682.account_data: true\n"),
+                &reg(
+                    "b",
+                    "https://as.example/bridge//",
+                    "org.matrix.msc3682.account_data: true\n",
+                ),
             ),
         ]);
         let s = f.resolve("").unwrap();
@@ -906,7 +914,10 @@ mod tests {
             .resolve("[delivery]\nmax_transaction_bytes = 100\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("delivery.max_transaction_bytes") && err.contains("relay.toml"), "{err}");
+        assert!(
+            err.contains("delivery.max_transaction_bytes") && err.contains("relay.toml"),
+            "{err}"
+        );
     }
 
     #[test]

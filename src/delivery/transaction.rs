@@ -158,7 +158,12 @@ pub fn entry_cost(entry: &ResolvedEntry<'_>, fields: FieldNames) -> usize {
         + escaped(&entry.key.user_id)
         + quoted(&entry.key.data_type)
         + escaped(&entry.key.data_type)
-        + entry.key.room_id.as_deref().map(|r| quoted(r) + escaped(r)).unwrap_or(0);
+        + entry
+            .key
+            .room_id
+            .as_deref()
+            .map(|r| quoted(r) + escaped(r))
+            .unwrap_or(0);
     let one = names + entry.content.len() + FRAMING;
     match (&entry.key.room_id, fields) {
         // Global data goes under both fields.
@@ -368,7 +373,11 @@ mod tests {
                 }
             }
             assert_eq!(
-                chunks.iter().filter(|c| c.oversized).map(|c| c.range.clone()).collect::<Vec<_>>(),
+                chunks
+                    .iter()
+                    .filter(|c| c.oversized)
+                    .map(|c| c.range.clone())
+                    .collect::<Vec<_>>(),
                 vec![2..3],
                 "{fields:?}"
             );

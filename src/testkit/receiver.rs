@@ -351,3 +351,91 @@ pub fn events_of(body: &serde_json::Value) -> Vec<(ReceivedKey, serde_json::Valu
     }
     out
 }
+
+/// A stand-in for Synapse's client API as the relay uses it: a real HTTP server answering
+/// `GET /_matrix/client/v3/pushrules/?user_id=…` with `{"global": {…}}` naming the user, or 403
+/// `M_FORBIDDEN` for the users it is told to refuse (as Synapse does for a user outside the
+/// appservice's namespaces).
+#[derive(Debug)]
+pub struct PushRulesApi {
+    addr: SocketAddr,
+    refused: Arc<Mutex<HashSet<String>>>,
+    requests: Arc<Mutex<Vec<String>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct PushRulesQuery {
+    user_id: String,
+}
+
+impl PushRulesApi {
+    /// Start on `addr` (port 0 for a free one).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<PushRulesApi> {
+        let refused: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+        let state = (refused.clone(), requests.clone());
+        let app = axum::Router::new()
+            .route(
+                "/_matrix/client/v3/pushrules/",
+                axum::routing::get(
+                    |State((refused, requests)): State<(Arc<Mutex<HashSet<String>>>, Arc<Mutex<Vec<String>>>)>,
+                     axum::extract::Query(q): axum::extract::Query<PushRulesQuery>| async move {
+                        requests
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(q.user_id.clone());
+                        if refused.lock().unwrap_or_else(|p| p.into_inner()).contains(&q.user_id) {
+                            return (
+                                StatusCode::FORBIDDEN,
+                                r#"{"errcode":"M_FORBIDDEN","error":"not in the appservice's namespace"}"#.to_owned(),
+                            );
+                        }
+                        let body = serde_json::json!({"global": {"override": [], "test_user": q.user_id}});
+                        (StatusCode::OK, body.to_string())
+                    },
+                ),
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(PushRulesApi {
+            addr,
+            refused,
+            requests,
+            server,
+        })
+    }
+
+    /// The base URL (`synapse.client_url`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answer 403 for `user_id` from now on.
+    pub fn refuse(&self, user_id: &str) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user_id.to_owned());
+    }
+
+    /// Answer `user_id` normally again.
+    pub fn allow(&self, user_id: &str) {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).remove(user_id);
+    }
+
+    /// The `user_id` of every request, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for PushRulesApi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use synapse_account_data_relay::delivery::worker::TEST_PANIC_ON_TYPE_ENV;
 use synapse_account_data_relay::testkit::free_port;
-use synapse_account_data_relay::testkit::receiver::{ReceiverMode, RecordingAppservice};
+use synapse_account_data_relay::testkit::receiver::{PushRulesApi, ReceiverMode, RecordingAppservice};
 use synapse_account_data_relay::testkit::synapse_writes as w;
 
 use crate::on_both_servers;
@@ -19,7 +19,11 @@ async fn get(url: &str) -> (u16, String) {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let resp = client.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap())
 }
@@ -50,11 +54,16 @@ async fn trailing_slash_in_the_registration_url_is_ignored(server: &'static Serv
         "{}",
         relay.log_text()
     );
-    w::set_global(&db.client, "@a_1:example.org", "m.direct", r#"{"@b:example.org":["!r:example.org"]}"#)
-        .await
-        .unwrap();
-    let got =
-        a.wait_for(WAIT, |st| {
+    w::set_global(
+        &db.client,
+        "@a_1:example.org",
+        "m.direct",
+        r#"{"@b:example.org":["!r:example.org"]}"#,
+    )
+    .await
+    .unwrap();
+    let got = a
+        .wait_for(WAIT, |st| {
             st.contains_key(&("@a_1:example.org".into(), None, "m.direct".into()))
         })
         .await;
@@ -139,7 +148,9 @@ async fn transactions_stay_within_the_byte_budget(server: &'static Server) {
 async fn a_worker_that_panics_is_restarted_and_reported(server: &'static Server) {
     let port = free_port().unwrap();
     let s = prepare_with(server, &[], &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n")).await;
-    let relay = s.files.spawn_run_with(&[(TEST_PANIC_ON_TYPE_ENV, "org.example.panic")], &[]);
+    let relay = s
+        .files
+        .spawn_run_with(&[(TEST_PANIC_ON_TYPE_ENV, "org.example.panic")], &[]);
     assert!(
         wait_for_log(&relay, "streaming account-data changes", Duration::from_secs(20)).await,
         "{}",
@@ -172,12 +183,141 @@ async fn a_worker_that_panics_is_restarted_and_reported(server: &'static Server)
         "{metrics}"
     );
     let log = relay.log_text();
-    assert!(log.contains("org.example.panic") && log.contains("appservice=a"), "{log}");
+    assert!(
+        log.contains("org.example.panic") && log.contains("appservice=a"),
+        "{log}"
+    );
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// A change to `user`'s push rules, as Synapse writes it.
+async fn change_push_rules(c: &tokio_postgres::Client, user: &str) {
+    c.execute(
+        "INSERT INTO push_rules_stream (stream_id, event_stream_ordering, user_id, rule_id, op) \
+         VALUES ((SELECT coalesce(max(stream_id), 0) + 1 FROM push_rules_stream), 0, $1, 'global/override/.m.rule.test', 'ENABLE')",
+        &[&user],
+    )
+    .await
+    .unwrap();
+}
+
+fn push_rules_key(user: &str) -> (String, Option<String>, String) {
+    (user.into(), None, "m.push_rules".into())
+}
+
+/// `synapse.client_url` answers nothing (`push_rules = true`): A's other account data still
+/// arrives, the failing fetch trips `retention.max_failing` like a failing delivery, and once the
+/// client API answers the push rules arrive too.
+async fn unreachable_client_api_blocks_no_other_account_data(server: &'static Server) {
+    let port = free_port().unwrap();
+    let s = prepare_with(
+        server,
+        &[],
+        &format!(
+            "[synapse]\nclient_url = \"http://127.0.0.1:{port}\"\n[appservices.a]\npush_rules = true\n\
+             [retention]\nmax_failing = \"2s\"\n"
+        ),
+    )
+    .await;
+    let relay = start_relay(&s).await;
+    let c = s.db.connect().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    change_push_rules(&c, "@a_1:example.org").await;
+    w::set_global(&c, "@a_2:example.org", "m.direct", "{}").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    w::set_global(&s.db.client, "@a_2:example.org", "org.example.later", r#"{"n":2}"#)
+        .await
+        .unwrap();
+    let got =
+        s.a.wait_for(WAIT, |st| {
+            st.contains_key(&("@a_2:example.org".into(), None, "m.direct".into()))
+                && st.contains_key(&("@a_2:example.org".into(), None, "org.example.later".into()))
+        })
+        .await;
+    assert!(got, "{}", relay.log_text());
+    assert!(
+        wait_for_log(&relay, "appservice over its retention budget", WAIT).await,
+        "a failing push-rules fetch counts against retention.max_failing:\n{}",
+        relay.log_text()
+    );
+    assert!(relay.log_text().contains("fetching push rules failed"));
+    let api = PushRulesApi::start_on(([127, 0, 0, 1], port).into()).await.unwrap();
+    let got =
+        s.a.wait_for(WAIT, |st| st.contains_key(&push_rules_key("@a_1:example.org")))
+            .await;
+    assert!(got, "requests: {:?}\n{}", api.requests(), relay.log_text());
+    assert_eq!(
+        s.a.state()[&push_rules_key("@a_1:example.org")]["global"]["test_user"],
+        "@a_1:example.org"
+    );
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// The client API answers 403 for one user and 200 for the others: that user is logged and
+/// skipped, everything else arrives, and their next change of rules is fetched again.
+async fn client_api_refusing_one_user_skips_only_that_user(server: &'static Server) {
+    let api = PushRulesApi::start_on(([127, 0, 0, 1], 0).into()).await.unwrap();
+    api.refuse("@a_1:example.org");
+    let s = prepare_with(
+        server,
+        &[],
+        &format!(
+            "[synapse]\nclient_url = \"{}\"\n[appservices.a]\npush_rules = true\n",
+            api.url()
+        ),
+    )
+    .await;
+    let relay = start_relay(&s).await;
+    let c = s.db.connect().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    change_push_rules(&c, "@a_1:example.org").await;
+    change_push_rules(&c, "@a_2:example.org").await;
+    w::set_global(&c, "@a_2:example.org", "m.direct", "{}").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    let got =
+        s.a.wait_for(WAIT, |st| {
+            st.contains_key(&push_rules_key("@a_2:example.org"))
+                && st.contains_key(&("@a_2:example.org".into(), None, "m.direct".into()))
+        })
+        .await;
+    assert!(got, "requests: {:?}\n{}", api.requests(), relay.log_text());
+    assert!(!s.a.state().contains_key(&push_rules_key("@a_1:example.org")));
+    let log = relay.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("refuses this user's push rules"))
+        .unwrap_or_else(|| panic!("the refusal is logged:\n{log}"));
+    assert!(line.contains("@a_1:example.org") && line.contains("403"), "{line}");
+    // Skipped, not retried: one request for the refused user.
+    w::set_global(&s.db.client, "@a_2:example.org", "org.example.after", "{}")
+        .await
+        .unwrap();
+    assert!(
+        s.a.wait_for(WAIT, |st| st.contains_key(&(
+            "@a_2:example.org".into(),
+            None,
+            "org.example.after".into()
+        )))
+        .await
+    );
+    let asked = |u: &str| api.requests().iter().filter(|r| *r == u).count();
+    assert_eq!(asked("@a_1:example.org"), 1, "{:?}", api.requests());
+    // Their rules change again: fetched again.
+    api.allow("@a_1:example.org");
+    change_push_rules(&s.db.client, "@a_1:example.org").await;
+    let got =
+        s.a.wait_for(WAIT, |st| st.contains_key(&push_rules_key("@a_1:example.org")))
+            .await;
+    assert!(got, "requests: {:?}\n{}", api.requests(), relay.log_text());
     drop(relay);
     s.db.drop_slot().await;
 }
 
 on_both_servers!(
+    unreachable_client_api_blocks_no_other_account_data,
+    client_api_refusing_one_user_skips_only_that_user,
     trailing_slash_in_the_registration_url_is_ignored,
     transactions_stay_within_the_byte_budget,
     a_worker_that_panics_is_restarted_and_reported,
