@@ -364,6 +364,9 @@ pub struct PushRulesApi {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// The users to refuse, and the `user_id` of every request.
+type PushRulesState = (Arc<Mutex<HashSet<String>>>, Arc<Mutex<Vec<String>>>);
+
 #[derive(Debug, serde::Deserialize)]
 struct PushRulesQuery {
     user_id: String,
@@ -379,7 +382,7 @@ impl PushRulesApi {
             .route(
                 "/_matrix/client/v3/pushrules/",
                 axum::routing::get(
-                    |State((refused, requests)): State<(Arc<Mutex<HashSet<String>>>, Arc<Mutex<Vec<String>>>)>,
+                    |State((refused, requests)): State<PushRulesState>,
                      axum::extract::Query(q): axum::extract::Query<PushRulesQuery>| async move {
                         requests
                             .lock()
