@@ -177,6 +177,9 @@ impl<'de> Deserialize<'de> for ByteSize {
 #[serde(deny_unknown_fields)]
 pub struct DeliverySection {
     pub max_entries_per_transaction: Option<usize>,
+    /// The most request-body bytes per transaction (default 1 MiB); a larger batch is split, and a
+    /// single larger entry is sent alone.
+    pub max_transaction_bytes: Option<ByteSize>,
     pub request_timeout: Option<ConfigDuration>,
     pub connect_timeout: Option<ConfigDuration>,
     pub retry_initial_delay: Option<ConfigDuration>,
@@ -313,6 +316,8 @@ pub fn parse_relay_config(text: &str) -> Result<RelayConfig, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliverySettings {
     pub max_entries_per_transaction: usize,
+    /// See [`DEFAULT_MAX_TRANSACTION_BYTES`].
+    pub max_transaction_bytes: usize,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub retry_initial_delay: Duration,
@@ -321,10 +326,19 @@ pub struct DeliverySettings {
     pub backfill_new_appservices: bool,
 }
 
+/// The default body budget of one transaction: 1 MiB. Appservice frameworks cap request bodies:
+/// aiohttp, under mautrix-python, refuses more than 1 MiB unless told otherwise, and
+/// matrix-appservice-node (under matrix-appservice-bridge) more than 5 MB.
+pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 1 << 20;
+
+/// The smallest `delivery.max_transaction_bytes` accepted.
+pub const MIN_MAX_TRANSACTION_BYTES: u64 = 4 << 10;
+
 impl Default for DeliverySettings {
     fn default() -> Self {
         DeliverySettings {
             max_entries_per_transaction: 100,
+            max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
             // As Synapse: 60 s to the response.
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
@@ -341,6 +355,7 @@ impl Default for DeliverySettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppserviceSettings {
     pub id: String,
+    /// The registration's `url` without trailing `/`s (as Synapse strips them).
     pub url: String,
     pub hs_token: Secret,
     pub sender_user_id: String,
@@ -504,6 +519,17 @@ impl Settings {
             max_entries_per_transaction: d
                 .max_entries_per_transaction
                 .unwrap_or(defaults.max_entries_per_transaction),
+            max_transaction_bytes: match d.max_transaction_bytes {
+                None => defaults.max_transaction_bytes,
+                Some(ByteSize(n)) if (MIN_MAX_TRANSACTION_BYTES..=1 << 30).contains(&n) => n as usize,
+                Some(_) => {
+                    return Err(invalid(
+                        relay_path,
+                        "delivery.max_transaction_bytes",
+                        "must be at least 4kB and at most 1GB",
+                    ));
+                }
+            },
             request_timeout: d.request_timeout.map(|x| x.0).unwrap_or(defaults.request_timeout),
             connect_timeout: d.connect_timeout.map(|x| x.0).unwrap_or(defaults.connect_timeout),
             retry_initial_delay: d
@@ -631,7 +657,8 @@ impl Settings {
                 registration_path: path.clone(),
                 reason,
             };
-            let Some(url) = reg.url.clone() else {
+            // As Synapse (`url.rstrip("/")`): every path is appended after a `/` of its own.
+            let Some(url) = reg.url.as_deref().map(|u| u.trim_end_matches('/').to_owned()) else {
                 skipped.push(skip(
                     "its registration has `url: null`, so Synapse sends it nothing either".into(),
                 ));
@@ -965,6 +992,49 @@ mod tests {
     }
 
     #[test]
+    fn trailing_slashes_of_registration_urls_are_stripped_as_synapse_does() {
+        let f = Fixture::new(&[
+            (
+                "a.yaml",
+                &reg(
+                    "a",
+                    "http://127.0.0.1:29318/",
+                    "org.matrix.msc3682.account_data: true\n",
+                ),
+            ),
+            (
+                "b.yaml",
+                &reg(
+                    "b",
+                    "https://as.example/bridge//",
+                    "org.matrix.msc3682.account_data: true\n",
+                ),
+            ),
+        ]);
+        let s = f.resolve("").unwrap();
+        let urls: Vec<&str> = s.appservices.iter().map(|a| a.url.as_str()).collect();
+        assert_eq!(urls, ["http://127.0.0.1:29318", "https://as.example/bridge"]);
+    }
+
+    #[test]
+    fn the_transaction_byte_budget_is_read_and_bounded() {
+        let f = Fixture::new(&[(
+            "a.yaml",
+            &reg("a", "http://localhost:1", "org.matrix.msc3682.account_data: true\n"),
+        )]);
+        let s = f.resolve("[delivery]\nmax_transaction_bytes = \"4MiB\"\n").unwrap();
+        assert_eq!(s.delivery.max_transaction_bytes, 4 << 20);
+        let err = f
+            .resolve("[delivery]\nmax_transaction_bytes = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("delivery.max_transaction_bytes") && err.contains("relay.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn defaults_work_beside_a_stock_synapse() {
         let f = Fixture::new(&[(
             "a.yaml",
@@ -981,6 +1051,7 @@ mod tests {
         assert_eq!(s.publication_name, DEFAULT_NAME);
         assert_eq!(s.status_interval, Duration::from_secs(1));
         assert_eq!(s.delivery.max_entries_per_transaction, 100);
+        assert_eq!(s.delivery.max_transaction_bytes, 1 << 20);
         assert_eq!(s.delivery.retry_max_delay, Duration::from_secs(300));
         assert_eq!(s.appservices.len(), 1);
         let a = &s.appservices[0];

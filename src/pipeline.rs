@@ -372,6 +372,7 @@ impl Relay {
                 recorder_wake: self.recorder_wake.clone(),
                 // Replaced by the workers' own stop signal.
                 shutdown: shutdown.clone(),
+                health: self.health.clone(),
             };
             let mut workers = Workers::start(&ctx, &self.handles);
             self.spawn_first_opt_in_backfills(&db, workers.background()).await;

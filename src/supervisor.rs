@@ -2,11 +2,20 @@
 //! requests (first-opt-in backfills). The replication task owns a [`Workers`]; a reload replaces
 //! single workers and the recorder, and shutdown stops them all, giving requests in flight a
 //! bounded time to finish.
+//!
+//! A worker that dies (a panic: a bug) is started again, after the appservice's retry backoff
+//! (reset once a worker has run for a minute), rather than the whole relay exiting: the other
+//! appservices and the stream carry on, and a relay restarted by systemd would only redo what
+//! a worker restart does, after losing every queue. The transaction it had in flight is
+//! recorded as keys and resent with current values (nothing is lost); the restart is logged with
+//! the panic's message, counted in `appservice_worker_restarts_total` and shown by `/readyz`
+//! (not ready for [`crate::ops::health::WORKER_RESTART_NOTICE`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -34,7 +43,61 @@ fn context_with(base: &DeliveryContext, shutdown: watch::Receiver<bool>) -> Arc<
         progress: base.progress.clone(),
         recorder_wake: base.recorder_wake.clone(),
         shutdown,
+        health: base.health.clone(),
     })
+}
+
+/// A worker that ran this long before dying starts again after the shortest backoff.
+const WORKER_HEALTHY_AFTER: Duration = Duration::from_secs(60);
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// Run the worker of `handle`, starting it again whenever it dies (see the module documentation).
+async fn supervise_worker(handle: Arc<AppserviceHandle>, ctx: Arc<DeliveryContext>) {
+    let id = handle.settings.id.clone();
+    let mut schedule = ctx.policy().schedule();
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let started = Instant::now();
+        // Polled in this task (not spawned), so aborting this task drops the worker at once.
+        let run = std::panic::AssertUnwindSafe(run_worker(handle.clone(), ctx.clone()));
+        let Err(panic) = run.catch_unwind().await else {
+            return;
+        };
+        let message = panic_message(&*panic).to_owned();
+        // The batch in flight died with the task: record its keys, to resend current values.
+        let recorded = handle.with_state(|s| {
+            let in_flight = s.queue.in_flight_len();
+            if in_flight > 0 {
+                s.spill();
+            }
+            in_flight
+        });
+        ctx.recorder_wake.notify_one();
+        handle.metrics.worker_restarted();
+        ctx.health.worker_restarted(&id);
+        if started.elapsed() >= WORKER_HEALTHY_AFTER {
+            schedule = ctx.policy().schedule();
+        }
+        let wait = schedule.next_delay(None);
+        tracing::error!(
+            appservice = %id,
+            panic = %message,
+            keys_in_flight_recorded = recorded,
+            restart_in = ?wait,
+            restarts = handle.metrics.worker_restarts(),
+            "the appservice's delivery worker died; starting it again"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 impl Workers {
@@ -69,7 +132,7 @@ impl Workers {
     /// Start the worker of `handle`.
     pub fn spawn_worker(&mut self, handle: Arc<AppserviceHandle>) {
         let id = handle.settings.id.clone();
-        let task = tokio::spawn(run_worker(handle, self.ctx.clone()));
+        let task = tokio::spawn(supervise_worker(handle, self.ctx.clone()));
         if let Some(old) = self.workers.insert(id, task) {
             old.abort();
         }

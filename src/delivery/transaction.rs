@@ -146,6 +146,82 @@ pub fn build_body(entries: &[ResolvedEntry<'_>], fields: FieldNames) -> Vec<u8> 
     out
 }
 
+/// The bytes `entry` can add to a body built by [`build_body`] with `fields`: an upper bound
+/// (it counts the user's and the room's object as if the entry were alone in them), so a chunk
+/// whose costs add up to at most a budget builds a body of at most that budget.
+pub fn entry_cost(entry: &ResolvedEntry<'_>, fields: FieldNames) -> usize {
+    // `"user":{"events":[` / `"user":{"room":{"events":[`, `{"type":…,"content":…}`, `]}}`, commas.
+    const FRAMING: usize = 64;
+    let quoted = |s: &str| 2 * s.len() + 2; // JSON escaping at most doubles ASCII (\u00XX is counted below)
+    let escaped = |s: &str| s.chars().filter(|c| c.is_control()).count() * 4;
+    let names = quoted(&entry.key.user_id)
+        + escaped(&entry.key.user_id)
+        + quoted(&entry.key.data_type)
+        + escaped(&entry.key.data_type)
+        + entry
+            .key
+            .room_id
+            .as_deref()
+            .map(|r| quoted(r) + escaped(r))
+            .unwrap_or(0);
+    let one = names + entry.content.len() + FRAMING;
+    match (&entry.key.room_id, fields) {
+        // Global data goes under both fields.
+        (None, FieldNames::Both) => 2 * one,
+        _ => one,
+    }
+}
+
+/// The bytes of a body with no entries, plus its two field names: what [`build_body`] adds
+/// around the entries.
+pub const BODY_OVERHEAD: usize = 128;
+
+/// Split `entries` (in order) into consecutive chunks whose bodies stay within `max_bytes`,
+/// each chunk as long as that allows. An entry that alone exceeds the budget gets a chunk of its
+/// own (it has to be sent somehow); [`Chunk::oversized`] says so.
+pub fn split_by_size(entries: &[ResolvedEntry<'_>], fields: FieldNames, max_bytes: usize) -> Vec<Chunk> {
+    let budget = max_bytes.saturating_sub(BODY_OVERHEAD);
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut used = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let cost = entry_cost(e, fields);
+        if i > start && used + cost > budget {
+            chunks.push(Chunk {
+                range: start..i,
+                oversized: false,
+            });
+            start = i;
+            used = 0;
+        }
+        used += cost;
+        if used > budget {
+            // Alone and still too large.
+            chunks.push(Chunk {
+                range: start..i + 1,
+                oversized: true,
+            });
+            start = i + 1;
+            used = 0;
+        }
+    }
+    if start < entries.len() {
+        chunks.push(Chunk {
+            range: start..entries.len(),
+            oversized: false,
+        });
+    }
+    chunks
+}
+
+/// Consecutive entries for one transaction (see [`split_by_size`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub range: std::ops::Range<usize>,
+    /// A single entry larger than the budget, sent alone.
+    pub oversized: bool,
+}
+
 /// The transaction id for a body covering commits `first..=last`.
 ///
 /// `epoch` is chosen when the relay starts streaming: a body that happens to repeat after a
@@ -260,6 +336,62 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&build_body(&entries, FieldNames::Both)).unwrap();
         assert_eq!(v["account_data"], v[ACCOUNT_DATA_FIELD]);
         assert_eq!(v["account_data"]["@a:x"]["events"][0]["type"], "t");
+    }
+
+    #[test]
+    fn batches_are_split_to_stay_within_the_byte_budget_and_large_entries_go_alone() {
+        let keys: Vec<AccountDataKey> = (0..6)
+            .map(|i| {
+                key(
+                    &format!("@u{i}:x"),
+                    (i % 2 == 1).then_some("!r:x"),
+                    "org.example.t\u{1}",
+                )
+            })
+            .collect();
+        let small = format!("{{\"v\":\"{}\"}}", "s".repeat(300));
+        let large = format!("{{\"v\":\"{}\"}}", "L".repeat(5000));
+        let contents = [&small, &small, &large, &small, &small, &small];
+        let entries: Vec<ResolvedEntry<'_>> = keys
+            .iter()
+            .zip(contents)
+            .map(|(key, c)| ResolvedEntry { key, content: c })
+            .collect();
+        for fields in [FieldNames::Unstable, FieldNames::Both] {
+            let max = 1500;
+            let chunks = split_by_size(&entries, fields, max);
+            // Every entry exactly once, in order.
+            let covered: Vec<usize> = chunks.iter().flat_map(|c| c.range.clone()).collect();
+            assert_eq!(covered, (0..entries.len()).collect::<Vec<_>>(), "{fields:?}");
+            for c in &chunks {
+                let body = build_body(&entries[c.range.clone()], fields);
+                if c.oversized {
+                    assert_eq!(c.range.len(), 1);
+                    assert!(body.len() > max);
+                } else {
+                    assert!(body.len() <= max, "{fields:?} {c:?}: {} bytes", body.len());
+                }
+            }
+            assert_eq!(
+                chunks
+                    .iter()
+                    .filter(|c| c.oversized)
+                    .map(|c| c.range.clone())
+                    .collect::<Vec<_>>(),
+                vec![2..3],
+                "{fields:?}"
+            );
+            assert!(chunks.iter().any(|c| c.range.len() > 1), "small entries share a body");
+        }
+        // A budget nothing reaches: one chunk.
+        assert_eq!(
+            split_by_size(&entries, FieldNames::Unstable, 1 << 20),
+            vec![Chunk {
+                range: 0..6,
+                oversized: false
+            }]
+        );
+        assert!(split_by_size(&[], FieldNames::Unstable, 10).is_empty());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::delivery::queue::Batch;
 use crate::delivery::response_body::{BodyError, MAX_RESPONSE_BODY, read_bounded};
 use crate::delivery::retry::{AttemptOutcome, RetryPolicy, RetrySchedule, classify_response};
 use crate::delivery::state::{AppserviceState, DeliveryMode};
-use crate::delivery::transaction::{ResolvedEntry, build_body, transaction_id};
+use crate::delivery::transaction::{ResolvedEntry, build_body, split_by_size, transaction_id};
 use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
 use crate::ops::metrics::AppserviceMetrics;
 use crate::pgconfig::PgConnectionConfig;
@@ -47,6 +47,8 @@ pub struct DeliveryStats {
     pub resync_pages: u64,
     /// Failed attempts to fetch push rules from Synapse's client API.
     pub push_rule_fetches_failed: u64,
+    /// Consecutive resync pages whose push rules could not all be fetched (sets the backoff).
+    pub push_rules_failing_passes: u32,
 }
 
 /// One appservice as the pipeline sees it: its settings, shared state and wake-up signal.
@@ -254,10 +256,13 @@ pub struct DeliveryContext {
     /// Wakes the recorder.
     pub recorder_wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
+    /// Where a worker that died is reported (see [`crate::supervisor`]).
+    pub health: Arc<crate::ops::health::Health>,
 }
 
 impl DeliveryContext {
-    fn policy(&self) -> RetryPolicy {
+    /// The backoff of deliveries.
+    pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
             initial: self.settings.retry_initial_delay,
             max: self.settings.retry_max_delay,
@@ -387,6 +392,22 @@ async fn resolve(
         .collect())
 }
 
+/// For tests of the worker supervisor only: the environment variable naming an account-data type
+/// whose first transaction (live or resync) makes the worker panic (once per process), as a bug would. Never set it
+/// in production.
+pub const TEST_PANIC_ON_TYPE_ENV: &str = "SYNAPSE_ACCOUNT_DATA_RELAY_TEST_PANIC_ON_TYPE";
+
+fn panic_if_told_to(entries: &[ResolvedEntry<'_>]) {
+    static TYPE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(ty) = TYPE.get_or_init(|| std::env::var(TEST_PANIC_ON_TYPE_ENV).ok()) else {
+        return;
+    };
+    if entries.iter().any(|e| *e.key.data_type == **ty) && !FIRED.swap(true, Ordering::SeqCst) {
+        panic!("{TEST_PANIC_ON_TYPE_ENV} is set and a batch holds a change of type {ty}");
+    }
+}
+
 /// One live transaction. Returns false on shutdown.
 async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bool {
     let mut shutdown = ctx.shutdown.clone();
@@ -433,13 +454,30 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
         .filter(|e| matches!(e.content, ChangeContent::ReadCurrent(SourceTable::PushRules)))
         .map(|e| &e.key)
         .collect();
+    let mut outcome = Delivery::Delivered;
     if !push_keys.is_empty() {
-        let Some(rules) = fetch_push_rules_retrying(handle, ctx, &push_keys).await else {
-            return false;
-        };
-        resolved.extend(rules);
+        let mut left = push_keys;
+        if let Some(base) = ctx.client_url.as_deref() {
+            let (rules, again) = fetch_push_rules_pass(handle, ctx, base, &left).await;
+            resolved.extend(rules);
+            if !again.is_empty() {
+                // The client API fails: send the rest now, and keep trying these (the batch stays
+                // in flight, holding the checkpoint, as a failing delivery does).
+                outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
+                resolved.clear();
+            }
+            left = again;
+        }
+        if outcome == Delivery::Delivered && !left.is_empty() {
+            match fetch_push_rules_until_done(handle, ctx, &left, true).await {
+                Ok(rules) => resolved.extend(rules),
+                Err(o) => outcome = o,
+            }
+        }
     }
-    let outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
+    if outcome == Delivery::Delivered {
+        outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
+    }
     if outcome == Delivery::Delivered {
         // Before completing: the batch's commits still hold the checkpoint, so their times are known.
         handle
@@ -495,7 +533,7 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
         .filter(|k| source_of(k) == SourceTable::PushRules)
         .collect();
     if !push_keys.is_empty() {
-        let Some(rules) = fetch_push_rules_retrying(handle, ctx, &push_keys).await else {
+        let Some(rules) = fetch_push_rules_retrying(handle, ctx, &push_keys, resolved.is_empty()).await else {
             return false;
         };
         resolved.extend(rules);
@@ -512,40 +550,141 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
     deleted.is_some()
 }
 
-/// Fetch the push rules of `keys`' users from Synapse's client API, retrying failures like
-/// deliveries (backoff, forever). `None` on shutdown, or when push rules are not configured.
-async fn fetch_push_rules_retrying(
+/// One pass over `keys`: the push rules fetched, and the keys to try again. A user Synapse
+/// answers with a lasting 4xx is logged and skipped (until their rules change again); every
+/// failure counts like a failed delivery (the appservice is failing, so the retention budget's
+/// `max_failing` applies, and it shows in the metrics and `/status.json`). Once the client API
+/// does not answer at all, the rest of the pass is not tried (it would not answer them either).
+async fn fetch_push_rules_pass<'k>(
+    handle: &AppserviceHandle,
+    ctx: &DeliveryContext,
+    base: &str,
+    keys: &[&'k AccountDataKey],
+) -> (Vec<(AccountDataKey, Arc<str>)>, Vec<&'k AccountDataKey>) {
+    let id = handle.settings.id.as_str();
+    let mut fetched = Vec::with_capacity(keys.len());
+    let mut again = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        match fetch_push_rules(&ctx.http, base, &handle.settings.as_token, &key.user_id).await {
+            Ok(rules) => fetched.push(((*key).clone(), Arc::from(rules))),
+            Err(e) => {
+                handle.metrics.push_rules_fetch_failed();
+                {
+                    let mut s = lock(&handle.stats);
+                    s.push_rule_fetches_failed += 1;
+                    s.last_error = Some(e.to_string());
+                }
+                if e.is_lasting() {
+                    tracing::warn!(appservice = %id, user_id = %key.user_id, error = %e, "Synapse refuses this user's push rules: m.push_rules is not sent for them until their rules change again");
+                    continue;
+                }
+                handle.with_state(|s| s.delivery_failed(Instant::now()));
+                if e.is_unreachable() {
+                    again.extend_from_slice(&keys[i..]);
+                    break;
+                }
+                again.push(*key);
+            }
+        }
+    }
+    (fetched, again)
+}
+
+/// Fetch the push rules of `keys`' users from Synapse's client API (see
+/// [`fetch_push_rules_pass`]), trying the failed ones again with the appservice's backoff until
+/// none is left. `live`: give up (`Abandoned`) when the appservice leaves live mode, as a failing
+/// live delivery does (its keys are recorded). `Err(Shutdown)` on shutdown. No client API URL:
+/// nothing is fetched (logged).
+async fn fetch_push_rules_until_done(
     handle: &AppserviceHandle,
     ctx: &DeliveryContext,
     keys: &[&AccountDataKey],
-) -> Option<Vec<(AccountDataKey, Arc<str>)>> {
+    live: bool,
+) -> Result<Vec<(AccountDataKey, Arc<str>)>, Delivery> {
     let id = handle.settings.id.as_str();
     let Some(base) = ctx.client_url.as_deref() else {
         tracing::error!(appservice = %id, "push rules changed, but no client API URL is configured; they are not sent");
-        return Some(Vec::new());
+        return Ok(Vec::new());
     };
     let mut shutdown = ctx.shutdown.clone();
     let mut schedule = ctx.policy().schedule();
     let mut out = Vec::with_capacity(keys.len());
-    for key in keys {
+    let mut left: Vec<&AccountDataKey> = keys.to_vec();
+    loop {
+        let (fetched, again) = fetch_push_rules_pass(handle, ctx, base, &left).await;
+        out.extend(fetched);
+        if again.is_empty() {
+            return Ok(out);
+        }
+        left = again;
+        let wait = schedule.next_delay(None);
+        tracing::warn!(appservice = %id, users = left.len(), retry_in = ?wait, error = lock(&handle.stats).last_error.as_deref().unwrap_or(""), "fetching push rules failed; retrying");
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match fetch_push_rules(&ctx.http, base, &handle.settings.as_token, &key.user_id).await {
-                Ok(rules) => {
-                    out.push(((*key).clone(), Arc::from(rules)));
-                    break;
-                }
-                Err(e) => {
-                    lock(&handle.stats).push_rule_fetches_failed += 1;
-                    let wait = schedule.next_delay(None);
-                    tracing::warn!(appservice = %id, error = %e, retry_in = ?wait, "fetching push rules failed; retrying");
-                    if !pause(wait, None, &mut shutdown).await {
-                        return None;
-                    }
-                }
+            let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if rest.is_zero() {
+                break;
+            }
+            if !pause(rest, Some(&handle.wake), &mut shutdown).await {
+                return Err(Delivery::Shutdown);
+            }
+            if live && handle.mode() != DeliveryMode::Live {
+                tracing::info!(appservice = %id, "push rules abandoned: their keys are recorded and will be fetched again");
+                return Err(Delivery::Abandoned);
             }
         }
     }
-    Some(out)
+}
+
+/// The push rules of a page of recorded keys: one pass (see [`fetch_push_rules_pass`]), so the
+/// rest of the page goes now. The users whose fetch failed are recorded again (a new version,
+/// which the page's delete leaves alone) and tried with a later page; when the page has
+/// `nothing_else` to deliver, the appservice's backoff is waited first, so a client API that stays
+/// down is not polled in a loop. `None` on shutdown.
+async fn fetch_push_rules_retrying(
+    handle: &AppserviceHandle,
+    ctx: &DeliveryContext,
+    keys: &[&AccountDataKey],
+    nothing_else: bool,
+) -> Option<Vec<(AccountDataKey, Arc<str>)>> {
+    let id = handle.settings.id.as_str();
+    let Some(base) = ctx.client_url.as_deref() else {
+        return fetch_push_rules_until_done(handle, ctx, keys, false).await.ok();
+    };
+    let (fetched, again) = fetch_push_rules_pass(handle, ctx, base, keys).await;
+    if again.is_empty() {
+        lock(&handle.stats).push_rules_failing_passes = 0;
+        return Some(fetched);
+    }
+    let failing_passes = {
+        let mut s = lock(&handle.stats);
+        s.push_rules_failing_passes += 1;
+        s.push_rules_failing_passes
+    };
+    let again: Vec<AccountDataKey> = again.into_iter().cloned().collect();
+    with_db_retry(
+        ctx,
+        id,
+        "recording the keys whose push rules could not be fetched",
+        |c| {
+            let (store, keys) = (&ctx.store, &again);
+            async move { store.record_keys(&*c, id, keys).await }
+        },
+    )
+    .await?;
+    let mut schedule = ctx.policy().schedule();
+    let mut wait = schedule.next_delay(None);
+    for _ in 1..failing_passes.min(32) {
+        wait = schedule.next_delay(None);
+    }
+    tracing::warn!(appservice = %id, users = again.len(), error = lock(&handle.stats).last_error.as_deref().unwrap_or(""), "fetching push rules failed; they stay recorded and are tried again with a later page");
+    if nothing_else {
+        let mut shutdown = ctx.shutdown.clone();
+        if !pause(wait, None, &mut shutdown).await {
+            return None;
+        }
+    }
+    Some(fetched)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -556,7 +695,9 @@ enum Delivery {
     Shutdown,
 }
 
-/// PUT one transaction until it is accepted. `live`: give up when the appservice leaves live mode.
+/// Deliver `resolved` in as many transactions as `delivery.max_transaction_bytes` requires, one
+/// after another, each PUT until it is accepted. `live`: give up when the appservice leaves live
+/// mode (the rest is then recorded with the keys of the whole batch).
 async fn deliver(
     handle: &AppserviceHandle,
     ctx: &DeliveryContext,
@@ -565,16 +706,50 @@ async fn deliver(
     last: Lsn,
     live: bool,
 ) -> Delivery {
-    if resolved.is_empty() {
-        return Delivery::Delivered;
-    }
-    let mut shutdown = ctx.shutdown.clone();
-    let id = handle.settings.id.as_str();
     let entries: Vec<ResolvedEntry<'_>> = resolved
         .iter()
         .map(|(k, c)| ResolvedEntry { key: k, content: c })
         .collect();
-    let body = bytes::Bytes::from(build_body(&entries, handle.settings.field_names));
+    panic_if_told_to(&entries);
+    let fields = handle.settings.field_names;
+    for chunk in split_by_size(&entries, fields, ctx.settings.max_transaction_bytes) {
+        let part = &entries[chunk.range];
+        let body = build_body(part, fields);
+        if chunk.oversized
+            && let [e] = part
+        {
+            handle.metrics.oversized_entry();
+            tracing::warn!(
+                appservice = %handle.settings.id,
+                user_id = %e.key.user_id,
+                room_id = e.key.room_id.as_deref().unwrap_or(""),
+                data_type = %e.key.data_type,
+                bytes = body.len(),
+                max_transaction_bytes = ctx.settings.max_transaction_bytes,
+                "one account-data entry is larger than delivery.max_transaction_bytes: sending it alone, in a transaction over the budget"
+            );
+        }
+        let outcome = deliver_body(handle, ctx, bytes::Bytes::from(body), part.len(), first, last, live).await;
+        if outcome != Delivery::Delivered {
+            return outcome;
+        }
+    }
+    Delivery::Delivered
+}
+
+/// PUT one transaction of `entries` entries until it is accepted. `live`: give up when the
+/// appservice leaves live mode.
+async fn deliver_body(
+    handle: &AppserviceHandle,
+    ctx: &DeliveryContext,
+    body: bytes::Bytes,
+    entries: usize,
+    first: Lsn,
+    last: Lsn,
+    live: bool,
+) -> Delivery {
+    let mut shutdown = ctx.shutdown.clone();
+    let id = handle.settings.id.as_str();
     let txn_id = transaction_id(ctx.epoch, first, last, &body);
     let url = format!("{}/_matrix/app/v1/transactions/{txn_id}", handle.settings.url);
     let mut schedule: RetrySchedule = ctx.policy().schedule();
@@ -587,13 +762,13 @@ async fn deliver(
                 if attempt > 1 {
                     tracing::info!(appservice = %id, txn_id = %txn_id, attempts = attempt, after = ?started.elapsed(), "appservice accepted the transaction again");
                 } else {
-                    tracing::debug!(appservice = %id, txn_id = %txn_id, entries = entries.len(), bytes = body.len(), "transaction delivered");
+                    tracing::debug!(appservice = %id, txn_id = %txn_id, entries, bytes = body.len(), "transaction delivered");
                 }
                 handle.with_state(|s| s.delivery_succeeded());
-                handle.metrics.delivered(body.len(), entries.len(), attempt);
+                handle.metrics.delivered(body.len(), entries, attempt);
                 let mut s = lock(&handle.stats);
                 s.transactions_sent += 1;
-                s.entries_sent += entries.len() as u64;
+                s.entries_sent += entries as u64;
                 s.bytes_sent += body.len() as u64;
                 s.current_failures = 0;
                 return Delivery::Delivered;

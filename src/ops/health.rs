@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use crate::model::Lsn;
 
-/// What the replication task reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the replication task (and the worker supervisor) reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSnapshot {
     pub started: Instant,
     pub connected: bool,
@@ -22,7 +22,22 @@ pub struct HealthSnapshot {
     pub work_pending: bool,
     /// Whether the relay is waiting as the standby of another process holding the slot.
     pub standby: bool,
+    /// The last time an appservice's delivery worker died and was started again.
+    pub last_worker_restart: Option<WorkerRestart>,
 }
+
+/// A delivery worker that died (panicked) and was started again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRestart {
+    pub appservice: String,
+    pub at: Instant,
+    /// Restarts of any worker since the relay started.
+    pub total: u64,
+}
+
+/// How long `/readyz` reports a worker restart (not ready): long enough for a probe or an alert
+/// to see it; the restarts also count in `appservice_worker_restarts_total`.
+pub const WORKER_RESTART_NOTICE: Duration = Duration::from_secs(60);
 
 /// Limits for [`assess`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +69,15 @@ impl HealthLimits {
 /// as a standby, and a restart would not help: the ping goes on (readiness says "not ready").
 /// While connected, it is the readiness verdict: a task that shows no activity, or holds
 /// pending work without confirming anything for too long, is stuck, and systemd restarts it.
+///
+/// A worker restart does not withhold the ping: the worker is running again, and restarting the
+/// whole relay would not help.
 pub fn watchdog_ok(s: &HealthSnapshot, now: Instant, limits: &HealthLimits) -> bool {
-    !s.connected || assess(s, now, limits).ready
+    let s = HealthSnapshot {
+        last_worker_restart: None,
+        ..s.clone()
+    };
+    !s.connected || assess(&s, now, limits).ready
 }
 
 /// The verdict.
@@ -81,6 +103,16 @@ pub fn assess(s: &HealthSnapshot, now: Instant, limits: &HealthLimits) -> Health
         reasons.push(format!(
             "changes are pending and the confirmed position has not moved for {stalled:?}"
         ));
+    }
+    if let Some(r) = &s.last_worker_restart {
+        let ago = now.saturating_duration_since(r.at);
+        if ago < WORKER_RESTART_NOTICE {
+            reasons.push(format!(
+                "the delivery worker of appservice {} died (a panic, see the log) {ago:?} ago and was started again \
+                 ({} worker restarts since the relay started)",
+                r.appservice, r.total
+            ));
+        }
     }
     HealthReport {
         ready: reasons.is_empty(),
@@ -111,6 +143,7 @@ impl Health {
                 confirmed_changed: None,
                 work_pending: false,
                 standby: false,
+                last_worker_restart: None,
             }),
         }
     }
@@ -153,8 +186,20 @@ impl Health {
         });
     }
 
+    /// The worker of `appservice` died and is being started again.
+    pub fn worker_restarted(&self, appservice: &str) {
+        self.update(|s| {
+            let total = s.last_worker_restart.as_ref().map(|r| r.total).unwrap_or(0) + 1;
+            s.last_worker_restart = Some(WorkerRestart {
+                appservice: appservice.to_owned(),
+                at: Instant::now(),
+                total,
+            });
+        });
+    }
+
     pub fn snapshot(&self) -> HealthSnapshot {
-        *self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn report(&self, limits: &HealthLimits) -> HealthReport {
@@ -180,7 +225,31 @@ mod tests {
             confirmed_changed: Some(t0),
             work_pending: false,
             standby: false,
+            last_worker_restart: None,
         }
+    }
+
+    #[test]
+    fn a_worker_restart_shows_for_a_while_without_stopping_the_watchdog() {
+        let t0 = Instant::now();
+        let health = Health::new();
+        health.set_connected(true);
+        health.worker_restarted("bridge");
+        health.worker_restarted("bridge");
+        let mut s = health.snapshot();
+        s.started = t0;
+        s.last_activity = Some(t0);
+        s.confirmed_changed = Some(t0);
+        let at = s.last_worker_restart.as_ref().unwrap().at;
+        let r = assess(&s, at + Duration::from_secs(5), &LIMITS);
+        assert!(!r.ready, "{r:?}");
+        assert!(
+            r.reasons[0].contains("appservice bridge") && r.reasons[0].contains("2 worker restarts"),
+            "{r:?}"
+        );
+        assert!(watchdog_ok(&s, at + Duration::from_secs(5), &LIMITS));
+        s.last_activity = Some(at + WORKER_RESTART_NOTICE);
+        assert!(assess(&s, at + WORKER_RESTART_NOTICE + Duration::from_secs(1), &LIMITS).ready);
     }
 
     #[test]

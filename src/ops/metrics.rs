@@ -142,6 +142,9 @@ pub struct AppserviceMetrics {
     retried: Counter,
     bytes: Counter,
     entries: Counter,
+    oversized: Counter,
+    push_rules_failed: Counter,
+    worker_restarts: Counter,
     commit_times: Arc<CommitTimes>,
 }
 
@@ -154,6 +157,9 @@ impl Default for AppserviceMetrics {
             retried: Counter::default(),
             bytes: Counter::default(),
             entries: Counter::default(),
+            oversized: Counter::default(),
+            push_rules_failed: Counter::default(),
+            worker_restarts: Counter::default(),
             commit_times: Arc::new(CommitTimes::default()),
         }
     }
@@ -173,6 +179,26 @@ impl AppserviceMetrics {
     /// One attempt failed (it will be retried).
     pub fn attempt_failed(&self) {
         self.failed.inc();
+    }
+
+    /// An entry larger than `delivery.max_transaction_bytes` is sent in a transaction of its own.
+    pub fn oversized_entry(&self) {
+        self.oversized.inc();
+    }
+
+    /// Fetching one user's push rules from Synapse's client API failed.
+    pub fn push_rules_fetch_failed(&self) {
+        self.push_rules_failed.inc();
+    }
+
+    /// The appservice's worker task died (panicked) and was started again.
+    pub fn worker_restarted(&self) {
+        self.worker_restarts.inc();
+    }
+
+    /// Restarts of the appservice's worker so far.
+    pub fn worker_restarts(&self) -> u64 {
+        self.worker_restarts.get()
     }
 
     /// Observe the commit-to-acknowledgement latency of the entries of an accepted live
@@ -224,6 +250,9 @@ pub struct Metrics {
     retried: Family<AppserviceLabel, Counter>,
     bytes: Family<AppserviceLabel, Counter>,
     entries: Family<AppserviceLabel, Counter>,
+    oversized: Family<AppserviceLabel, Counter>,
+    push_rules_failed: Family<AppserviceLabel, Counter>,
+    worker_restarts: Family<AppserviceLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -270,6 +299,9 @@ impl Metrics {
             retried: Family::default(),
             bytes: Family::default(),
             entries: Family::default(),
+            oversized: Family::default(),
+            push_rules_failed: Family::default(),
+            worker_restarts: Family::default(),
         };
         let r = &mut root;
         r.register_with_unit(
@@ -394,6 +426,21 @@ impl Metrics {
             "Account-data entries in the transactions the appservice accepted",
             m.entries.clone(),
         );
+        r.register(
+            "appservice_oversized_entries",
+            "Entries larger than delivery.max_transaction_bytes by themselves, each sent alone in a transaction over the budget",
+            m.oversized.clone(),
+        );
+        r.register(
+            "appservice_push_rules_fetches_failed",
+            "Failed fetches of a user's push rules from Synapse's client API (retried with backoff, or the user skipped on a lasting 4xx)",
+            m.push_rules_failed.clone(),
+        );
+        r.register(
+            "appservice_worker_restarts",
+            "Times the appservice's delivery worker died (a panic) and was started again",
+            m.worker_restarts.clone(),
+        );
         Metrics { registry: root, ..m }
     }
 
@@ -407,6 +454,9 @@ impl Metrics {
             retried: self.retried.get_or_create_owned(&l),
             bytes: self.bytes.get_or_create_owned(&l),
             entries: self.entries.get_or_create_owned(&l),
+            oversized: self.oversized.get_or_create_owned(&l),
+            push_rules_failed: self.push_rules_failed.get_or_create_owned(&l),
+            worker_restarts: self.worker_restarts.get_or_create_owned(&l),
             commit_times: self.commit_times.clone(),
         }
     }
@@ -420,6 +470,9 @@ impl Metrics {
         self.retried.remove(&l);
         self.bytes.remove(&l);
         self.entries.remove(&l);
+        self.oversized.remove(&l);
+        self.push_rules_failed.remove(&l);
+        self.worker_restarts.remove(&l);
         self.pending_keys.remove(&l);
         self.recorded_keys.remove(&l);
         self.oldest_pending_age.remove(&l);

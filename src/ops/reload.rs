@@ -290,6 +290,13 @@ mod tests {
         assert_eq!(m.retention.max_retained_bytes, 2);
         assert_eq!(m.appservices.len(), 3);
         assert!(plan(&old, &old).is_noop());
+        let mut budget = old.clone();
+        budget.delivery.max_transaction_bytes = 4 << 20;
+        assert_eq!(
+            plan(&old, &budget).needs_restart,
+            vec!["delivery"],
+            "delivery.max_transaction_bytes needs a restart, like the other delivery settings"
+        );
         assert!(!format!("{p:?}").contains("t3b"), "no token in the plan");
     }
 }

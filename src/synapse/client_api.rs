@@ -12,6 +12,22 @@ use crate::model::Secret;
 pub struct ClientApiError {
     pub user_id: String,
     pub message: String,
+    /// The HTTP status, when Synapse answered with an error.
+    pub status: Option<u16>,
+}
+
+impl ClientApiError {
+    /// Whether asking again will get the same answer: a 4xx other than 408 (timeout) and 429
+    /// (rate limited), e.g. 403 for a user outside the appservice's namespaces or 404.
+    pub fn is_lasting(&self) -> bool {
+        self.status
+            .is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429)
+    }
+
+    /// Whether no HTTP answer came (the client API is unreachable or timed out).
+    pub fn is_unreachable(&self) -> bool {
+        self.status.is_none()
+    }
 }
 
 /// `GET {base}/_matrix/client/v3/pushrules/?user_id={user_id}`: the user's push rules as JSON text
@@ -25,6 +41,7 @@ pub async fn fetch_push_rules(
     let err = |message: String| ClientApiError {
         user_id: user_id.to_owned(),
         message,
+        status: None,
     };
     let mut url = reqwest::Url::parse(&format!("{}/_matrix/client/v3/pushrules/", base.trim_end_matches('/')))
         .map_err(|e| err(format!("invalid client API URL: {e}")))?;
@@ -44,10 +61,17 @@ pub async fn fetch_push_rules(
     let body = String::from_utf8_lossy(&body);
     if !status.is_success() {
         let snippet: String = body.chars().take(200).collect();
-        return Err(err(format!("HTTP status {status}: {snippet}")));
+        return Err(ClientApiError {
+            status: Some(status.as_u16()),
+            ..err(format!("HTTP status {status}: {snippet}"))
+        });
     }
     match serde_json::from_str::<&serde_json::value::RawValue>(&body) {
         Ok(_) => Ok(body.into_owned()),
-        Err(e) => Err(err(format!("the answer is not JSON: {e}"))),
+        Err(e) => Err(ClientApiError {
+            // An answer, just not a usable one: not "unreachable", not lasting either.
+            status: Some(status.as_u16()),
+            ..err(format!("the answer is not JSON: {e}"))
+        }),
     }
 }

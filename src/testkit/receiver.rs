@@ -2,7 +2,7 @@
 //! `PUT /_matrix/app/v1/transactions/{txnId}` the way appservice frameworks do, for `demo` and
 //! the tests. It keeps every accepted transaction, drops a txnId it has already accepted (as
 //! mautrix and matrix-bot-sdk do), checks the `Authorization` header, and can be told to fail
-//! (status codes, non-JSON bodies, hanging) to exercise retries.
+//! (status codes, non-JSON bodies, hanging, bodies over a size limit) to exercise retries.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -37,6 +37,9 @@ pub enum ReceiverMode {
     /// Content-Length) before `{}`: valid JSON of any size (`u64::MAX`: endless), a hostile or
     /// broken appservice the relay must not buffer.
     PaddedBody(u64),
+    /// Answer 413 `M_TOO_LARGE` to a body of more than this many bytes, as appservice frameworks
+    /// with a body limit do (matrix-appservice-node: 5 MB); accept the others.
+    RejectOver(usize),
 }
 
 /// One accepted transaction.
@@ -59,6 +62,9 @@ struct Inner {
     attempts: u64,
     duplicates: u64,
     bad_auth: u64,
+    rejected_too_large: u64,
+    /// Body size of each accepted transaction, in order.
+    accepted_sizes: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -113,6 +119,15 @@ async fn put_transaction(
     };
     match mode {
         ReceiverMode::Accept | ReceiverMode::PaddedBody(_) => {}
+        ReceiverMode::RejectOver(limit) if body.len() > limit => {
+            shared.lock().rejected_too_large += 1;
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                r#"{"errcode":"M_TOO_LARGE","error":"request body too large"}"#,
+            )
+                .into_response();
+        }
+        ReceiverMode::RejectOver(_) => {}
         ReceiverMode::Delay(d) => tokio::time::sleep(d).await,
         ReceiverMode::Fail(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -154,6 +169,7 @@ async fn put_transaction(
     {
         let mut inner = shared.lock();
         if inner.seen_ids.insert(txn_id.clone()) {
+            inner.accepted_sizes.push(body.len());
             inner.accepted.push(ReceivedTransaction {
                 txn_id,
                 body: parsed,
@@ -208,6 +224,8 @@ impl RecordingAppservice {
                 attempts: 0,
                 duplicates: 0,
                 bad_auth: 0,
+                rejected_too_large: 0,
+                accepted_sizes: Vec::new(),
             }),
             changed: Notify::new(),
         });
@@ -274,6 +292,16 @@ impl RecordingAppservice {
     /// Repeated txnIds that were dropped.
     pub fn duplicate_ids(&self) -> u64 {
         self.shared.lock().duplicates
+    }
+
+    /// Requests answered 413 by [`ReceiverMode::RejectOver`].
+    pub fn rejected_too_large(&self) -> u64 {
+        self.shared.lock().rejected_too_large
+    }
+
+    /// The body size in bytes of each accepted transaction, in order of receipt.
+    pub fn accepted_sizes(&self) -> Vec<usize> {
+        self.shared.lock().accepted_sizes.clone()
     }
 
     /// Requests with a wrong or missing bearer token.
@@ -350,4 +378,95 @@ pub fn events_of(body: &serde_json::Value) -> Vec<(ReceivedKey, serde_json::Valu
         }
     }
     out
+}
+
+/// A stand-in for Synapse's client API as the relay uses it: a real HTTP server answering
+/// `GET /_matrix/client/v3/pushrules/?user_id=…` with `{"global": {…}}` naming the user, or 403
+/// `M_FORBIDDEN` for the users it is told to refuse (as Synapse does for a user outside the
+/// appservice's namespaces).
+#[derive(Debug)]
+pub struct PushRulesApi {
+    addr: SocketAddr,
+    refused: Arc<Mutex<HashSet<String>>>,
+    requests: Arc<Mutex<Vec<String>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// The users to refuse, and the `user_id` of every request.
+type PushRulesState = (Arc<Mutex<HashSet<String>>>, Arc<Mutex<Vec<String>>>);
+
+#[derive(Debug, serde::Deserialize)]
+struct PushRulesQuery {
+    user_id: String,
+}
+
+impl PushRulesApi {
+    /// Start on `addr` (port 0 for a free one).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<PushRulesApi> {
+        let refused: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+        let state = (refused.clone(), requests.clone());
+        let app = axum::Router::new()
+            .route(
+                "/_matrix/client/v3/pushrules/",
+                axum::routing::get(
+                    |State((refused, requests)): State<PushRulesState>,
+                     axum::extract::Query(q): axum::extract::Query<PushRulesQuery>| async move {
+                        requests
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(q.user_id.clone());
+                        if refused.lock().unwrap_or_else(|p| p.into_inner()).contains(&q.user_id) {
+                            return (
+                                StatusCode::FORBIDDEN,
+                                r#"{"errcode":"M_FORBIDDEN","error":"not in the appservice's namespace"}"#.to_owned(),
+                            );
+                        }
+                        let body = serde_json::json!({"global": {"override": [], "test_user": q.user_id}});
+                        (StatusCode::OK, body.to_string())
+                    },
+                ),
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(PushRulesApi {
+            addr,
+            refused,
+            requests,
+            server,
+        })
+    }
+
+    /// The base URL (`synapse.client_url`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answer 403 for `user_id` from now on.
+    pub fn refuse(&self, user_id: &str) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user_id.to_owned());
+    }
+
+    /// Answer `user_id` normally again.
+    pub fn allow(&self, user_id: &str) {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).remove(user_id);
+    }
+
+    /// The `user_id` of every request, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for PushRulesApi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
 }

@@ -4,6 +4,7 @@
 //! local clusters of their own.
 mod support;
 
+mod delivery_limits;
 mod delivery_tls;
 mod end_to_end;
 mod operations;

@@ -251,7 +251,8 @@ async fn relay_against_real_synapse(server: &'static Server) {
         &[],
         "[appservices.a]\npush_rules = true\n[appservices.b]\npush_rules = true\n",
     );
-    let (ua, ub, uc) = (a.url(), b.url(), c.url());
+    // A's url ends in `/`, as registrations often do: Synapse strips it, and so must the relay.
+    let (ua, ub, uc) = (format!("{}/", a.url()), b.url(), c.url());
     let registrations = [
         AppserviceRegistration {
             id: "a",
