@@ -303,6 +303,27 @@ impl std::str::FromStr for RequireAuth {
 }
 
 impl PgConnectionConfig {
+    /// Settings for `user` on `dbname` at `host`/`port` with libpq's defaults for the rest
+    /// (no password, `sslmode=prefer` without root file, every authentication method allowed).
+    pub fn new(host: PgHost, port: u16, user: &str, dbname: &str) -> PgConnectionConfig {
+        PgConnectionConfig {
+            host,
+            port,
+            user: user.to_owned(),
+            password: None,
+            dbname: dbname.to_owned(),
+            ssl_mode: SslMode::default(),
+            ssl_root_cert: None,
+            ssl_client_cert: None,
+            require_auth: RequireAuth::default(),
+            channel_binding: ChannelBindingMode::default(),
+            application_name: "synapse-account-data-relay".to_owned(),
+            connect_timeout: Duration::from_secs(10),
+            options: None,
+            keepalives: Keepalives::default(),
+        }
+    }
+
     /// Where this connects, for error messages and logs (never includes the password).
     pub fn describe(&self) -> String {
         match &self.host {
@@ -317,5 +338,40 @@ impl PgConnectionConfig {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_auth_as_libpq_reads_it() {
+        let any: RequireAuth = "".parse().unwrap();
+        assert!(any.is_default() && any.allows(AuthRequest::Password) && any.allows(AuthRequest::None));
+        let scram: RequireAuth = "scram-sha-256".parse().unwrap();
+        assert!(scram.allows(AuthRequest::ScramSha256));
+        for r in [AuthRequest::None, AuthRequest::Password, AuthRequest::Md5, AuthRequest::Gss] {
+            assert!(!scram.allows(r), "{r:?}");
+        }
+        let not_plain: RequireAuth = "!password,!md5".parse().unwrap();
+        assert!(!not_plain.allows(AuthRequest::Password) && !not_plain.allows(AuthRequest::Md5));
+        assert!(not_plain.allows(AuthRequest::ScramSha256) && not_plain.allows(AuthRequest::None));
+        assert_eq!(not_plain.to_string(), "!password,!md5");
+        let list: RequireAuth = "md5,none".parse().unwrap();
+        assert!(list.allows(AuthRequest::None) && list.allows(AuthRequest::Md5) && !list.allows(AuthRequest::Password));
+        for bad in ["scram-sha-256,!md5", "!md5,scram-sha-256", "kerberos", "md5,md5", "md5,", "!"] {
+            assert!(bad.parse::<RequireAuth>().is_err(), "{bad}");
+        }
+        assert!(scram.refusal(AuthRequest::Password).contains("require_auth=scram-sha-256"));
+        assert_eq!(AuthRequest::from_code(3), Some(AuthRequest::Password));
+        assert_eq!(AuthRequest::from_code(11), None);
+    }
+
+    #[test]
+    fn channel_binding_modes() {
+        assert_eq!("require".parse::<ChannelBindingMode>(), Ok(ChannelBindingMode::Require));
+        assert_eq!(ChannelBindingMode::default(), ChannelBindingMode::Prefer);
+        assert!("yes".parse::<ChannelBindingMode>().is_err());
     }
 }
