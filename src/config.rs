@@ -833,7 +833,10 @@ pub fn resolve_postgres(
             if ssl_mode != SslMode::Disable && !path.is_file() {
                 return Err(bad(
                     origin,
-                    format!("root certificate file {value:?} does not exist (sslmode={})", ssl_mode.as_str()),
+                    format!(
+                        "root certificate file {value:?} does not exist (sslmode={})",
+                        ssl_mode.as_str()
+                    ),
                 ));
             }
             Some(path)
@@ -882,10 +885,16 @@ pub fn resolve_postgres(
             key: key.into(),
         }),
         (Some((_, origin)), None) => {
-            return Err(bad(&origin, "sslcert is set without sslkey (the client certificate's key)".into()));
+            return Err(bad(
+                &origin,
+                "sslcert is set without sslkey (the client certificate's key)".into(),
+            ));
         }
         (None, Some((_, origin))) => {
-            return Err(bad(&origin, "sslkey is set without sslcert (the client certificate)".into()));
+            return Err(bad(
+                &origin,
+                "sslkey is set without sslcert (the client certificate)".into(),
+            ));
         }
     };
     let require_auth = match pick(
@@ -1176,7 +1185,12 @@ mod tests {
         // naming where sslmode came from.
         for (args, relay, env_mode, origin) in [
             ("    sslmode: verify-ca\n", "", None, "database.args.sslmode in "),
-            ("", "[postgres]\nsslmode = \"verify-full\"\n", None, "`[postgres] sslmode` in relay.toml"),
+            (
+                "",
+                "[postgres]\nsslmode = \"verify-full\"\n",
+                None,
+                "`[postgres] sslmode` in relay.toml",
+            ),
             ("", "", Some("verify-ca"), "the environment variable PGSSLMODE"),
         ] {
             let mut env = env.to_vec();
@@ -1195,7 +1209,11 @@ mod tests {
         std::fs::write(&default_root, "not read here").unwrap();
         for mode in ["verify-ca", "require", "prefer"] {
             let s = resolve_with_args(&format!("    sslmode: {mode}\n"), "", &env).unwrap();
-            assert_eq!(s.postgres.ssl_root_cert.as_deref(), Some(default_root.as_path()), "{mode}");
+            assert_eq!(
+                s.postgres.ssl_root_cert.as_deref(),
+                Some(default_root.as_path()),
+                "{mode}"
+            );
         }
         // ... but not with sslmode=disable.
         let s = resolve_with_args("    sslmode: disable\n", "", &env).unwrap();
@@ -1236,7 +1254,12 @@ mod tests {
                 "",
                 &[],
             ));
-            assert!(text.contains(&format!("weak sslmode \"{mode}\" may not be used with sslrootcert=system")), "{text}");
+            assert!(
+                text.contains(&format!(
+                    "weak sslmode \"{mode}\" may not be used with sslrootcert=system"
+                )),
+                "{text}"
+            );
             assert!(text.contains("database.args.sslmode in "), "{text}");
         }
         let s = resolve_with_args("    sslmode: verify-full\n    sslrootcert: system\n", "", &[]).unwrap();
@@ -1273,10 +1296,26 @@ mod tests {
         assert!(s.postgres.require_auth.allows(AuthRequest::None));
         assert_eq!(s.postgres.channel_binding, ChannelBindingMode::Disable);
         for (args, relay, expected) in [
-            ("    require_auth: scram-sha-256,!md5\n", "", "database.args.require_auth in "),
-            ("", "[postgres]\nrequire_auth = \"kerberos\"\n", "`[postgres] require_auth` in relay.toml"),
-            ("    channel_binding: always\n", "", "unknown channel_binding \"always\""),
-            ("    channel_binding: require\n    sslmode: disable\n", "", "channel_binding=require needs TLS"),
+            (
+                "    require_auth: scram-sha-256,!md5\n",
+                "",
+                "database.args.require_auth in ",
+            ),
+            (
+                "",
+                "[postgres]\nrequire_auth = \"kerberos\"\n",
+                "`[postgres] require_auth` in relay.toml",
+            ),
+            (
+                "    channel_binding: always\n",
+                "",
+                "unknown channel_binding \"always\"",
+            ),
+            (
+                "    channel_binding: require\n    sslmode: disable\n",
+                "",
+                "channel_binding=require needs TLS",
+            ),
             ("    sslcert: /c.crt\n", "", "sslcert is set without sslkey"),
         ] {
             let text = error_text(resolve_with_args(args, relay, &[]));
@@ -1309,12 +1348,21 @@ mod tests {
         assert!(!s.postgres.keepalives.enabled);
         // Refused, naming the key and the file.
         for (args, expected) in [
-            ("    passfile: /x/.pgpass\n", "passfile: this libpq setting is not supported"),
-            ("    target_session_attrs: read-write\n", "target_session_attrs: only \"any\" is supported"),
+            (
+                "    passfile: /x/.pgpass\n",
+                "passfile: this libpq setting is not supported",
+            ),
+            (
+                "    target_session_attrs: read-write\n",
+                "target_session_attrs: only \"any\" is supported",
+            ),
             ("    sslcrl: /x.crl\n", "sslcrl: this libpq setting is not supported"),
             ("    gssencmode: require\n", "gssencmode: only"),
             ("    sslmod: require\n", "sslmod: not a libpq connection setting"),
-            ("    host: a.internal,b.internal\n", "multi-host connection strings are not supported yet"),
+            (
+                "    host: a.internal,b.internal\n",
+                "multi-host connection strings are not supported yet",
+            ),
             ("    keepalives_idle: soon\n", "database.args.keepalives_idle in "),
             ("    connect_timeout: soon\n", "database.args.connect_timeout in "),
         ] {
@@ -1323,7 +1371,10 @@ mod tests {
             assert!(text.contains("homeserver.yaml"), "{args}: {text}");
         }
         let text = error_text(resolve_with_args("", "[postgres]\nhost = \"a,b\"\n", &[]));
-        assert!(text.contains("multi-host connection strings are not supported yet"), "{text}");
+        assert!(
+            text.contains("multi-host connection strings are not supported yet"),
+            "{text}"
+        );
     }
 
     #[test]

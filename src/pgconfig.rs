@@ -249,9 +249,9 @@ impl RequireAuth {
     /// The error text when the server asks for `request` and that is not allowed.
     pub fn refusal(&self, request: AuthRequest) -> String {
         match request {
-            AuthRequest::None => format!(
-                "the server did not ask the client to authenticate, which require_auth={self} does not allow"
-            ),
+            AuthRequest::None => {
+                format!("the server did not ask the client to authenticate, which require_auth={self} does not allow")
+            }
             other => format!(
                 "the server asked for {} authentication, which require_auth={self} does not allow (no password was sent)",
                 other.as_str()
@@ -351,7 +351,12 @@ mod tests {
         assert!(any.is_default() && any.allows(AuthRequest::Password) && any.allows(AuthRequest::None));
         let scram: RequireAuth = "scram-sha-256".parse().unwrap();
         assert!(scram.allows(AuthRequest::ScramSha256));
-        for r in [AuthRequest::None, AuthRequest::Password, AuthRequest::Md5, AuthRequest::Gss] {
+        for r in [
+            AuthRequest::None,
+            AuthRequest::Password,
+            AuthRequest::Md5,
+            AuthRequest::Gss,
+        ] {
             assert!(!scram.allows(r), "{r:?}");
         }
         let not_plain: RequireAuth = "!password,!md5".parse().unwrap();
@@ -360,10 +365,21 @@ mod tests {
         assert_eq!(not_plain.to_string(), "!password,!md5");
         let list: RequireAuth = "md5,none".parse().unwrap();
         assert!(list.allows(AuthRequest::None) && list.allows(AuthRequest::Md5) && !list.allows(AuthRequest::Password));
-        for bad in ["scram-sha-256,!md5", "!md5,scram-sha-256", "kerberos", "md5,md5", "md5,", "!"] {
+        for bad in [
+            "scram-sha-256,!md5",
+            "!md5,scram-sha-256",
+            "kerberos",
+            "md5,md5",
+            "md5,",
+            "!",
+        ] {
             assert!(bad.parse::<RequireAuth>().is_err(), "{bad}");
         }
-        assert!(scram.refusal(AuthRequest::Password).contains("require_auth=scram-sha-256"));
+        assert!(
+            scram
+                .refusal(AuthRequest::Password)
+                .contains("require_auth=scram-sha-256")
+        );
         assert_eq!(AuthRequest::from_code(3), Some(AuthRequest::Password));
         assert_eq!(AuthRequest::from_code(11), None);
     }

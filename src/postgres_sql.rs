@@ -126,7 +126,10 @@ pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Cli
     result.map_err(error)
 }
 
-async fn connect_unbounded(cfg: &PgConnectionConfig, target: &str) -> Result<tokio_postgres::Client, SqlConnectErrorSource> {
+async fn connect_unbounded(
+    cfg: &PgConnectionConfig,
+    target: &str,
+) -> Result<tokio_postgres::Client, SqlConnectErrorSource> {
     let config = tokio_postgres_config(cfg);
     let refusal = Arc::new(Mutex::new(None));
     match &cfg.host {
@@ -228,7 +231,13 @@ where
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|cert| tls::tls_server_end_point(cert));
-            Ok(AuthGuard::new(stream, false, self.require_auth, end_point, self.refusal))
+            Ok(AuthGuard::new(
+                stream,
+                false,
+                self.require_auth,
+                end_point,
+                self.refusal,
+            ))
         })
     }
 }
@@ -458,7 +467,18 @@ mod tests {
             ("password", cleartext.clone(), false),
             ("scram-sha-256", auth_message(0, b""), true),
             ("none", auth_message(0, b""), false),
-            ("scram-sha-256", [sasl.clone(), auth_message(11, b"r=x"), auth_message(12, b"v=y"), auth_message(0, b""), cleartext.clone()].concat(), false),
+            (
+                "scram-sha-256",
+                [
+                    sasl.clone(),
+                    auth_message(11, b"r=x"),
+                    auth_message(12, b"v=y"),
+                    auth_message(0, b""),
+                    cleartext.clone(),
+                ]
+                .concat(),
+                false,
+            ),
         ] {
             // Every split point of the stream gives the same verdict.
             for cut in 0..=stream.len() {

@@ -72,14 +72,23 @@ pub fn grant_plan(setup_role: &DatabaseState, names: Names<'_>, role: &RoleState
         format!("let {:?} use the state schema {:?}", role.name, names.state_schema),
         format!("GRANT USAGE ON SCHEMA {s} TO {r};"),
     );
-    let state_tables: Vec<String> = STATE_TABLES.iter().map(|t| format!("{s}.{}", escape_identifier(t))).collect();
+    let state_tables: Vec<String> = STATE_TABLES
+        .iter()
+        .map(|t| format!("{s}.{}", escape_identifier(t)))
+        .collect();
     step(
         format!("let {:?} read and write the relay's state tables", role.name),
-        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {} TO {r};", state_tables.join(", ")),
+        format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {} TO {r};",
+            state_tables.join(", ")
+        ),
     );
     step(
         format!("let {:?} use the relay's version sequence", role.name),
-        format!("GRANT USAGE ON SEQUENCE {s}.{} TO {r};", escape_identifier(STATE_SEQUENCE)),
+        format!(
+            "GRANT USAGE ON SEQUENCE {s}.{} TO {r};",
+            escape_identifier(STATE_SEQUENCE)
+        ),
     );
     let reads: Vec<String> = RUN_READS.iter().map(|t| escape_identifier(t)).collect();
     step(
@@ -195,7 +204,10 @@ pub async fn inspect_role(client: &tokio_postgres::Client, role: &str) -> Result
 }
 
 /// Reads what the connected role (the one `run` uses) may do.
-pub async fn inspect_run_role(client: &tokio_postgres::Client, names: Names<'_>) -> Result<RunRoleState, ProvisionError> {
+pub async fn inspect_run_role(
+    client: &tokio_postgres::Client,
+    names: Names<'_>,
+) -> Result<RunRoleState, ProvisionError> {
     let err = |e: tokio_postgres::Error| ProvisionError::from_pg("reading the role's privileges", &e);
     let row = client
         .query_one(
@@ -337,7 +349,11 @@ mod tests {
             ..role(true)
         };
         let plan = grant_plan(&owner, NAMES, &odd).unwrap();
-        assert!(plan.steps[0].sql.ends_with("TO \"re\"\"lay\";"), "{}", plan.steps[0].sql);
+        assert!(
+            plan.steps[0].sql.ends_with("TO \"re\"\"lay\";"),
+            "{}",
+            plan.steps[0].sql
+        );
         let owner_role = RoleState {
             owns_synapse_tables: true,
             ..role(true)
@@ -361,7 +377,11 @@ mod tests {
         let p = run_role_problems(&owner, NAMES);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].severity, Severity::Warning);
-        assert!(p[0].message.contains("owns (or is a member of the owner of)"), "{}", p[0]);
+        assert!(
+            p[0].message.contains("owns (or is a member of the owner of)"),
+            "{}",
+            p[0]
+        );
         assert!(p[0].message.contains("setup --grant-to relay"), "{}", p[0]);
         let superuser = RunRoleState {
             superuser: true,

@@ -39,9 +39,7 @@ pub enum TlsConfigError {
     NoRootCertificates { source_name: String },
     #[error("cannot set up TLS: {0}")]
     Rustls(String),
-    #[error(
-        "sslmode={mode} needs root certificates to verify the server against (sslrootcert), and none is set"
-    )]
+    #[error("sslmode={mode} needs root certificates to verify the server against (sslrootcert), and none is set")]
     NoRootFile { mode: &'static str },
     #[error("cannot use the client certificate or key {path}: {reason}")]
     ClientCert { path: PathBuf, reason: String },
@@ -408,7 +406,12 @@ mod tests {
         assert!(client_config(SslMode::Prefer, None, None).unwrap().is_some());
         assert!(client_config(SslMode::Require, None, None).unwrap().is_some());
         let missing = Path::new("/nonexistent/root.crt");
-        for mode in [SslMode::Prefer, SslMode::Require, SslMode::VerifyCa, SslMode::VerifyFull] {
+        for mode in [
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
             // The root file is read whenever it is set, as libpq does.
             let err = client_config(mode, Some(missing), None).unwrap_err();
             assert!(err.to_string().contains("/nonexistent/root.crt"), "{mode:?}: {err}");

@@ -2,8 +2,8 @@
 
 use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
 use crate::config::{Settings, process_env, resolve_postgres};
-use crate::provision::{Names, Severity, inspect, problems};
 use crate::pgconfig::{PgConnectionConfig, SslMode};
+use crate::provision::{Names, Severity, inspect, problems};
 use crate::replication::connection::{AuthMethod, ReplicationConnection};
 use crate::routing::{AppserviceInterest, Router};
 use crate::synapse::files::{HomeserverConfig, Registration};
@@ -221,7 +221,11 @@ pub fn cleartext_password_warning(pg: &PgConnectionConfig, method: AuthMethod, t
         format!(
             "over TLS whose certificate is not fully verified (sslmode={}{})",
             pg.ssl_mode.as_str(),
-            if pg.ssl_root_cert.is_none() { ", no sslrootcert" } else { "" }
+            if pg.ssl_root_cert.is_none() {
+                ", no sslrootcert"
+            } else {
+                ""
+            }
         )
     };
     Some(format!(

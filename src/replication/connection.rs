@@ -892,7 +892,11 @@ fn check_auth_request(cfg: &PgConnectionConfig, request: AuthRequest, method: Au
         return Err(format!(
             "channel_binding=require, but the server asked for {} authentication, which has no channel binding{}",
             request.as_str(),
-            if request == AuthRequest::None { "" } else { " (no password was sent)" }
+            if request == AuthRequest::None {
+                ""
+            } else {
+                " (no password was sent)"
+            }
         ));
     }
     Ok(())

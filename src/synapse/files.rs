@@ -185,25 +185,60 @@ impl ArgValue {
 
 /// Keys of `database.args` that Twisted's connection pool (`adbapi`) or Synapse take, never
 /// passed to libpq: ignored.
-pub const POOL_ONLY_ARGS: &[&str] = &["cp_min", "cp_max", "cp_noisy", "cp_openfun", "cp_reconnect", "cp_good_sql"];
+pub const POOL_ONLY_ARGS: &[&str] = &[
+    "cp_min",
+    "cp_max",
+    "cp_noisy",
+    "cp_openfun",
+    "cp_reconnect",
+    "cp_good_sql",
+];
 
 /// libpq settings the relay accepts only at the value that changes nothing for it, with that
 /// value (compared case-insensitively), and why.
 const NO_OP_ARGS: &[(&str, &[&str], &str)] = &[
-    ("fallback_application_name", &[], "the relay always sets its own application_name"),
-    ("application_name", &[], "it names Synapse's own connections; the relay's are named by `[postgres] application_name`"),
+    (
+        "fallback_application_name",
+        &[],
+        "the relay always sets its own application_name",
+    ),
+    (
+        "application_name",
+        &[],
+        "it names Synapse's own connections; the relay's are named by `[postgres] application_name`",
+    ),
     ("krbsrvname", &[], "GSSAPI is not used"),
     ("gsslib", &[], "GSSAPI is not used"),
-    ("gssencmode", &["disable", "prefer"], "GSSAPI encryption is not supported"),
+    (
+        "gssencmode",
+        &["disable", "prefer"],
+        "GSSAPI encryption is not supported",
+    ),
     ("gssdelegation", &["0"], "GSSAPI is not used"),
     ("sslcompression", &["0"], "TLS compression is not supported"),
     ("sslsni", &["1"], "Server Name Indication is always sent for host names"),
     ("sslcertmode", &["allow"], "only `allow` (libpq's default) is supported"),
-    ("sslnegotiation", &["postgres"], "only `postgres` (libpq's default) is supported"),
-    ("client_encoding", &["utf8", "utf-8", "unicode"], "the relay's connections always use UTF8"),
-    ("target_session_attrs", &["any"], "the relay connects to one server as is"),
+    (
+        "sslnegotiation",
+        &["postgres"],
+        "only `postgres` (libpq's default) is supported",
+    ),
+    (
+        "client_encoding",
+        &["utf8", "utf-8", "unicode"],
+        "the relay's connections always use UTF8",
+    ),
+    (
+        "target_session_attrs",
+        &["any"],
+        "the relay connects to one server as is",
+    ),
     ("load_balance_hosts", &["disable"], "there is one host"),
-    ("ssl_min_protocol_version", &["tlsv1", "tlsv1.1", "tlsv1.2"], "the relay uses TLS 1.2 or 1.3"),
+    (
+        "ssl_min_protocol_version",
+        &["tlsv1", "tlsv1.1", "tlsv1.2"],
+        "the relay uses TLS 1.2 or 1.3",
+    ),
 ];
 
 impl DatabaseArgs {
@@ -242,10 +277,23 @@ impl DatabaseArgs {
                     }
                 }
                 None => out.push(match key.as_str() {
-                    "hostaddr" | "passfile" | "service" | "sslpassword" | "sslcrl" | "sslcrldir" | "sslkeylogfile"
-                    | "ssl_max_protocol_version" | "requirepeer" | "tcp_user_timeout" | "replication"
-                    | "max_protocol_version" | "min_protocol_version" | "oauth_issuer" | "oauth_client_id"
-                    | "oauth_client_secret" | "oauth_scope" => format!(
+                    "hostaddr"
+                    | "passfile"
+                    | "service"
+                    | "sslpassword"
+                    | "sslcrl"
+                    | "sslcrldir"
+                    | "sslkeylogfile"
+                    | "ssl_max_protocol_version"
+                    | "requirepeer"
+                    | "tcp_user_timeout"
+                    | "replication"
+                    | "max_protocol_version"
+                    | "min_protocol_version"
+                    | "oauth_issuer"
+                    | "oauth_client_id"
+                    | "oauth_client_secret"
+                    | "oauth_scope" => format!(
                         "{key}: this libpq setting is not supported by the relay; remove it, or override the \
                          connection in the relay's `[postgres]` section"
                     ),

@@ -18,17 +18,19 @@ async fn end_to_end_random_writes(server: &'static Server) {
     let s = prepare(server).await;
     let mut relay = start_relay(&s).await;
     // The relay streams as the least-privileged role, not as the owner of Synapse's tables.
-    let row = s
-        .db
-        .client
-        .query_one(
-            "SELECT r.usename::text, s.rolsuper FROM pg_stat_replication r JOIN pg_roles s ON s.oid = r.usesysid \
+    let row =
+        s.db.client
+            .query_one(
+                "SELECT r.usename::text, s.rolsuper FROM pg_stat_replication r JOIN pg_roles s ON s.oid = r.usesysid \
              WHERE r.application_name = 'synapse-account-data-relay'",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!((row.get::<_, String>(0), row.get::<_, bool>(1)), (RUN_ROLE.to_owned(), false));
+                &[],
+            )
+            .await
+            .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, bool>(1)),
+        (RUN_ROLE.to_owned(), false)
+    );
     let check = s.files.command("check", &[]);
     let check_text = crate::support::text(&check);
     assert!(

@@ -906,18 +906,103 @@ async fn require_auth_and_channel_binding() {
     };
     use ChannelBindingMode::{Disable as CbDisable, Prefer as CbPrefer, Require as CbRequire};
     // (user, password, sslmode, require_auth, channel_binding) → refusal text, or the method used.
-    let cases: Vec<(&str, Option<&str>, SslMode, &str, ChannelBindingMode, Result<AuthMethod, &str>)> = vec![
-        ("u_password", Some(CLEARTEXT_PASSWORD), SslMode::Disable, "scram-sha-256", CbPrefer, Err("asked for password authentication, which require_auth=scram-sha-256 does not allow")),
-        ("u_password", Some(CLEARTEXT_PASSWORD), SslMode::Require, "!password", CbPrefer, Err("require_auth=!password does not allow")),
-        ("u_md5", Some(MD5_PASSWORD), SslMode::Disable, "scram-sha-256", CbPrefer, Err("asked for md5 authentication")),
-        ("u_md5", Some(MD5_PASSWORD), SslMode::Disable, "md5,scram-sha-256", CbPrefer, Ok(AuthMethod::Md5)),
-        ("u_trust", None, SslMode::Disable, "scram-sha-256", CbPrefer, Err("did not ask the client to authenticate")),
-        ("u_trust", None, SslMode::Disable, "none", CbPrefer, Ok(AuthMethod::Trust)),
-        ("u_scram", Some(SCRAM_PASSWORD), SslMode::Disable, "scram-sha-256", CbPrefer, Ok(AuthMethod::ScramSha256)),
-        ("u_scram", Some(SCRAM_PASSWORD), SslMode::Require, "scram-sha-256", CbRequire, Ok(AuthMethod::ScramSha256Plus)),
-        ("u_scram", Some(SCRAM_PASSWORD), SslMode::Require, "", CbDisable, Ok(AuthMethod::ScramSha256)),
-        ("u_scram", Some(SCRAM_PASSWORD), SslMode::Disable, "", CbRequire, Err("channel")),
-        ("u_md5", Some(MD5_PASSWORD), SslMode::Require, "", CbRequire, Err("channel")),
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        SslMode,
+        &'a str,
+        ChannelBindingMode,
+        Result<AuthMethod, &'a str>,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "u_password",
+            Some(CLEARTEXT_PASSWORD),
+            SslMode::Disable,
+            "scram-sha-256",
+            CbPrefer,
+            Err("asked for password authentication, which require_auth=scram-sha-256 does not allow"),
+        ),
+        (
+            "u_password",
+            Some(CLEARTEXT_PASSWORD),
+            SslMode::Require,
+            "!password",
+            CbPrefer,
+            Err("require_auth=!password does not allow"),
+        ),
+        (
+            "u_md5",
+            Some(MD5_PASSWORD),
+            SslMode::Disable,
+            "scram-sha-256",
+            CbPrefer,
+            Err("asked for md5 authentication"),
+        ),
+        (
+            "u_md5",
+            Some(MD5_PASSWORD),
+            SslMode::Disable,
+            "md5,scram-sha-256",
+            CbPrefer,
+            Ok(AuthMethod::Md5),
+        ),
+        (
+            "u_trust",
+            None,
+            SslMode::Disable,
+            "scram-sha-256",
+            CbPrefer,
+            Err("did not ask the client to authenticate"),
+        ),
+        (
+            "u_trust",
+            None,
+            SslMode::Disable,
+            "none",
+            CbPrefer,
+            Ok(AuthMethod::Trust),
+        ),
+        (
+            "u_scram",
+            Some(SCRAM_PASSWORD),
+            SslMode::Disable,
+            "scram-sha-256",
+            CbPrefer,
+            Ok(AuthMethod::ScramSha256),
+        ),
+        (
+            "u_scram",
+            Some(SCRAM_PASSWORD),
+            SslMode::Require,
+            "scram-sha-256",
+            CbRequire,
+            Ok(AuthMethod::ScramSha256Plus),
+        ),
+        (
+            "u_scram",
+            Some(SCRAM_PASSWORD),
+            SslMode::Require,
+            "",
+            CbDisable,
+            Ok(AuthMethod::ScramSha256),
+        ),
+        (
+            "u_scram",
+            Some(SCRAM_PASSWORD),
+            SslMode::Disable,
+            "",
+            CbRequire,
+            Err("channel"),
+        ),
+        (
+            "u_md5",
+            Some(MD5_PASSWORD),
+            SslMode::Require,
+            "",
+            CbRequire,
+            Err("channel"),
+        ),
         ("u_trust", None, SslMode::Require, "", CbRequire, Err("channel")),
     ];
     for (user, password, mode, require, binding, expected) in cases {
@@ -938,10 +1023,15 @@ async fn require_auth_and_channel_binding() {
                 assert!(err.to_string().contains(text), "{label}: {err}");
                 let err = sql.map(|_| ()).unwrap_err();
                 assert!(
-                    err.to_string().contains(text) || (text == "channel" && err.to_string().contains("authentication error")),
+                    err.to_string().contains(text)
+                        || (text == "channel" && err.to_string().contains("authentication error")),
                     "SQL {label}: {err}"
                 );
-                assert_eq!(err.sqlstate(), None, "SQL {label}: refused by the client, not the server");
+                assert_eq!(
+                    err.sqlstate(),
+                    None,
+                    "SQL {label}: refused by the client, not the server"
+                );
             }
         }
     }

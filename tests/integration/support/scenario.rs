@@ -217,8 +217,8 @@ pub async fn assert_final_states(s: &Setup, relay: &RelayProcess) {
 /// `teardown` then `setup`: a fresh slot (and state schema), so what was written before is not in
 /// the stream and reaches appservices only through a backfill.
 pub fn recreate_slot(s: &Setup) {
-    for command in ["teardown", "setup"] {
-        let out = s.files.command(command, &[]);
+    for (command, args) in [("teardown", &[][..]), ("setup", &["--grant-to", RUN_ROLE][..])] {
+        let out = s.files.command(command, args);
         assert!(out.status.success(), "{command}: {}", text(&out));
     }
 }
