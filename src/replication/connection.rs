@@ -1161,6 +1161,33 @@ impl LogicalReplicationStream {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn keepalive_settings_reach_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let keepalives = Keepalives {
+            enabled: true,
+            idle: Some(std::time::Duration::from_secs(17)),
+            interval: Some(std::time::Duration::from_secs(4)),
+            count: Some(3),
+        };
+        set_keepalives(&tcp, &keepalives).unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), std::time::Duration::from_secs(17));
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            std::time::Duration::from_secs(4)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        let off = Keepalives {
+            enabled: false,
+            ..Keepalives::default()
+        };
+        set_keepalives(&tcp, &off).unwrap();
+        assert!(!socket.keepalive().unwrap());
+    }
     use super::*;
 
     fn message(tag: u8, body: &[u8]) -> Vec<u8> {

@@ -1065,3 +1065,88 @@ async fn connect_timeout_is_enforced() {
     assert!(started.elapsed() < Duration::from_secs(5));
     drop(listener);
 }
+
+/// libpq's `sslcert`/`sslkey`: a server with `cert` authentication admits the role only with
+/// its client certificate, on both kinds of connection.
+#[tokio::test]
+async fn client_certificates() {
+    let certs = TestCerts::generate(Digest::Sha256);
+    // The server reads the CA for client certificates from a directory it can reach.
+    let ca_dir = std::env::temp_dir().join(format!("relay-client-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let ca = ca_dir.join("ca.crt");
+    std::fs::copy(&certs.ca_cert, &ca).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = crate::support::own_local(
+        "local-client-cert",
+        LocalClusterOptions {
+            settings: vec![
+                ("listen_addresses".into(), "127.0.0.1".into()),
+                ("ssl_ca_file".into(), ca.display().to_string()),
+                ("shared_buffers".into(), "16MB".into()),
+            ],
+            hba_lines: vec!["hostssl all u_cert 127.0.0.0/8 cert".into()],
+            tls: Some(certs.server_tls()),
+            remove_with: vec![ca_dir.clone()],
+            ..Default::default()
+        },
+    );
+    cluster(server)
+        .psql("postgres", "CREATE ROLE u_cert LOGIN REPLICATION")
+        .unwrap();
+    let (cert, key) = certs.client_cert("u_cert");
+    let without = PgConnectionConfig {
+        ssl_root_cert: Some(certs.ca_cert.clone()),
+        ..config(server, "postgres", "u_cert", None, SslMode::VerifyFull)
+    };
+    let err = ReplicationConnection::connect(&without).await.unwrap_err();
+    assert_eq!(err.sqlstate(), Some("28000"), "{err}");
+    assert!(connect_sql(&without).await.is_err());
+    let with = PgConnectionConfig {
+        ssl_client_cert: Some(synapse_account_data_relay::pgconfig::ClientCert { cert, key }),
+        // Certificate authentication asks for nothing more.
+        require_auth: "none".parse().unwrap(),
+        ..without
+    };
+    let mut conn = ReplicationConnection::connect(&with).await.unwrap();
+    assert!(conn.is_tls());
+    assert_eq!(conn.auth_method_used(), AuthMethod::Trust);
+    assert_eq!(
+        conn.identify_system().await.unwrap().dbname.as_deref(),
+        Some("postgres")
+    );
+    conn.close().await;
+    let client = connect_sql(&with).await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, bool>(0), row.get::<_, Option<String>>(1)),
+        (true, Some("/CN=u_cert".to_owned()))
+    );
+}
+
+/// libpq's `options` reach the server's session on both kinds of connection.
+#[tokio::test]
+async fn options_reach_the_session() {
+    let s = tls_server();
+    let cfg = PgConnectionConfig {
+        options: Some("-c statement_timeout=4321".into()),
+        ..s.config("u_trust", None, SslMode::Require)
+    };
+    let mut conn = ReplicationConnection::connect(&cfg).await.unwrap();
+    assert_eq!(
+        conn.simple_query("SHOW statement_timeout").await.unwrap(),
+        vec![vec![Some("4321ms".to_owned())]]
+    );
+    conn.close().await;
+    let client = connect_sql(&cfg).await.unwrap();
+    let row = client.query_one("SHOW statement_timeout", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "4321ms");
+}
