@@ -4,6 +4,13 @@
 //! tokio-postgres itself only knows `disable`, `prefer` and `require`; `verify-ca` and
 //! `verify-full` are `require` plus the certificate checks of the rustls configuration. As with
 //! libpq (and the replication connection), TLS is never attempted over a Unix socket.
+//!
+//! The relay opens the socket itself (libpq's `keepalives*`, `connect_timeout` over the whole)
+//! and hands it to tokio-postgres (`connect_raw`) through an [`AuthGuard`], which enforces
+//! libpq's `require_auth` (tokio-postgres has no such setting): it follows the server's messages
+//! up to `AuthenticationOk` and fails the read of a forbidden request, so tokio-postgres never
+//! answers it with a password. `channel_binding` is tokio-postgres's own; the TLS session
+//! offers `tls-server-end-point` from [`crate::tls::tls_server_end_point`].
 
 use std::io;
 use std::pin::Pin;

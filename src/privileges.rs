@@ -289,6 +289,58 @@ pub async fn inspect_run_role(
     })
 }
 
+/// `sql/grant-run-role.sql`: the grants of `setup --grant-to synapse_relay` for the default
+/// names, for admins who apply SQL by hand (after `sql/setup.sql`).
+pub fn stock_grant_script() -> String {
+    let names = Names {
+        slot: crate::config::DEFAULT_NAME,
+        publication: crate::config::DEFAULT_NAME,
+        push_publication: crate::config::DEFAULT_PUSH_PUBLICATION,
+        state_schema: crate::config::DEFAULT_NAME,
+        failover_slot: false,
+    };
+    let role = RoleState {
+        name: "synapse_relay".into(),
+        exists: true,
+        replication: false,
+        superuser: false,
+        owns_synapse_tables: false,
+    };
+    let superuser = DatabaseState {
+        superuser: true,
+        ..DatabaseState::stock_synapse()
+    };
+    let mut out = String::from(
+        "-- synapse-account-data-relay: a role for `run` with only what it uses (generated; the same as\n\
+         -- `setup --grant-to synapse_relay`, which adapts to what it finds: prefer it). Run after setup.sql,\n\
+         -- as a superuser (ALTER ROLE ... REPLICATION needs one; the GRANTs need the tables' owner).\n\
+         -- First: CREATE ROLE synapse_relay LOGIN PASSWORD '...'; and a pg_hba.conf line for it.\n",
+    );
+    if let Ok(plan) = grant_plan(&superuser, names, &role) {
+        for step in plan.steps {
+            out.push_str(&format!("-- {}\n{}\n", step.description, step.sql));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod shipped_sql {
+    #[test]
+    fn the_grant_script_matches_the_plan() {
+        let script = super::stock_grant_script();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/grant-run-role.sql");
+        if std::env::var_os("RELAY_WRITE_SQL").is_some() {
+            std::fs::write(&path, &script).unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap_or_default(),
+            script,
+            "sql/grant-run-role.sql is stale: regenerate with RELAY_WRITE_SQL=1 cargo test --lib shipped_sql"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

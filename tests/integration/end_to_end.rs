@@ -22,8 +22,8 @@ async fn end_to_end_random_writes(server: &'static Server) {
         s.db.client
             .query_one(
                 "SELECT r.usename::text, s.rolsuper FROM pg_stat_replication r JOIN pg_roles s ON s.oid = r.usesysid \
-             WHERE r.application_name = 'synapse-account-data-relay'",
-                &[],
+                 JOIN pg_replication_slots sl ON sl.active_pid = r.pid WHERE sl.slot_name = $1",
+                &[&s.db.name],
             )
             .await
             .unwrap();
