@@ -5,8 +5,9 @@
 //! program uses ([`Settings`]: durations parsed, files read, the database connection resolved,
 //! the appservices to serve decided). Resolution order for each database setting: the relay
 //! config's `[postgres]`, then Synapse's `database.args`, then libpq's environment variables
-//! (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`),
-//! then libpq's defaults.
+//! (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`,
+//! `PGSSLCERT`, `PGSSLKEY`, `PGREQUIREAUTH`, `PGCHANNELBINDING`), then libpq's defaults
+//! (including `~/.postgresql/root.crt` as the default `sslrootcert`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,10 @@ use serde::Deserialize;
 
 use crate::delivery::state::RetentionBudget;
 use crate::model::Secret;
-use crate::pgconfig::{PgConnectionConfig, PgHost, SslMode};
-use crate::synapse::files::{HomeserverConfig, Registration, SynapseFileError};
+use crate::pgconfig::{
+    ChannelBindingMode, ClientCert, Keepalives, PgConnectionConfig, PgHost, RequireAuth, SYSTEM_ROOT_CERTS, SslMode,
+};
+use crate::synapse::files::{HomeserverConfig, IntOrString, Registration, SynapseFileError};
 
 /// Default slot and publication name.
 pub const DEFAULT_NAME: &str = "synapse_account_data_relay";
@@ -78,8 +81,17 @@ pub struct PostgresSection {
     pub dbname: Option<String>,
     pub sslmode: Option<String>,
     pub sslrootcert: Option<PathBuf>,
+    /// A client certificate (PEM) and its key, as libpq's `sslcert`/`sslkey`.
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
+    /// libpq's `require_auth`, e.g. `"scram-sha-256"`.
+    pub require_auth: Option<String>,
+    /// libpq's `channel_binding`: `disable`, `prefer` or `require`.
+    pub channel_binding: Option<String>,
     pub connect_timeout: Option<ConfigDuration>,
     pub application_name: Option<String>,
+    /// libpq's `options` (e.g. `"-c statement_timeout=0"`).
+    pub options: Option<String>,
 }
 
 /// `[replication]`.
@@ -831,6 +843,15 @@ pub fn resolve_postgres(
         .clone()
         .or_else(|| args.host.clone())
         .or_else(|| env("PGHOST"));
+    if let Some(h) = &host_text
+        && h.contains(',')
+    {
+        return Err(ConfigError::Other {
+            message: format!(
+                "database host {h:?} names several hosts: multi-host connection strings are not supported yet; name the primary"
+            ),
+        });
+    }
     let host = match host_text {
         Some(h) if h.starts_with('/') => PgHost::UnixSocketDir(h.into()),
         Some(h) if !h.is_empty() => PgHost::Tcp(h),
@@ -898,33 +919,191 @@ pub fn resolve_postgres(
         .or_else(|| args.database.clone())
         .or_else(|| env("PGDATABASE"))
         .unwrap_or_else(|| user.clone());
-    let sslmode_text = over
-        .sslmode
-        .clone()
-        .or_else(|| args.sslmode.clone())
-        .or_else(|| env("PGSSLMODE"));
-    let ssl_mode = match sslmode_text {
-        Some(s) => s
-            .parse::<SslMode>()
-            .map_err(|m| invalid(relay_path, "postgres.sslmode", m))?,
-        None => SslMode::default(),
+    // Each TLS and authentication setting with where it came from, for error messages.
+    let hs_file = db_file.display().to_string();
+    let relay_file = relay_path.display().to_string();
+    let from_relay = |key: &str| format!("`[postgres] {key}` in {relay_file}");
+    let from_synapse = |key: &str| format!("database.args.{key} in {hs_file}");
+    let pick = |relay: Option<String>, key: &str, synapse: Option<String>, env_name: &str| {
+        relay
+            .map(|v| (v, from_relay(key)))
+            .or_else(|| synapse.map(|v| (v, from_synapse(key))))
+            .or_else(|| env(env_name).map(|v| (v, format!("the environment variable {env_name}"))))
     };
-    let ssl_root_cert = over
-        .sslrootcert
-        .clone()
-        .or_else(|| args.sslrootcert.clone().map(PathBuf::from))
-        .or_else(|| env("PGSSLROOTCERT").map(PathBuf::from))
-        // libpq's `sslrootcert=system` means the system's trust roots.
-        .filter(|p| p.as_os_str() != "system");
+    let bad = |origin: &str, message: String| ConfigError::Other {
+        message: format!("{origin}: {message}"),
+    };
+    let sslmode_set = pick(over.sslmode.clone(), "sslmode", args.sslmode.clone(), "PGSSLMODE");
+    let rootcert_set = pick(
+        over.sslrootcert.as_ref().map(|p| p.display().to_string()),
+        "sslrootcert",
+        args.sslrootcert.clone(),
+        "PGSSLROOTCERT",
+    );
+    let explicit_mode = match &sslmode_set {
+        Some((text, origin)) => Some((text.parse::<SslMode>().map_err(|m| bad(origin, m))?, origin.clone())),
+        None => None,
+    };
+    let system_roots = rootcert_set.as_ref().is_some_and(|(v, _)| v == SYSTEM_ROOT_CERTS);
+    let ssl_mode = match (&explicit_mode, system_roots) {
+        // libpq 16+: sslrootcert=system makes verify-full the default and refuses weaker modes
+        // (any certificate for any name is easy to get from a public CA).
+        (None, true) => SslMode::VerifyFull,
+        (Some((mode, origin)), true) if *mode != SslMode::VerifyFull => {
+            return Err(bad(
+                origin,
+                format!(
+                    "weak sslmode {:?} may not be used with sslrootcert=system (use \"verify-full\"), as libpq refuses too",
+                    mode.as_str()
+                ),
+            ));
+        }
+        (Some((mode, _)), _) => *mode,
+        (None, false) => SslMode::default(),
+    };
+    let mode_origin = explicit_mode
+        .as_ref()
+        .map(|(_, o)| o.clone())
+        .unwrap_or_else(|| "the default".to_owned());
+    let ssl_root_cert = match &rootcert_set {
+        Some((value, _)) if value == SYSTEM_ROOT_CERTS => Some(PathBuf::from(SYSTEM_ROOT_CERTS)),
+        Some((value, origin)) => {
+            let path = PathBuf::from(value);
+            // libpq silently skips verification in `prefer`/`require` when the named file is
+            // missing; the relay refuses instead: whoever named a root file expects it used.
+            if ssl_mode != SslMode::Disable && !path.is_file() {
+                return Err(bad(
+                    origin,
+                    format!(
+                        "root certificate file {value:?} does not exist (sslmode={})",
+                        ssl_mode.as_str()
+                    ),
+                ));
+            }
+            Some(path)
+        }
+        None => {
+            // libpq's default root file, used when it exists (then `prefer` and `require`
+            // verify the chain too) and required by `verify-ca`/`verify-full`.
+            let default = env("HOME").map(|h| Path::new(&h).join(".postgresql/root.crt"));
+            match default {
+                Some(path) if path.is_file() && ssl_mode != SslMode::Disable => Some(path),
+                _ if matches!(ssl_mode, SslMode::VerifyCa | SslMode::VerifyFull) => {
+                    let shown = env("HOME")
+                        .map(|h| Path::new(&h).join(".postgresql/root.crt").display().to_string())
+                        .unwrap_or_else(|| "~/.postgresql/root.crt".to_owned());
+                    return Err(bad(
+                        &mode_origin,
+                        format!(
+                            "sslmode={} verifies the server's certificate, but no sslrootcert is set and the default \
+                             root certificate file {shown:?} does not exist. Either provide the file (sslrootcert), use \
+                             the system's trusted roots with sslrootcert=system (with verify-full), or change sslmode \
+                             to disable server certificate verification (as libpq)",
+                            ssl_mode.as_str()
+                        ),
+                    ));
+                }
+                _ => None,
+            }
+        }
+    };
+    let sslcert = pick(
+        over.sslcert.as_ref().map(|p| p.display().to_string()),
+        "sslcert",
+        args.sslcert.clone(),
+        "PGSSLCERT",
+    );
+    let sslkey = pick(
+        over.sslkey.as_ref().map(|p| p.display().to_string()),
+        "sslkey",
+        args.sslkey.clone(),
+        "PGSSLKEY",
+    );
+    let ssl_client_cert = match (sslcert, sslkey) {
+        (None, None) => None,
+        (Some((cert, _)), Some((key, _))) => Some(ClientCert {
+            cert: cert.into(),
+            key: key.into(),
+        }),
+        (Some((_, origin)), None) => {
+            return Err(bad(
+                &origin,
+                "sslcert is set without sslkey (the client certificate's key)".into(),
+            ));
+        }
+        (None, Some((_, origin))) => {
+            return Err(bad(
+                &origin,
+                "sslkey is set without sslcert (the client certificate)".into(),
+            ));
+        }
+    };
+    let require_auth = match pick(
+        over.require_auth.clone(),
+        "require_auth",
+        args.require_auth.clone(),
+        "PGREQUIREAUTH",
+    ) {
+        Some((text, origin)) => text.parse::<RequireAuth>().map_err(|m| bad(&origin, m))?,
+        None => RequireAuth::default(),
+    };
+    let channel_binding = match pick(
+        over.channel_binding.clone(),
+        "channel_binding",
+        args.channel_binding.clone(),
+        "PGCHANNELBINDING",
+    ) {
+        Some((text, origin)) => {
+            let mode = text.parse::<ChannelBindingMode>().map_err(|m| bad(&origin, m))?;
+            if mode == ChannelBindingMode::Require && ssl_mode == SslMode::Disable {
+                return Err(bad(
+                    &origin,
+                    "channel_binding=require needs TLS, but sslmode is \"disable\"".into(),
+                ));
+            }
+            mode
+        }
+        None => ChannelBindingMode::default(),
+    };
     let connect_timeout = match over.connect_timeout {
         Some(d) => d.0,
-        None => args
-            .connect_timeout
-            .as_ref()
-            .and_then(|t| t.as_text().trim().parse::<u64>().ok())
+        None => match &args.connect_timeout {
+            // libpq: 0 or negative means no timeout; the relay keeps its 10 s bound then.
+            Some(t) => match t.as_text().trim().parse::<i64>() {
+                Ok(secs) if secs > 0 => Duration::from_secs(secs.unsigned_abs()),
+                Ok(_) => Duration::from_secs(10),
+                Err(_) => {
+                    return Err(bad(
+                        &from_synapse("connect_timeout"),
+                        format!("{:?} is not a number of seconds", t.as_text()),
+                    ));
+                }
+            },
+            None => Duration::from_secs(10),
+        },
+    };
+    let seconds = |key: &str, v: &Option<IntOrString>| -> Result<Option<u64>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(v) => v
+                .as_text()
+                .trim()
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| bad(&from_synapse(key), format!("{:?} is not a whole number", v.as_text()))),
+        }
+    };
+    let keepalives = Keepalives {
+        enabled: seconds("keepalives", &args.keepalives)? != Some(0),
+        idle: seconds("keepalives_idle", &args.keepalives_idle)?
             .filter(|s| *s > 0)
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::from_secs(10)),
+            .map(Duration::from_secs),
+        interval: seconds("keepalives_interval", &args.keepalives_interval)?
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs),
+        count: seconds("keepalives_count", &args.keepalives_count)?
+            .filter(|s| *s > 0)
+            .map(|c| u32::try_from(c).unwrap_or(u32::MAX)),
     };
     Ok(PgConnectionConfig {
         host,
@@ -934,11 +1113,16 @@ pub fn resolve_postgres(
         dbname,
         ssl_mode,
         ssl_root_cert,
+        ssl_client_cert,
+        require_auth,
+        channel_binding,
         application_name: over
             .application_name
             .clone()
             .unwrap_or_else(|| "synapse-account-data-relay".into()),
         connect_timeout,
+        options: over.options.clone().or_else(|| args.options.clone()),
+        keepalives,
     })
 }
 
@@ -1142,7 +1326,8 @@ mod tests {
         std::fs::write(&pw, "from-file\n").unwrap();
         set_mode(&pw, 0o600);
         let relay: RelayConfig = toml::from_str(&format!(
-            "[postgres]\nuser = \"relay\"\nhost = \"127.0.0.1\"\npassword_file = \"{}\"\nsslmode = \"verify-full\"\n",
+            "[postgres]\nuser = \"relay\"\nhost = \"127.0.0.1\"\npassword_file = \"{}\"\nsslmode = \"verify-full\"\nsslrootcert = \"{}\"\n",
+            pw.display(),
             pw.display()
         ))
         .unwrap();
@@ -1227,6 +1412,231 @@ mod tests {
         assert_eq!(config_file_warning(&toml_path, &explicit), None);
         set_mode(&toml_path, 0o644);
         assert_eq!(config_file_warning(&toml_path, &RelayConfig::default()), None);
+    }
+
+    /// A homeserver.yaml with these extra `database.args` lines (YAML, indented by 4) and the
+    /// settings resolved from it, with `relay_toml` and the environment `env`.
+    fn resolve_with_args(args: &str, relay_toml: &str, env: &[(&str, String)]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("homeserver.yaml"),
+            format!(
+                "server_name: example.org\ndatabase:\n  name: psycopg2\n  args:\n    user: u\n    host: db.internal\n{args}"
+            ),
+        )
+        .unwrap();
+        let relay: RelayConfig = toml::from_str(relay_toml).unwrap();
+        let env = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        Settings::resolve(
+            &[dir.path().join("homeserver.yaml")],
+            &relay,
+            Path::new("relay.toml"),
+            &env,
+        )
+    }
+
+    fn error_text(r: Result<Settings, ConfigError>) -> String {
+        r.map(|s| format!("{:?}", s.postgres)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn verify_modes_need_a_root_file_as_in_libpq() {
+        let home = tempfile::tempdir().unwrap();
+        let env = [("HOME", home.path().display().to_string())];
+        // verify-ca / verify-full without sslrootcert and without ~/.postgresql/root.crt: refused,
+        // naming where sslmode came from.
+        for (args, relay, env_mode, origin) in [
+            ("    sslmode: verify-ca\n", "", None, "database.args.sslmode in "),
+            (
+                "",
+                "[postgres]\nsslmode = \"verify-full\"\n",
+                None,
+                "`[postgres] sslmode` in relay.toml",
+            ),
+            ("", "", Some("verify-ca"), "the environment variable PGSSLMODE"),
+        ] {
+            let mut env = env.to_vec();
+            if let Some(m) = env_mode {
+                env.push(("PGSSLMODE", m.to_owned()));
+            }
+            let text = error_text(resolve_with_args(args, relay, &env));
+            assert!(text.contains(origin), "{text}");
+            assert!(text.contains("root.crt\" does not exist"), "{text}");
+            assert!(text.contains("sslrootcert=system"), "{text}");
+        }
+        // With ~/.postgresql/root.crt present it is used: verify-ca works, and require and prefer
+        // verify the chain against it too.
+        std::fs::create_dir(home.path().join(".postgresql")).unwrap();
+        let default_root = home.path().join(".postgresql/root.crt");
+        std::fs::write(&default_root, "not read here").unwrap();
+        for mode in ["verify-ca", "require", "prefer"] {
+            let s = resolve_with_args(&format!("    sslmode: {mode}\n"), "", &env).unwrap();
+            assert_eq!(
+                s.postgres.ssl_root_cert.as_deref(),
+                Some(default_root.as_path()),
+                "{mode}"
+            );
+        }
+        // ... but not with sslmode=disable.
+        let s = resolve_with_args("    sslmode: disable\n", "", &env).unwrap();
+        assert_eq!(s.postgres.ssl_root_cert, None);
+    }
+
+    #[test]
+    fn an_explicit_root_file_is_used_in_every_mode_and_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ca.crt");
+        std::fs::write(&root, "x").unwrap();
+        for mode in ["require", "prefer", "verify-ca", "verify-full"] {
+            let s = resolve_with_args(
+                &format!("    sslmode: {mode}\n    sslrootcert: {}\n", root.display()),
+                "",
+                &[],
+            )
+            .unwrap();
+            assert_eq!(s.postgres.ssl_root_cert.as_deref(), Some(root.as_path()), "{mode}");
+        }
+        let text = error_text(resolve_with_args(
+            "    sslmode: require\n    sslrootcert: /nonexistent/ca.crt\n",
+            "",
+            &[],
+        ));
+        assert!(text.contains("database.args.sslrootcert in "), "{text}");
+        assert!(text.contains("\"/nonexistent/ca.crt\" does not exist"), "{text}");
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full() {
+        let s = resolve_with_args("    sslrootcert: system\n", "", &[]).unwrap();
+        assert_eq!(s.postgres.ssl_mode, SslMode::VerifyFull);
+        assert_eq!(s.postgres.ssl_root_cert.as_deref(), Some(Path::new("system")));
+        for mode in ["require", "verify-ca", "prefer"] {
+            let text = error_text(resolve_with_args(
+                &format!("    sslmode: {mode}\n    sslrootcert: system\n"),
+                "",
+                &[],
+            ));
+            assert!(
+                text.contains(&format!(
+                    "weak sslmode \"{mode}\" may not be used with sslrootcert=system"
+                )),
+                "{text}"
+            );
+            assert!(text.contains("database.args.sslmode in "), "{text}");
+        }
+        let s = resolve_with_args("    sslmode: verify-full\n    sslrootcert: system\n", "", &[]).unwrap();
+        assert_eq!(s.postgres.ssl_mode, SslMode::VerifyFull);
+    }
+
+    #[test]
+    fn require_auth_channel_binding_and_client_certs() {
+        use crate::pgconfig::AuthRequest;
+        let s = resolve_with_args(
+            "    require_auth: scram-sha-256\n    channel_binding: require\n    sslmode: require\n    sslcert: /c.crt\n    sslkey: /c.key\n",
+            "",
+            &[],
+        )
+        .unwrap();
+        assert!(s.postgres.require_auth.allows(AuthRequest::ScramSha256));
+        assert!(!s.postgres.require_auth.allows(AuthRequest::Password));
+        assert_eq!(s.postgres.channel_binding, ChannelBindingMode::Require);
+        assert_eq!(
+            s.postgres.ssl_client_cert,
+            Some(ClientCert {
+                cert: "/c.crt".into(),
+                key: "/c.key".into()
+            })
+        );
+        // The relay's config wins over database.args, the environment comes last.
+        let s = resolve_with_args(
+            "    require_auth: password\n",
+            "[postgres]\nrequire_auth = \"!password,!md5\"\n",
+            &[("PGCHANNELBINDING", "disable".into())],
+        )
+        .unwrap();
+        assert!(!s.postgres.require_auth.allows(AuthRequest::Md5));
+        assert!(s.postgres.require_auth.allows(AuthRequest::None));
+        assert_eq!(s.postgres.channel_binding, ChannelBindingMode::Disable);
+        for (args, relay, expected) in [
+            (
+                "    require_auth: scram-sha-256,!md5\n",
+                "",
+                "database.args.require_auth in ",
+            ),
+            (
+                "",
+                "[postgres]\nrequire_auth = \"kerberos\"\n",
+                "`[postgres] require_auth` in relay.toml",
+            ),
+            (
+                "    channel_binding: always\n",
+                "",
+                "unknown channel_binding \"always\"",
+            ),
+            (
+                "    channel_binding: require\n    sslmode: disable\n",
+                "",
+                "channel_binding=require needs TLS",
+            ),
+            ("    sslcert: /c.crt\n", "", "sslcert is set without sslkey"),
+        ] {
+            let text = error_text(resolve_with_args(args, relay, &[]));
+            assert!(text.contains(expected), "{args} {relay}: {text}");
+        }
+    }
+
+    #[test]
+    fn database_args_are_honoured_or_refused_never_dropped() {
+        // Honoured: keepalives, options, connect_timeout; Twisted's pool settings are ignored.
+        let s = resolve_with_args(
+            "    cp_min: 5\n    cp_max: 10\n    keepalives_idle: 10\n    keepalives_interval: 5\n    keepalives_count: 3\n    options: -c statement_timeout=0\n    connect_timeout: 7\n    application_name: synapse\n    gssencmode: disable\n    client_encoding: UTF8\n",
+            "",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            s.postgres.keepalives,
+            Keepalives {
+                enabled: true,
+                idle: Some(Duration::from_secs(10)),
+                interval: Some(Duration::from_secs(5)),
+                count: Some(3),
+            }
+        );
+        assert_eq!(s.postgres.options.as_deref(), Some("-c statement_timeout=0"));
+        assert_eq!(s.postgres.connect_timeout, Duration::from_secs(7));
+        assert_eq!(s.postgres.application_name, "synapse-account-data-relay");
+        let s = resolve_with_args("    keepalives: 0\n", "", &[]).unwrap();
+        assert!(!s.postgres.keepalives.enabled);
+        // Refused, naming the key and the file.
+        for (args, expected) in [
+            (
+                "    passfile: /x/.pgpass\n",
+                "passfile: this libpq setting is not supported",
+            ),
+            (
+                "    target_session_attrs: read-write\n",
+                "target_session_attrs: only \"any\" is supported",
+            ),
+            ("    sslcrl: /x.crl\n", "sslcrl: this libpq setting is not supported"),
+            ("    gssencmode: require\n", "gssencmode: only"),
+            ("    sslmod: require\n", "sslmod: not a libpq connection setting"),
+            (
+                "    host: a.internal,b.internal\n",
+                "multi-host connection strings are not supported yet",
+            ),
+            ("    keepalives_idle: soon\n", "database.args.keepalives_idle in "),
+            ("    connect_timeout: soon\n", "database.args.connect_timeout in "),
+        ] {
+            let text = error_text(resolve_with_args(args, "", &[]));
+            assert!(text.contains(expected), "{args}: {text}");
+            assert!(text.contains("homeserver.yaml"), "{args}: {text}");
+        }
+        let text = error_text(resolve_with_args("", "[postgres]\nhost = \"a,b\"\n", &[]));
+        assert!(
+            text.contains("multi-host connection strings are not supported yet"),
+            "{text}"
+        );
     }
 
     #[test]

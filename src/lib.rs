@@ -22,6 +22,7 @@ pub mod ops;
 pub mod pgconfig;
 pub mod pipeline;
 pub mod postgres_sql;
+pub mod privileges;
 pub mod provision;
 pub mod redact;
 pub mod replication;

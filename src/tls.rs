@@ -6,13 +6,14 @@
 //!
 //! | sslmode     | chain verified              | host name checked |
 //! |-------------|-----------------------------|-------------------|
-//! | prefer      | no (handshake signatures only) | no             |
-//! | require     | no (handshake signatures only) | no             |
-//! | verify-ca   | yes                         | no                |
-//! | verify-full | yes                         | yes               |
+//! | prefer      | only with `sslrootcert` set    | no             |
+//! | require     | only with `sslrootcert` set    | no             |
+//! | verify-ca   | yes (`sslrootcert` required)   | no             |
+//! | verify-full | yes (`sslrootcert` required)   | yes            |
 //!
-//! Roots come from `ssl_root_cert` (a PEM file) or, when it is `None`, from the system's trust
-//! store (rustls-native-certs).
+//! Without chain verification, handshake signatures are still checked. Roots come from
+//! `ssl_root_cert` (a PEM file) or, when it is `system`, from the system's trust store
+//! (rustls-native-certs), as libpq's `sslrootcert`.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -22,12 +23,12 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::{WebPkiServerVerifier, verify_server_cert_signed_by_trust_anchor};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::Digest;
 
-use crate::pgconfig::{PgConnectionConfig, SslMode};
+use crate::pgconfig::{ClientCert, PgConnectionConfig, SYSTEM_ROOT_CERTS, SslMode};
 
 /// Why a TLS client configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,10 @@ pub enum TlsConfigError {
     NoRootCertificates { source_name: String },
     #[error("cannot set up TLS: {0}")]
     Rustls(String),
+    #[error("sslmode={mode} needs root certificates to verify the server against (sslrootcert), and none is set")]
+    NoRootFile { mode: &'static str },
+    #[error("cannot use the client certificate or key {path}: {reason}")]
+    ClientCert { path: PathBuf, reason: String },
     #[error("host {host:?} is not a valid name for TLS certificate verification: {reason}")]
     InvalidServerName { host: String, reason: String },
 }
@@ -49,39 +54,87 @@ pub fn ring_provider() -> Arc<CryptoProvider> {
 
 /// The rustls client configuration for `cfg.ssl_mode` (`None` for `disable`).
 pub fn client_config_for(cfg: &PgConnectionConfig) -> Result<Option<Arc<ClientConfig>>, TlsConfigError> {
-    client_config(cfg.ssl_mode, cfg.ssl_root_cert.as_deref())
+    client_config(cfg.ssl_mode, cfg.ssl_root_cert.as_deref(), cfg.ssl_client_cert.as_ref())
 }
 
-/// The rustls client configuration for `mode` (`None` for `disable`). `root_cert` is only read for
-/// `verify-ca` and `verify-full`; `None` there means the system's trust store.
-pub fn client_config(mode: SslMode, root_cert: Option<&Path>) -> Result<Option<Arc<ClientConfig>>, TlsConfigError> {
+/// The rustls client configuration for `mode` (`None` for `disable`), as libpq:
+/// - with `root_cert` set, the chain is verified against it in every mode (`prefer` and
+///   `require` then behave as `verify-ca`); [`SYSTEM_ROOT_CERTS`] means the system's trust store;
+/// - without, `prefer` and `require` accept any certificate, and `verify-ca`/`verify-full` are
+///   refused (libpq would look for `~/.postgresql/root.crt`; the caller resolves that default).
+///
+/// `client_cert` is presented when the server asks for a client certificate.
+pub fn client_config(
+    mode: SslMode,
+    root_cert: Option<&Path>,
+    client_cert: Option<&ClientCert>,
+) -> Result<Option<Arc<ClientConfig>>, TlsConfigError> {
     let provider = ring_provider();
     let algorithms = provider.signature_verification_algorithms;
-    let verifier: Arc<dyn ServerCertVerifier> = match mode {
-        SslMode::Disable => return Ok(None),
-        SslMode::Prefer | SslMode::Require => Arc::new(NoHostNameVerifier {
-            roots: None,
-            algorithms,
-        }),
-        SslMode::VerifyCa => Arc::new(NoHostNameVerifier {
-            roots: Some(Arc::new(load_roots(root_cert)?)),
-            algorithms,
-        }),
-        SslMode::VerifyFull => {
-            WebPkiServerVerifier::builder_with_provider(Arc::new(load_roots(root_cert)?), provider.clone())
-                .build()
-                .map_err(|e| TlsConfigError::Rustls(e.to_string()))?
+    if mode == SslMode::Disable {
+        return Ok(None);
+    }
+    let roots = match root_cert {
+        Some(path) => Some(Arc::new(load_roots(path)?)),
+        None if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) => {
+            return Err(TlsConfigError::NoRootFile { mode: mode.as_str() });
         }
+        None => None,
     };
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
+        (SslMode::VerifyFull, Some(roots)) => WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| TlsConfigError::Rustls(e.to_string()))?,
+        (_, roots) => Arc::new(NoHostNameVerifier { roots, algorithms }),
+    };
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsConfigError::Rustls(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some(c) => {
+            let (chain, key) = load_client_cert(c)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsConfigError::ClientCert {
+                    path: c.key.clone(),
+                    reason: e.to_string(),
+                })?
+        }
+    };
     // What libpq 17 sends; servers without ALPN support ignore it.
     config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(Some(Arc::new(config)))
+}
+
+fn load_client_cert(c: &ClientCert) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsConfigError> {
+    let chain = CertificateDer::pem_file_iter(&c.cert)
+        .map_err(|e| TlsConfigError::ClientCert {
+            path: c.cert.clone(),
+            reason: e.to_string(),
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsConfigError::ClientCert {
+            path: c.cert.clone(),
+            reason: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsConfigError::ClientCert {
+            path: c.cert.clone(),
+            reason: "no PEM certificate in the file".into(),
+        });
+    }
+    // The key's own errors never quote the key.
+    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| TlsConfigError::ClientCert {
+        path: c.key.clone(),
+        reason: match e {
+            rustls::pki_types::pem::Error::Io(io) => io.to_string(),
+            _ => "not a PEM private key (PKCS#8, PKCS#1 or SEC1)".into(),
+        },
+    })?;
+    Ok((chain, key))
 }
 
 /// The name given to rustls for `host` (and sent as SNI when it is a DNS name).
@@ -100,9 +153,9 @@ pub fn server_name(host: &str, mode: SslMode) -> Result<ServerName<'static>, Tls
     }
 }
 
-fn load_roots(root_cert: Option<&Path>) -> Result<RootCertStore, TlsConfigError> {
+fn load_roots(root_cert: &Path) -> Result<RootCertStore, TlsConfigError> {
     let mut roots = RootCertStore::empty();
-    let source_name = match root_cert {
+    let source_name = match Some(root_cert).filter(|p| p.as_os_str() != SYSTEM_ROOT_CERTS) {
         Some(path) => {
             let file_error = |reason: String| TlsConfigError::RootCertFile {
                 path: path.to_owned(),
@@ -349,12 +402,30 @@ mod tests {
 
     #[test]
     fn builds_configs_for_every_mode() {
-        assert!(client_config(SslMode::Disable, None).unwrap().is_none());
-        assert!(client_config(SslMode::Prefer, None).unwrap().is_some());
-        assert!(client_config(SslMode::Require, None).unwrap().is_some());
+        assert!(client_config(SslMode::Disable, None, None).unwrap().is_none());
+        assert!(client_config(SslMode::Prefer, None, None).unwrap().is_some());
+        assert!(client_config(SslMode::Require, None, None).unwrap().is_some());
         let missing = Path::new("/nonexistent/root.crt");
-        let err = client_config(SslMode::VerifyCa, Some(missing)).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/root.crt"), "{err}");
+        for mode in [
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
+            // The root file is read whenever it is set, as libpq does.
+            let err = client_config(mode, Some(missing), None).unwrap_err();
+            assert!(err.to_string().contains("/nonexistent/root.crt"), "{mode:?}: {err}");
+        }
+        for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
+            let err = client_config(mode, None, None).unwrap_err();
+            assert!(matches!(err, TlsConfigError::NoRootFile { .. }), "{mode:?}: {err}");
+        }
+        let cert = ClientCert {
+            cert: missing.to_owned(),
+            key: missing.to_owned(),
+        };
+        let err = client_config(SslMode::Require, None, Some(&cert)).unwrap_err();
+        assert!(matches!(err, TlsConfigError::ClientCert { .. }), "{err}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 
 use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
 use crate::config::{Settings, process_env, resolve_postgres};
+use crate::pgconfig::{PgConnectionConfig, SslMode};
 use crate::provision::{Names, Severity, inspect, problems};
-use crate::replication::connection::ReplicationConnection;
+use crate::replication::connection::{AuthMethod, ReplicationConnection};
 use crate::routing::{AppserviceInterest, Router};
 use crate::synapse::files::{HomeserverConfig, Registration};
 
@@ -155,6 +156,24 @@ pub async fn check(args: &CheckArgs) -> u8 {
                 }
                 Err(e) => r.fail(e),
             }
+            match crate::privileges::inspect_run_role(&client, names).await {
+                Ok(role) => {
+                    let found = crate::privileges::run_role_problems(&role, names);
+                    for p in &found {
+                        match p.severity {
+                            Severity::Warning => r.warn(&p.message),
+                            _ => r.fail(&p.message),
+                        }
+                    }
+                    if found.is_empty() {
+                        r.ok(format!(
+                            "role {:?} holds what `run` needs and no more (not a superuser, owns none of Synapse's tables)",
+                            role.name
+                        ));
+                    }
+                }
+                Err(e) => r.fail(e),
+            }
         }
         Err(e) => r.fail(format!("cannot connect to PostgreSQL: {e}")),
     }
@@ -162,9 +181,15 @@ pub async fn check(args: &CheckArgs) -> u8 {
         Ok(mut conn) => match conn.identify_system().await {
             Ok(id) => {
                 r.ok(format!(
-                    "replication connection works (IDENTIFY_SYSTEM: timeline {}, WAL at {})",
-                    id.timeline, id.xlogpos
+                    "replication connection works (IDENTIFY_SYSTEM: timeline {}, WAL at {}; {}, authenticated by {})",
+                    id.timeline,
+                    id.xlogpos,
+                    if conn.is_tls() { "TLS" } else { "no TLS" },
+                    conn.auth_method_used()
                 ));
+                if let Some(w) = cleartext_password_warning(&pg, conn.auth_method_used(), conn.is_tls()) {
+                    r.warn(w);
+                }
                 conn.close().await;
             }
             Err(e) => r.fail(format!("replication connection: {e}")),
@@ -177,5 +202,54 @@ pub async fn check(args: &CheckArgs) -> u8 {
     } else {
         println!("everything is ready");
         0
+    }
+}
+
+/// A warning when the server asked for the password in cleartext (pg_hba `password`) over a
+/// connection whose peer was not verified: whoever sits in between can read it.
+pub fn cleartext_password_warning(pg: &PgConnectionConfig, method: AuthMethod, tls: bool) -> Option<String> {
+    if method != AuthMethod::Cleartext {
+        return None;
+    }
+    let verified = tls && pg.ssl_root_cert.is_some() && pg.ssl_mode == SslMode::VerifyFull;
+    if verified {
+        return None;
+    }
+    let how = if !tls {
+        "without TLS".to_owned()
+    } else {
+        format!(
+            "over TLS whose certificate is not fully verified (sslmode={}{})",
+            pg.ssl_mode.as_str(),
+            if pg.ssl_root_cert.is_none() {
+                ", no sslrootcert"
+            } else {
+                ""
+            }
+        )
+    };
+    Some(format!(
+        "the server asked for the password in cleartext (pg_hba method `password`) {how}: anyone in between can read it. \
+         Use scram-sha-256 in pg_hba.conf (and require_auth = \"scram-sha-256\"), or sslmode=verify-full with sslrootcert"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_about_cleartext_passwords_on_unverified_connections() {
+        let mut pg = PgConnectionConfig::new(crate::pgconfig::PgHost::Tcp("db".into()), 5432, "u", "d");
+        assert!(cleartext_password_warning(&pg, AuthMethod::ScramSha256, false).is_none());
+        assert!(cleartext_password_warning(&pg, AuthMethod::Md5, false).is_none());
+        let w = cleartext_password_warning(&pg, AuthMethod::Cleartext, false).unwrap();
+        assert!(w.contains("without TLS"), "{w}");
+        pg.ssl_mode = SslMode::Require;
+        let w = cleartext_password_warning(&pg, AuthMethod::Cleartext, true).unwrap();
+        assert!(w.contains("sslmode=require, no sslrootcert"), "{w}");
+        pg.ssl_mode = SslMode::VerifyFull;
+        pg.ssl_root_cert = Some("/etc/ssl/ca.crt".into());
+        assert!(cleartext_password_warning(&pg, AuthMethod::Cleartext, true).is_none());
     }
 }

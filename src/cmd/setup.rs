@@ -1,13 +1,15 @@
 //! `setup`: check the server and prepare it (replica identity, publication, slot). Idempotent.
 
 use crate::cmd::{ConfigArgs, EXIT_FAILURE, connect_and_inspect};
+use crate::privileges::{GrantPlan, grant_plan, inspect_role};
 use crate::provision::{Severity, execute_plan, inspect, plan_to_sql, problems, setup_plan};
 
 /// Check the server and prepare it for the relay.
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Example:\n  synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml\n  \
-synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml --dry-run > setup.sql"
+synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml --dry-run > setup.sql\n  \
+synapse-account-data-relay setup --synapse-config /etc/matrix-synapse/homeserver.yaml --grant-to synapse_relay"
 )]
 pub struct SetupArgs {
     #[command(flatten)]
@@ -15,6 +17,12 @@ pub struct SetupArgs {
     /// Print the SQL that would run, and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also grant ROLE what `run` needs and no more (REPLICATION, SELECT on the account-data
+    /// tables, its state schema), so that `run` need not use the role owning Synapse's tables.
+    /// The role must exist; REPLICATION is granted only when setup runs as a superuser (else the
+    /// statement is printed).
+    #[arg(long, value_name = "ROLE")]
+    pub grant_to: Option<String>,
 }
 
 pub async fn setup(args: &SetupArgs) -> u8 {
@@ -33,7 +41,34 @@ pub async fn setup(args: &SetupArgs) -> u8 {
             return EXIT_FAILURE;
         }
     };
+    let grants = match &args.grant_to {
+        None => None,
+        Some(role) => {
+            let target = match inspect_role(&client, role).await {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_FAILURE;
+                }
+            };
+            match grant_plan(&state, names, &target) {
+                Ok(g) => Some(g),
+                Err(problem) => {
+                    eprintln!("setup cannot continue; nothing was changed:\n  - {problem}");
+                    return EXIT_FAILURE;
+                }
+            }
+        }
+    };
     if args.dry_run {
+        if let Some(g) = &grants {
+            // After the setup steps: the state schema they create is granted on.
+            let mut all = plan.clone();
+            all.extend(g.steps.iter().cloned());
+            print_dry_run(&state.database, &all);
+            print_grant_notes(g, "--");
+            return 0;
+        }
         if plan.is_empty() {
             println!("-- nothing to do: database {:?} is ready for the relay", state.database);
         } else {
@@ -67,6 +102,16 @@ pub async fn setup(args: &SetupArgs) -> u8 {
             println!("done: {}", step.description);
         }
     }
+    if let Some(g) = &grants {
+        if let Err(e) = execute_plan(&mut client, &g.steps).await {
+            eprintln!("error: {e}");
+            return EXIT_FAILURE;
+        }
+        for step in &g.steps {
+            println!("done: {}", step.description);
+        }
+        print_grant_notes(g, "");
+    }
     match inspect(&client, names).await {
         Ok(after) => {
             let left: Vec<_> = problems(&after, names).into_iter().collect();
@@ -83,4 +128,23 @@ pub async fn setup(args: &SetupArgs) -> u8 {
         }
     }
     0
+}
+
+fn print_dry_run(database: &str, plan: &[crate::provision::PlanStep]) {
+    println!("-- synapse-account-data-relay setup for database {database:?} (dry run)");
+    print!("{}", plan_to_sql(plan));
+}
+
+/// What `--grant-to` could not do itself, and what it noticed; `prefix` makes them SQL comments.
+fn print_grant_notes(g: &GrantPlan, prefix: &str) {
+    let lead = if prefix.is_empty() { "" } else { "-- " };
+    if !g.for_a_superuser.is_empty() {
+        println!("{lead}as a superuser, also run:");
+        for sql in &g.for_a_superuser {
+            println!("{lead}  {sql}");
+        }
+    }
+    for w in &g.warnings {
+        println!("{lead}warning: {w}");
+    }
 }

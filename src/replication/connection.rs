@@ -37,7 +37,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::error::{ReplicationError, ServerError};
 use crate::model::{Lsn, Secret};
-use crate::pgconfig::{PgConnectionConfig, PgHost, SslMode};
+use crate::pgconfig::{AuthRequest, ChannelBindingMode, Keepalives, PgConnectionConfig, PgHost, SslMode};
 use crate::tls;
 
 /// Length of a backend message header: the tag byte and the big-endian `i32` length (which counts
@@ -676,13 +676,16 @@ impl ReplicationConnection {
         let (stream, end_point) = open_stream(cfg, &target).await?;
         let tls = matches!(stream, PgStream::Tls(_));
         let mut io = PgIo::new(stream, target);
-        let parameters = [
+        let mut parameters = vec![
             ("user", cfg.user.as_str()),
             ("database", cfg.dbname.as_str()),
             ("replication", "database"),
             ("application_name", cfg.application_name.as_str()),
             ("client_encoding", "UTF8"),
         ];
+        if let Some(options) = cfg.options.as_deref() {
+            parameters.push(("options", options));
+        }
         io.queue("sending the startup message", |buf| {
             frontend::startup_message(parameters, buf)
         })?;
@@ -915,6 +918,7 @@ async fn open_stream(cfg: &PgConnectionConfig, target: &str) -> Result<(PgStream
         .await
         .map_err(|e| io_error("connecting", e))?;
     tcp.set_nodelay(true).map_err(|e| io_error("connecting", e))?;
+    set_keepalives(&tcp, &cfg.keepalives).map_err(|e| io_error("connecting", e))?;
     let Some(tls_config) = tls::client_config_for(cfg).map_err(|e| tls_error(e.to_string()))? else {
         return Ok((PgStream::Tcp(tcp), None));
     };
@@ -972,6 +976,58 @@ async fn open_stream(cfg: &PgConnectionConfig, target: &str) -> Result<(PgStream
     Ok((PgStream::Tls(Box::new(stream)), end_point))
 }
 
+/// Applies libpq's `keepalives*` settings to a TCP socket.
+pub fn set_keepalives(tcp: &TcpStream, keepalives: &Keepalives) -> io::Result<()> {
+    let socket = socket2::SockRef::from(tcp);
+    if !keepalives.enabled {
+        return socket.set_keepalive(false);
+    }
+    let mut params = socket2::TcpKeepalive::new();
+    if let Some(idle) = keepalives.idle {
+        params = params.with_time(idle);
+    }
+    if let Some(interval) = keepalives.interval {
+        params = params.with_interval(interval);
+    }
+    if let Some(count) = keepalives.count {
+        params = params.with_retries(count);
+    }
+    socket.set_tcp_keepalive(&params)
+}
+
+/// Checks an authentication request of the server against `require_auth` and
+/// `channel_binding`, before anything (a password) is sent in reply. `method` is what has been
+/// used so far (for `AuthenticationOk`).
+fn check_auth_request(cfg: &PgConnectionConfig, request: AuthRequest, method: AuthMethod) -> Result<(), String> {
+    // AuthenticationOk after a password exchange is the end of that exchange, not a request.
+    let request = match (request, method) {
+        (AuthRequest::None, AuthMethod::Trust) => AuthRequest::None,
+        (AuthRequest::None, _) => {
+            return if cfg.channel_binding == ChannelBindingMode::Require && method != AuthMethod::ScramSha256Plus {
+                Err("channel_binding=require, but the server authenticated the client without channel binding".into())
+            } else {
+                Ok(())
+            };
+        }
+        (request, _) => request,
+    };
+    if !cfg.require_auth.allows(request) {
+        return Err(cfg.require_auth.refusal(request));
+    }
+    if cfg.channel_binding == ChannelBindingMode::Require && request != AuthRequest::ScramSha256 {
+        return Err(format!(
+            "channel_binding=require, but the server asked for {} authentication, which has no channel binding{}",
+            request.as_str(),
+            if request == AuthRequest::None {
+                ""
+            } else {
+                " (no password was sent)"
+            }
+        ));
+    }
+    Ok(())
+}
+
 /// The password for `method`, or an error saying the server asked for one and none is configured
 /// (an empty password counts as none, as in libpq).
 fn require_password<'a>(
@@ -1009,6 +1065,24 @@ async fn authenticate(
         let Backend::Message(message) = backend else {
             return Err(io.unexpected(action, tag));
         };
+        let request = match &message {
+            Message::AuthenticationOk => Some(AuthRequest::None),
+            Message::AuthenticationCleartextPassword => Some(AuthRequest::Password),
+            Message::AuthenticationMd5Password(_) => Some(AuthRequest::Md5),
+            Message::AuthenticationSasl(_) => Some(AuthRequest::ScramSha256),
+            Message::AuthenticationKerberosV5 | Message::AuthenticationGss => Some(AuthRequest::Gss),
+            Message::AuthenticationSspi => Some(AuthRequest::Sspi),
+            _ => None,
+        };
+        if let Some(request) = request
+            && let Err(reason) = check_auth_request(cfg, request, method)
+        {
+            return Err(ReplicationError::Auth {
+                target: io.target.clone(),
+                method: request.as_str(),
+                reason,
+            });
+        }
         match message {
             Message::AuthenticationOk => {
                 if scram.is_some() && !scram_verified {
@@ -1041,7 +1115,25 @@ async fn authenticate(
                     .mechanisms()
                     .collect()
                     .map_err(|e| io.protocol_error(action, format!("malformed AuthenticationSASL: {e}")))?;
-                let (mechanism, binding) = match choose_sasl_mechanism(&offered, end_point) {
+                let end_point = end_point.filter(|_| cfg.channel_binding != ChannelBindingMode::Disable);
+                let choice = choose_sasl_mechanism(&offered, end_point);
+                if cfg.channel_binding == ChannelBindingMode::Require
+                    && !matches!(choice, Some(SaslChoice::ScramSha256Plus(_)))
+                {
+                    return Err(ReplicationError::Auth {
+                        target: io.target.clone(),
+                        method: "SASL",
+                        reason: format!(
+                            "channel_binding=require, but {} (no password was sent)",
+                            if end_point.is_none() {
+                                "the TLS connection offers no usable channel binding (no TLS, or a certificate without a defined hash)"
+                            } else {
+                                "the server did not offer SCRAM-SHA-256-PLUS"
+                            }
+                        ),
+                    });
+                }
+                let (mechanism, binding) = match choice {
                     Some(SaslChoice::ScramSha256Plus(hash)) => {
                         method = AuthMethod::ScramSha256Plus;
                         (sasl::SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(hash))
@@ -1195,6 +1287,33 @@ impl LogicalReplicationStream {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn keepalive_settings_reach_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let keepalives = Keepalives {
+            enabled: true,
+            idle: Some(std::time::Duration::from_secs(17)),
+            interval: Some(std::time::Duration::from_secs(4)),
+            count: Some(3),
+        };
+        set_keepalives(&tcp, &keepalives).unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), std::time::Duration::from_secs(17));
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            std::time::Duration::from_secs(4)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        let off = Keepalives {
+            enabled: false,
+            ..Keepalives::default()
+        };
+        set_keepalives(&tcp, &off).unwrap();
+        assert!(!socket.keepalive().unwrap());
+    }
     use super::*;
 
     fn message(tag: u8, body: &[u8]) -> Vec<u8> {

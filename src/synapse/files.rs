@@ -102,8 +102,11 @@ impl IntOrString {
 }
 
 /// `database.args`: psycopg2's connection keywords (libpq's names; `database` is psycopg2's alias
-/// of `dbname`).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+/// of `dbname`). The keys the relay uses are fields; every other key is kept in `other` and
+/// checked by [`DatabaseArgs::unsupported`], so that none is silently dropped. Read as a mapping
+/// first (so duplicate keys keep the last value, as PyYAML), numbers and strings alike as psycopg2
+/// takes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DatabaseArgs {
     pub user: Option<String>,
     pub password: Option<Secret>,
@@ -113,7 +116,220 @@ pub struct DatabaseArgs {
     pub port: Option<IntOrString>,
     pub sslmode: Option<String>,
     pub sslrootcert: Option<String>,
+    pub sslcert: Option<String>,
+    pub sslkey: Option<String>,
+    pub require_auth: Option<String>,
+    pub channel_binding: Option<String>,
     pub connect_timeout: Option<IntOrString>,
+    pub options: Option<String>,
+    pub keepalives: Option<IntOrString>,
+    pub keepalives_idle: Option<IntOrString>,
+    pub keepalives_interval: Option<IntOrString>,
+    pub keepalives_count: Option<IntOrString>,
+    /// Every other key with its value.
+    pub other: BTreeMap<String, ArgValue>,
+}
+
+impl<'de> Deserialize<'de> for DatabaseArgs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map: Option<BTreeMap<String, Option<ArgValue>>> = Option::deserialize(d)?;
+        // `key: null` is as good as absent.
+        let mut map: BTreeMap<String, ArgValue> = map
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        fn take<E: serde::de::Error>(map: &mut BTreeMap<String, ArgValue>, key: &str) -> Result<Option<String>, E> {
+            match map.remove(key) {
+                None => Ok(None),
+                // Never quote the value: it may be the password.
+                Some(v) => v
+                    .as_text()
+                    .map(Some)
+                    .ok_or_else(|| E::custom(format!("database.args.{key} must be a string or a number"))),
+            }
+        }
+        let m = &mut map;
+        Ok(DatabaseArgs {
+            user: take::<D::Error>(m, "user")?,
+            password: take::<D::Error>(m, "password")?.map(Secret::new),
+            dbname: take::<D::Error>(m, "dbname")?,
+            database: take::<D::Error>(m, "database")?,
+            host: take::<D::Error>(m, "host")?,
+            port: take::<D::Error>(m, "port")?.map(IntOrString::String),
+            sslmode: take::<D::Error>(m, "sslmode")?,
+            sslrootcert: take::<D::Error>(m, "sslrootcert")?,
+            sslcert: take::<D::Error>(m, "sslcert")?,
+            sslkey: take::<D::Error>(m, "sslkey")?,
+            require_auth: take::<D::Error>(m, "require_auth")?,
+            channel_binding: take::<D::Error>(m, "channel_binding")?,
+            connect_timeout: take::<D::Error>(m, "connect_timeout")?.map(IntOrString::String),
+            options: take::<D::Error>(m, "options")?,
+            keepalives: take::<D::Error>(m, "keepalives")?.map(IntOrString::String),
+            keepalives_idle: take::<D::Error>(m, "keepalives_idle")?.map(IntOrString::String),
+            keepalives_interval: take::<D::Error>(m, "keepalives_interval")?.map(IntOrString::String),
+            keepalives_count: take::<D::Error>(m, "keepalives_count")?.map(IntOrString::String),
+            other: map,
+        })
+    }
+}
+
+/// A value of `database.args` the relay does not read, kept to be checked.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ArgValue {
+    Bool(bool),
+    Int(i64),
+    Float(FloatText),
+    String(String),
+    Other(serde::de::IgnoredAny),
+}
+
+impl Eq for ArgValue {}
+
+/// A float kept only as text (for `database.args` values nobody computes with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloatText(pub String);
+
+impl<'de> Deserialize<'de> for FloatText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        f64::deserialize(d).map(|f| FloatText(f.to_string()))
+    }
+}
+
+impl ArgValue {
+    /// The value as psycopg2 would pass it to libpq (`None` for a list or mapping).
+    pub fn as_text(&self) -> Option<String> {
+        match self {
+            ArgValue::Bool(b) => Some(if *b { "1" } else { "0" }.to_owned()),
+            ArgValue::Int(i) => Some(i.to_string()),
+            ArgValue::Float(f) => Some(f.0.clone()),
+            ArgValue::String(s) => Some(s.clone()),
+            ArgValue::Other(_) => None,
+        }
+    }
+}
+
+/// Keys of `database.args` that Twisted's connection pool (`adbapi`) or Synapse take, never
+/// passed to libpq: ignored.
+pub const POOL_ONLY_ARGS: &[&str] = &[
+    "cp_min",
+    "cp_max",
+    "cp_noisy",
+    "cp_openfun",
+    "cp_reconnect",
+    "cp_good_sql",
+];
+
+/// libpq settings the relay accepts only at the value that changes nothing for it, with that
+/// value (compared case-insensitively), and why.
+const NO_OP_ARGS: &[(&str, &[&str], &str)] = &[
+    (
+        "fallback_application_name",
+        &[],
+        "the relay always sets its own application_name",
+    ),
+    (
+        "application_name",
+        &[],
+        "it names Synapse's own connections; the relay's are named by `[postgres] application_name`",
+    ),
+    ("krbsrvname", &[], "GSSAPI is not used"),
+    ("gsslib", &[], "GSSAPI is not used"),
+    (
+        "gssencmode",
+        &["disable", "prefer"],
+        "GSSAPI encryption is not supported",
+    ),
+    ("gssdelegation", &["0"], "GSSAPI is not used"),
+    ("sslcompression", &["0"], "TLS compression is not supported"),
+    ("sslsni", &["1"], "Server Name Indication is always sent for host names"),
+    ("sslcertmode", &["allow"], "only `allow` (libpq's default) is supported"),
+    (
+        "sslnegotiation",
+        &["postgres"],
+        "only `postgres` (libpq's default) is supported",
+    ),
+    (
+        "client_encoding",
+        &["utf8", "utf-8", "unicode"],
+        "the relay's connections always use UTF8",
+    ),
+    (
+        "target_session_attrs",
+        &["any"],
+        "the relay connects to one server as is",
+    ),
+    ("load_balance_hosts", &["disable"], "there is one host"),
+    (
+        "ssl_min_protocol_version",
+        &["tlsv1", "tlsv1.1", "tlsv1.2"],
+        "the relay uses TLS 1.2 or 1.3",
+    ),
+];
+
+impl DatabaseArgs {
+    /// The keys of `database.args` the relay cannot honour, each with why; empty when all are
+    /// honoured (or are pool settings of Synapse, [`POOL_ONLY_ARGS`]).
+    pub fn unsupported(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(host) = &self.host
+            && host.contains(',')
+        {
+            out.push(format!(
+                "host {host:?} names several hosts: multi-host connection strings are not supported yet; name the primary"
+            ));
+        }
+        if let Some(port) = &self.port
+            && port.as_text().contains(',')
+        {
+            out.push("port lists several ports: multi-host connection strings are not supported yet".to_owned());
+        }
+        for (key, value) in &self.other {
+            if POOL_ONLY_ARGS.contains(&key.as_str()) {
+                continue;
+            }
+            let text = value.as_text();
+            match NO_OP_ARGS.iter().find(|(k, _, _)| k == key) {
+                Some((_, [], _)) => {}
+                Some((_, accepted, why)) => {
+                    let ok = text
+                        .as_deref()
+                        .is_some_and(|t| accepted.iter().any(|a| a.eq_ignore_ascii_case(t.trim())));
+                    if !ok {
+                        out.push(format!(
+                            "{key}: only {} is supported ({why})",
+                            accepted.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ")
+                        ));
+                    }
+                }
+                None => out.push(match key.as_str() {
+                    "hostaddr"
+                    | "passfile"
+                    | "service"
+                    | "sslpassword"
+                    | "sslcrl"
+                    | "sslcrldir"
+                    | "sslkeylogfile"
+                    | "ssl_max_protocol_version"
+                    | "requirepeer"
+                    | "tcp_user_timeout"
+                    | "replication"
+                    | "max_protocol_version"
+                    | "min_protocol_version"
+                    | "oauth_issuer"
+                    | "oauth_client_id"
+                    | "oauth_client_secret"
+                    | "oauth_scope" => format!(
+                        "{key}: this libpq setting is not supported by the relay; remove it, or override the \
+                         connection in the relay's `[postgres]` section"
+                    ),
+                    _ => format!("{key}: not a libpq connection setting the relay knows"),
+                }),
+            }
+        }
+        out
+    }
 }
 
 /// `database:` in homeserver.yaml.
@@ -290,6 +506,17 @@ impl HomeserverConfig {
                     ),
                 });
             }
+        }
+        let unsupported = database.args.unsupported();
+        if !unsupported.is_empty() {
+            return Err(SynapseFileError::Invalid {
+                path: db_file,
+                message: format!(
+                    "database.args: {} (the relay reads the same connection settings as Synapse and will not \
+                     silently drop one)",
+                    unsupported.join("; ")
+                ),
+            });
         }
         Ok(HomeserverConfig {
             server_name,

@@ -519,6 +519,11 @@ impl LocalCluster {
             ssl_root_cert: None,
             application_name: "relay-test".into(),
             connect_timeout: Duration::from_secs(10),
+            ssl_client_cert: None,
+            require_auth: Default::default(),
+            channel_binding: Default::default(),
+            options: None,
+            keepalives: Default::default(),
         }
     }
 

@@ -17,6 +17,26 @@ use crate::support::{Server, diff};
 async fn end_to_end_random_writes(server: &'static Server) {
     let s = prepare(server).await;
     let mut relay = start_relay(&s).await;
+    // The relay streams as the least-privileged role, not as the owner of Synapse's tables.
+    let row =
+        s.db.client
+            .query_one(
+                "SELECT r.usename::text, s.rolsuper FROM pg_stat_replication r JOIN pg_roles s ON s.oid = r.usesysid \
+                 JOIN pg_replication_slots sl ON sl.active_pid = r.pid WHERE sl.slot_name = $1",
+                &[&s.db.name],
+            )
+            .await
+            .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, bool>(1)),
+        (RUN_ROLE.to_owned(), false)
+    );
+    let check = s.files.command("check", &[]);
+    let check_text = crate::support::text(&check);
+    assert!(
+        check_text.contains(&format!("role \"{RUN_ROLE}\" holds what `run` needs and no more")),
+        "{check_text}"
+    );
     let seed = rand::random::<u64>();
     eprintln!("seed {seed}");
     write_randomly(&s, seed, 150, 2).await;

@@ -134,6 +134,11 @@ async fn setup_defuses_the_replica_identity_landmine(server: &'static Server) {
 
     let check = f.command("check", &[]);
     assert!(check.status.success(), "check after setup: {}", text(&check));
+    assert!(
+        text(&check).contains("role \"postgres\" is a superuser: `run` needs only REPLICATION"),
+        "check says run's role holds more than it needs: {}",
+        text(&check)
+    );
 
     let down = f.command("teardown", &[]);
     assert!(down.status.success(), "teardown: {}", text(&down));
@@ -315,6 +320,43 @@ async fn works_as_synapses_own_unprivileged_role(server: &'static Server) {
     .unwrap();
     let out = f.command("setup", &[]);
     assert!(out.status.success(), "setup as {role}: {}", text(&out));
+    // `check` as the owner of Synapse's tables: it works, with a warning that `run` holds more
+    // than it needs.
+    let check = f.command("check", &[]);
+    assert!(
+        text(&check).contains("owns (or is a member of the owner of) Synapse's tables")
+            && text(&check).contains("setup --grant-to"),
+        "{}",
+        text(&check)
+    );
+    // --grant-to as a non-superuser owner: the grants run, REPLICATION is printed for a superuser.
+    let run_role = format!("relay_run_{}", std::process::id());
+    let _ = admin.batch_execute(&format!("CREATE ROLE {run_role} LOGIN")).await;
+    let out = f.command("setup", &["--grant-to", &run_role]);
+    assert!(out.status.success(), "setup --grant-to as {role}: {}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "as a superuser, also run:\n  ALTER ROLE \"{run_role}\" WITH REPLICATION;"
+        )),
+        "{}",
+        text(&out)
+    );
+    let granted: bool = db
+        .client
+        .query_one(
+            "SELECT has_table_privilege($1, 'account_data', 'SELECT') AND NOT has_table_privilege($1, 'account_data', 'UPDATE')",
+            &[&run_role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(granted, "SELECT only on Synapse's tables");
+    let out = f.command("setup", &["--grant-to", "no_such_role_here"]);
+    assert!(
+        !out.status.success() && text(&out).contains("role \"no_such_role_here\" does not exist"),
+        "{}",
+        text(&out)
+    );
     w::set_global(&db.client, "@a_1:example.org", "m.direct", "{\"before\":1}")
         .await
         .unwrap();

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use synapse_account_data_relay::model::{Lsn, Secret};
-use synapse_account_data_relay::pgconfig::{PgConnectionConfig, PgHost, SslMode};
+use synapse_account_data_relay::pgconfig::{ChannelBindingMode, PgConnectionConfig, PgHost, SslMode};
 use synapse_account_data_relay::postgres_sql::connect_sql;
 use synapse_account_data_relay::replication::connection::{
     AuthMethod, LogicalReplicationStream, ReplicationConnection,
@@ -134,6 +134,11 @@ fn config(server: &Server, dbname: &str, user: &str, password: Option<&str>, ssl
         ssl_root_cert: None,
         application_name: "relay-test".into(),
         connect_timeout: Duration::from_secs(20),
+        ssl_client_cert: None,
+        require_auth: Default::default(),
+        channel_binding: Default::default(),
+        options: None,
+        keepalives: Default::default(),
     }
 }
 
@@ -638,11 +643,15 @@ async fn tls_modes() {
     let other_ca = s.certs.other_ca_cert.as_path();
 
     // (host, mode, root) → TLS used (or the connection must fail).
-    let cases: [(&str, SslMode, &Path, Option<bool>); 12] = [
+    let cases: [(&str, SslMode, &Path, Option<bool>); 14] = [
         ("127.0.0.1", SslMode::Disable, ca, Some(false)),
         ("127.0.0.1", SslMode::Prefer, ca, Some(true)),
-        ("127.0.0.1", SslMode::Require, other_ca, Some(true)),
-        ("127.0.0.2", SslMode::Require, other_ca, Some(true)),
+        // With sslrootcert set, prefer and require verify the chain as verify-ca does (libpq),
+        // without checking the name.
+        ("127.0.0.1", SslMode::Prefer, other_ca, None),
+        ("127.0.0.1", SslMode::Require, other_ca, None),
+        ("127.0.0.2", SslMode::Require, other_ca, None),
+        ("127.0.0.2", SslMode::Require, ca, Some(true)),
         ("127.0.0.1", SslMode::VerifyCa, ca, Some(true)),
         // verify-ca does not check the name: 127.0.0.2 is not in the certificate.
         ("127.0.0.2", SslMode::VerifyCa, ca, Some(true)),
@@ -701,7 +710,8 @@ async fn scram_sha_256_plus_under_tls() {
     assert!(log.contains("user=u_scram"), "log_connections is on:\n{log}");
     assert!(!log.contains(SCRAM_PASSWORD));
 
-    // Without a root file, verify-* use the system's trust store, which does not know our test CA.
+    // Without a root file, verify-* are refused (libpq too); `system` is the system's trust
+    // store, which does not know our test CA.
     for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
         let cfg = PgConnectionConfig {
             ssl_root_cert: None,
@@ -709,7 +719,16 @@ async fn scram_sha_256_plus_under_tls() {
         };
         let err = ReplicationConnection::connect(&cfg).await.unwrap_err();
         assert!(matches!(err, ReplicationError::Tls { .. }), "{mode:?}: {err:?}");
+        assert!(err.to_string().contains("needs root certificates"), "{mode:?}: {err}");
+        let err = connect_sql(&cfg).await.unwrap_err();
+        assert!(err.to_string().contains("needs root certificates"), "{mode:?}: {err}");
     }
+    let cfg = PgConnectionConfig {
+        ssl_root_cert: Some(PathBuf::from("system")),
+        ..s.config("u_scram", Some(SCRAM_PASSWORD), SslMode::VerifyFull)
+    };
+    let err = ReplicationConnection::connect(&cfg).await.unwrap_err();
+    assert!(err.to_string().contains("TLS handshake failed"), "{err}");
 }
 
 #[tokio::test]
@@ -858,11 +877,164 @@ async fn sql_connections() {
     };
     let err = connect_sql(&wrong_host).await.unwrap_err();
     assert_eq!(err.sqlstate(), None, "{err}");
-    let wrong_ca = PgConnectionConfig {
-        ssl_root_cert: Some(s.certs.other_ca_cert.clone()),
-        ..s.config("u_scram", Some(SCRAM_PASSWORD), SslMode::VerifyCa)
+    // A root file is used in every TLS mode, as libpq: require and prefer verify the chain too.
+    for mode in [SslMode::VerifyCa, SslMode::Require, SslMode::Prefer] {
+        let wrong_ca = PgConnectionConfig {
+            ssl_root_cert: Some(s.certs.other_ca_cert.clone()),
+            ..s.config("u_scram", Some(SCRAM_PASSWORD), mode)
+        };
+        assert!(connect_sql(&wrong_ca).await.is_err(), "{mode:?}");
+    }
+    let no_name_check = PgConnectionConfig {
+        host: PgHost::Tcp("127.0.0.2".into()),
+        ..s.config("u_scram", Some(SCRAM_PASSWORD), SslMode::Require)
     };
-    assert!(connect_sql(&wrong_ca).await.is_err());
+    assert!(ssl_of(connect_sql(&no_name_check).await.unwrap()).await);
+}
+
+/// `require_auth` and `channel_binding` on both kinds of connection: a server asking for a method
+/// that is not allowed is refused before a password is sent; what is allowed still works.
+#[tokio::test]
+async fn require_auth_and_channel_binding() {
+    let s = tls_server();
+    let with = |user: &str, password: Option<&str>, mode: SslMode, require: &str, binding: ChannelBindingMode| {
+        PgConnectionConfig {
+            require_auth: require.parse().unwrap(),
+            channel_binding: binding,
+            ..s.config(user, password, mode)
+        }
+    };
+    use ChannelBindingMode::{Disable as CbDisable, Prefer as CbPrefer, Require as CbRequire};
+    // (user, password, sslmode, require_auth, channel_binding) → refusal text, or the method used.
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        SslMode,
+        &'a str,
+        ChannelBindingMode,
+        Result<AuthMethod, &'a str>,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "u_password",
+            Some(CLEARTEXT_PASSWORD),
+            SslMode::Disable,
+            "scram-sha-256",
+            CbPrefer,
+            Err("asked for password authentication, which require_auth=scram-sha-256 does not allow"),
+        ),
+        (
+            "u_password",
+            Some(CLEARTEXT_PASSWORD),
+            SslMode::Require,
+            "!password",
+            CbPrefer,
+            Err("require_auth=!password does not allow"),
+        ),
+        (
+            "u_md5",
+            Some(MD5_PASSWORD),
+            SslMode::Disable,
+            "scram-sha-256",
+            CbPrefer,
+            Err("asked for md5 authentication"),
+        ),
+        (
+            "u_md5",
+            Some(MD5_PASSWORD),
+            SslMode::Disable,
+            "md5,scram-sha-256",
+            CbPrefer,
+            Ok(AuthMethod::Md5),
+        ),
+        (
+            "u_trust",
+            None,
+            SslMode::Disable,
+            "scram-sha-256",
+            CbPrefer,
+            Err("did not ask the client to authenticate"),
+        ),
+        (
+            "u_trust",
+            None,
+            SslMode::Disable,
+            "none",
+            CbPrefer,
+            Ok(AuthMethod::Trust),
+        ),
+        (
+            "u_scram",
+            Some(SCRAM_PASSWORD),
+            SslMode::Disable,
+            "scram-sha-256",
+            CbPrefer,
+            Ok(AuthMethod::ScramSha256),
+        ),
+        (
+            "u_scram",
+            Some(SCRAM_PASSWORD),
+            SslMode::Require,
+            "scram-sha-256",
+            CbRequire,
+            Ok(AuthMethod::ScramSha256Plus),
+        ),
+        (
+            "u_scram",
+            Some(SCRAM_PASSWORD),
+            SslMode::Require,
+            "",
+            CbDisable,
+            Ok(AuthMethod::ScramSha256),
+        ),
+        (
+            "u_scram",
+            Some(SCRAM_PASSWORD),
+            SslMode::Disable,
+            "",
+            CbRequire,
+            Err("channel"),
+        ),
+        (
+            "u_md5",
+            Some(MD5_PASSWORD),
+            SslMode::Require,
+            "",
+            CbRequire,
+            Err("channel"),
+        ),
+        ("u_trust", None, SslMode::Require, "", CbRequire, Err("channel")),
+    ];
+    for (user, password, mode, require, binding, expected) in cases {
+        let cfg = with(user, password, mode, require, binding);
+        let label = format!("{user} {mode:?} require_auth={require:?} {binding:?}");
+        let replication = ReplicationConnection::connect(&cfg).await;
+        let sql = connect_sql(&cfg).await;
+        match expected {
+            Ok(method) => {
+                let conn = replication.unwrap_or_else(|e| panic!("{label}: {e}"));
+                assert_eq!(conn.auth_method_used(), method, "{label}");
+                conn.close().await;
+                sql.unwrap_or_else(|e| panic!("SQL {label}: {e}"));
+            }
+            Err(text) => {
+                let err = replication.map(|_| ()).unwrap_err();
+                assert!(matches!(err, ReplicationError::Auth { .. }), "{label}: {err:?}");
+                assert!(err.to_string().contains(text), "{label}: {err}");
+                let err = sql.map(|_| ()).unwrap_err();
+                assert!(
+                    err.to_string().contains(text)
+                        || (text == "channel" && err.to_string().contains("authentication error")),
+                    "SQL {label}: {err}"
+                );
+                assert_eq!(
+                    err.sqlstate(),
+                    None,
+                    "SQL {label}: refused by the client, not the server"
+                );
+            }
+        }
+    }
 }
 
 #[tokio::test]
@@ -880,6 +1052,11 @@ async fn connect_timeout_is_enforced() {
         ssl_root_cert: None,
         application_name: "relay-test".into(),
         connect_timeout: Duration::from_millis(300),
+        ssl_client_cert: None,
+        require_auth: Default::default(),
+        channel_binding: Default::default(),
+        options: None,
+        keepalives: Default::default(),
     };
     let started = Instant::now();
     let err = ReplicationConnection::connect(&cfg).await.unwrap_err();
@@ -887,4 +1064,89 @@ async fn connect_timeout_is_enforced() {
     assert!(err.is_transient());
     assert!(started.elapsed() < Duration::from_secs(5));
     drop(listener);
+}
+
+/// libpq's `sslcert`/`sslkey`: a server with `cert` authentication admits the role only with
+/// its client certificate, on both kinds of connection.
+#[tokio::test]
+async fn client_certificates() {
+    let certs = TestCerts::generate(Digest::Sha256);
+    // The server reads the CA for client certificates from a directory it can reach.
+    let ca_dir = std::env::temp_dir().join(format!("relay-client-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let ca = ca_dir.join("ca.crt");
+    std::fs::copy(&certs.ca_cert, &ca).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = crate::support::own_local(
+        "local-client-cert",
+        LocalClusterOptions {
+            settings: vec![
+                ("listen_addresses".into(), "127.0.0.1".into()),
+                ("ssl_ca_file".into(), ca.display().to_string()),
+                ("shared_buffers".into(), "16MB".into()),
+            ],
+            hba_lines: vec!["hostssl all u_cert 127.0.0.0/8 cert".into()],
+            tls: Some(certs.server_tls()),
+            remove_with: vec![ca_dir.clone()],
+            ..Default::default()
+        },
+    );
+    cluster(server)
+        .psql("postgres", "CREATE ROLE u_cert LOGIN REPLICATION")
+        .unwrap();
+    let (cert, key) = certs.client_cert("u_cert");
+    let without = PgConnectionConfig {
+        ssl_root_cert: Some(certs.ca_cert.clone()),
+        ..config(server, "postgres", "u_cert", None, SslMode::VerifyFull)
+    };
+    let err = ReplicationConnection::connect(&without).await.unwrap_err();
+    assert_eq!(err.sqlstate(), Some("28000"), "{err}");
+    assert!(connect_sql(&without).await.is_err());
+    let with = PgConnectionConfig {
+        ssl_client_cert: Some(synapse_account_data_relay::pgconfig::ClientCert { cert, key }),
+        // Certificate authentication asks for nothing more.
+        require_auth: "none".parse().unwrap(),
+        ..without
+    };
+    let mut conn = ReplicationConnection::connect(&with).await.unwrap();
+    assert!(conn.is_tls());
+    assert_eq!(conn.auth_method_used(), AuthMethod::Trust);
+    assert_eq!(
+        conn.identify_system().await.unwrap().dbname.as_deref(),
+        Some("postgres")
+    );
+    conn.close().await;
+    let client = connect_sql(&with).await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, bool>(0), row.get::<_, Option<String>>(1)),
+        (true, Some("/CN=u_cert".to_owned()))
+    );
+}
+
+/// libpq's `options` reach the server's session on both kinds of connection.
+#[tokio::test]
+async fn options_reach_the_session() {
+    let s = tls_server();
+    let cfg = PgConnectionConfig {
+        options: Some("-c statement_timeout=4321".into()),
+        ..s.config("u_trust", None, SslMode::Require)
+    };
+    let mut conn = ReplicationConnection::connect(&cfg).await.unwrap();
+    assert_eq!(
+        conn.simple_query("SHOW statement_timeout").await.unwrap(),
+        vec![vec![Some("4321ms".to_owned())]]
+    );
+    conn.close().await;
+    let client = connect_sql(&cfg).await.unwrap();
+    let row = client.query_one("SHOW statement_timeout", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "4321ms");
 }

@@ -123,6 +123,47 @@ impl TestCerts {
         }
     }
 
+    /// A client certificate for `common_name` signed by the test CA: (certificate, key) files.
+    pub fn client_cert(&self, common_name: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        let (cert, key, csr) = (
+            format!("client-{common_name}.crt"),
+            format!("client-{common_name}.key"),
+            format!("client-{common_name}.csr"),
+        );
+        let subject = format!("/CN={common_name}");
+        let mut args = vec!["req", "-new"];
+        args.extend(new_ec_key_args(&["-subj", &subject, "-keyout", &key, "-out", &csr]));
+        openssl(d, &args);
+        std::fs::write(
+            d.join("client.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-sha256",
+                "-extfile",
+                "client.ext",
+                "-out",
+                &cert,
+            ],
+        );
+        (d.join(cert), d.join(key))
+    }
+
     /// The directory holding the files.
     pub fn dir(&self) -> &Path {
         self.dir.path()

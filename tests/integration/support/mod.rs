@@ -299,6 +299,9 @@ pub struct RegistrationSpec<'a> {
     pub opt_in: bool,
 }
 
+/// The copy of relay.toml for `setup` and `teardown` after [`RelayFiles::run_as`].
+const ADMIN_CONFIG: &str = "relay-admin.toml";
+
 /// A directory holding homeserver.yaml, registrations and relay.toml for one test.
 pub struct RelayFiles {
     pub dir: tempfile::TempDir,
@@ -382,13 +385,30 @@ impl RelayFiles {
     }
 
     fn args(&self, subcommand: &str) -> Vec<String> {
+        // After `run_as`, setup and teardown keep the owner's role (relay-admin.toml).
+        let admin = self.path().join(ADMIN_CONFIG);
+        let config = if matches!(subcommand, "setup" | "teardown") && admin.exists() {
+            admin
+        } else {
+            self.path().join("relay.toml")
+        };
         vec![
             subcommand.into(),
             "--synapse-config".into(),
             self.path().join("homeserver.yaml").display().to_string(),
             "--config".into(),
-            self.path().join("relay.toml").display().to_string(),
+            config.display().to_string(),
         ]
+    }
+
+    /// From now on every subcommand but `setup` and `teardown` connects as `role` (relay.toml
+    /// gets `[postgres] user`; the two keep the owner's role through a copy of the config
+    /// before, relay-admin.toml).
+    pub fn run_as(&self, role: &str) {
+        let relay = self.path().join("relay.toml");
+        let text = std::fs::read_to_string(&relay).unwrap();
+        std::fs::write(self.path().join(ADMIN_CONFIG), &text).unwrap();
+        std::fs::write(&relay, format!("{text}\n[postgres]\nuser = \"{role}\"\n")).unwrap();
     }
 
     /// Run a subcommand to completion.

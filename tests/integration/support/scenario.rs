@@ -74,9 +74,28 @@ pub async fn prepare_with(server: &'static Server, delivery: &[(&str, toml::Valu
         delivery,
         extra_toml,
     );
-    let out = files.command("setup", &[]);
+    // `run` (and every other subcommand but setup and teardown) uses a role of its own with only
+    // what `setup --grant-to` grants, as the README recommends; setup runs as the owner.
+    create_run_role(&db).await;
+    let out = files.command("setup", &["--grant-to", RUN_ROLE]);
     assert!(out.status.success(), "setup: {}", text(&out));
+    files.run_as(RUN_ROLE);
     Setup { db, a, b, c, files }
+}
+
+/// The least-privileged role the scenarios run the relay as.
+pub const RUN_ROLE: &str = "relay_run";
+
+/// Creates [`RUN_ROLE`] (cluster-wide, so shared by all tests; without REPLICATION, which
+/// `setup --grant-to` adds) unless it exists.
+pub async fn create_run_role(db: &TestDb) {
+    db.client
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {RUN_ROLE} LOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        ))
+        .await
+        .unwrap();
 }
 
 pub async fn start_relay(s: &Setup) -> RelayProcess {
@@ -198,8 +217,8 @@ pub async fn assert_final_states(s: &Setup, relay: &RelayProcess) {
 /// `teardown` then `setup`: a fresh slot (and state schema), so what was written before is not in
 /// the stream and reaches appservices only through a backfill.
 pub fn recreate_slot(s: &Setup) {
-    for command in ["teardown", "setup"] {
-        let out = s.files.command(command, &[]);
+    for (command, args) in [("teardown", &[][..]), ("setup", &["--grant-to", RUN_ROLE][..])] {
+        let out = s.files.command(command, args);
         assert!(out.status.success(), "{command}: {}", text(&out));
     }
 }
