@@ -76,6 +76,41 @@ pub enum RunError {
 /// it cannot give (see [`SessionError::ServerWaiting`]).
 const SERVER_WAIT_LIMIT: Duration = Duration::from_secs(2);
 
+/// Whether the server *keeps* asking for confirmations the relay cannot give (see
+/// [`SessionError::ServerWaiting`]). A walsender that waits before exiting asks again as soon as
+/// each reply arrives (every round trip); an ordinary keepalive asks once in a while. So a run of
+/// requests only counts while each comes within [`SERVER_WAIT_LIMIT`] of the previous one, and
+/// data or a request with nothing pending ends it: an old request never makes a new one look like
+/// the server has been waiting all along. Pure (the caller passes the time).
+#[derive(Debug, Default)]
+struct ServerWaitWatch {
+    /// Since when, and the last request of the run.
+    run: Option<(Instant, Instant)>,
+}
+
+impl ServerWaitWatch {
+    /// A keepalive asking for a reply arrived at `now`, with `pending` = the relay could not
+    /// confirm everything the server sent. True when the server has been asking for longer than
+    /// [`SERVER_WAIT_LIMIT`] without a pause.
+    fn request(&mut self, now: Instant, pending: bool) -> bool {
+        if !pending {
+            self.run = None;
+            return false;
+        }
+        let since = match self.run {
+            Some((since, last)) if now.saturating_duration_since(last) <= SERVER_WAIT_LIMIT => since,
+            _ => now,
+        };
+        self.run = Some((since, now));
+        now.saturating_duration_since(since) > SERVER_WAIT_LIMIT
+    }
+
+    /// Changes arrived: the server is streaming, not waiting.
+    fn data(&mut self) {
+        self.run = None;
+    }
+}
+
 /// The transaction being received.
 #[derive(Debug, Clone, Copy, Default)]
 struct OpenTx {
@@ -682,8 +717,8 @@ impl Relay {
         let mut tx = OpenTx::default();
         let mut interval = tokio::time::interval(self.settings.status_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Since when the server has been asking for replies we cannot fully give.
-        let mut server_waiting: Option<Instant> = None;
+        // Whether the server keeps asking for replies we cannot fully give.
+        let mut server_waiting = ServerWaitWatch::default();
         let mut last_received = Instant::now();
         let timeout = self.settings.replication_timeout;
         loop {
@@ -745,18 +780,14 @@ impl Relay {
                                 // exiting, for everything it sent to be confirmed (a fast shutdown or
                                 // restart). Holding the connection would hold the server.
                                 let confirmed = self.last_status.map(|s| s.1).unwrap_or_default();
-                                if confirmed < wal_end {
-                                    let since = *server_waiting.get_or_insert_with(Instant::now);
-                                    if since.elapsed() > SERVER_WAIT_LIMIT {
-                                        stream.finish().await;
-                                        return Err(SessionError::ServerWaiting);
-                                    }
-                                } else {
-                                    server_waiting = None;
+                                if server_waiting.request(Instant::now(), confirmed < wal_end) {
+                                    stream.finish().await;
+                                    return Err(SessionError::ServerWaiting);
                                 }
                             }
                         }
                         ReplicationMessage::XLogData { data, .. } => {
+                            server_waiting.data();
                             let message = pgoutput::decode(data)?;
                             self.on_message(&message, &mut mapper, &mut tx)?;
                             if self.pending_reload.is_some() && !self.tracker.in_transaction() {
@@ -981,5 +1012,54 @@ fn is_fatal(e: &ReplicationError) -> bool {
         ReplicationError::Auth { .. } | ReplicationError::Tls { .. } => true,
         ReplicationError::Server(_) => !e.is_transient(),
         ReplicationError::Io { .. } | ReplicationError::Timeout { .. } | ReplicationError::Protocol { .. } => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_request_does_not_make_the_server_look_waiting() {
+        let t0 = Instant::now();
+        let mut w = ServerWaitWatch::default();
+        // An ordinary keepalive asking for a reply while a change is undelivered...
+        assert!(!w.request(t0, true));
+        // ...and the next one, minutes later, still with something undelivered: not a server
+        // that kept asking for minutes.
+        assert!(!w.request(t0 + Duration::from_secs(300), true));
+        assert!(!w.request(t0 + Duration::from_secs(600), true));
+    }
+
+    #[test]
+    fn a_server_asking_without_pause_is_released_after_the_limit() {
+        let t0 = Instant::now();
+        let mut w = ServerWaitWatch::default();
+        let step = Duration::from_millis(100);
+        let mut released = None;
+        for i in 0..100u32 {
+            if w.request(t0 + step * i, true) {
+                released = Some(step * i);
+                break;
+            }
+        }
+        let after = released.expect("a server asking every 100 ms is released");
+        assert!(after > SERVER_WAIT_LIMIT && after <= SERVER_WAIT_LIMIT + step, "{after:?}");
+    }
+
+    #[test]
+    fn data_or_nothing_pending_ends_a_run() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut w = ServerWaitWatch::default();
+        assert!(!w.request(t0, true));
+        assert!(!w.request(t0 + second, true));
+        w.data();
+        assert!(!w.request(t0 + second * 2, true));
+        assert!(!w.request(t0 + second * 3, true));
+        assert!(!w.request(t0 + second * 4, false));
+        assert!(!w.request(t0 + second * 5, true));
+        assert!(!w.request(t0 + second * 6, true));
+        assert!(w.request(t0 + second * 7 + Duration::from_millis(1), true));
     }
 }
