@@ -11,7 +11,8 @@
 //!
 //! Life cycle: wait for the slot (a slot in use by another relay, SQLSTATE 55006, is waited for
 //! calmly: a standby); become active (decide each appservice's mode, request backfills for
-//! appservices opting in for the first time, start the workers and the recorder); stream,
+//! appservices opting in for the first time, start the workers and the recorder; a failing
+//! statement there lets the slot go and is retried with backoff); stream,
 //! reconnecting with backoff after connection losses and resuming after the last transaction
 //! received; if the slot is lost (invalidated or dropped), re-create it and resync every
 //! appservice (or stop, with `on_slot_lost = "fail"`); if another relay took the slot over, drop
@@ -372,14 +373,35 @@ impl Relay {
             poll_stop_rx,
         ));
         let _poll_stop = poll_stop;
+        let mut activation_retry = RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+        .schedule();
         loop {
             let Some(stream) = self.acquire_slot(&mut shutdown).await? else {
                 return Ok(());
             };
             if let Err(e) = self.activate(&db).await {
+                // Like every other transient fault (the database restarting, a statement
+                // cancelled, a lock timeout): let the slot go and try again.
                 stream.finish().await;
-                return Err(e);
+                if let RunError::Store(s) = &e {
+                    db.forget_if_lost(s).await;
+                }
+                let wait = activation_retry.next_delay(None);
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot start the session (reading the relay's state failed); retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
             }
+            activation_retry = RetryPolicy {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+            }
+            .schedule();
             let ctx = DeliveryContext {
                 http: http.clone(),
                 settings: self.settings.delivery.clone(),

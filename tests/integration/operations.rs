@@ -790,7 +790,54 @@ impl Drop for Child {
     }
 }
 
+/// A statement that fails while a session is being activated (here: the relay's state table is
+/// locked and the database's `lock_timeout` cancels the read) is retried like any transient
+/// fault; `run` does not end.
+async fn a_failing_statement_at_activation_is_retried(server: &'static Server) {
+    let s = prepare(server).await;
+    let admin = s.db.connect().await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE {} SET lock_timeout = '200ms'", s.db.name))
+        .await
+        .unwrap();
+    let mut locker = s.db.connect().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE synapse_account_data_relay.pending_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut relay = s.files.spawn_run();
+    assert!(
+        wait_for_log(&relay, "cannot start the session", Duration::from_secs(30)).await,
+        "{}",
+        relay.log_text()
+    );
+    // Still failing a while later, and still running.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            relay.log_text().matches("cannot start the session").count() >= 2
+        })
+        .await,
+        "{}",
+        relay.log_text()
+    );
+    assert!(relay.is_running(), "{}", relay.log_text());
+    lock.commit().await.unwrap();
+    w::set_global(&s.db.client, "@a_1:example.org", "m.direct", r#"{"after":1}"#)
+        .await
+        .unwrap();
+    let key = ("@a_1:example.org".to_owned(), None, "m.direct".to_owned());
+    assert!(
+        s.a.wait_for(WAIT, |st| st.get(&key).is_some_and(|v| v["after"] == 1))
+            .await,
+        "{}",
+        relay.log_text()
+    );
+    assert!(relay.is_running());
+    relay.terminate();
+}
+
 on_both_servers!(
+    a_failing_statement_at_activation_is_retried,
     systemd_metrics_status_and_sigterm,
     sigterm_gives_up_on_a_hanging_appservice,
     sighup_reloads_without_dropping_the_connection,
