@@ -14,7 +14,8 @@
 //! appservices opting in for the first time, start the workers and the recorder; a failing
 //! statement there lets the slot go and is retried with backoff); stream,
 //! reconnecting with backoff after connection losses and resuming after the last transaction
-//! received; if the slot is lost (invalidated or dropped), re-create it and resync every
+//! received (a 55006 then is usually our own old walsender, still waiting for
+//! `wal_sender_timeout`: see `Relay::on_slot_busy`); if the slot is lost (invalidated or dropped), re-create it and resync every
 //! appservice (or stop, with `on_slot_lost = "fail"`); if another relay took the slot over, drop
 //! everything in memory and go back to waiting.
 
@@ -199,6 +200,25 @@ pub struct Relay {
     pending_reload: Option<Reload>,
     /// Chosen at each activation; part of every transaction id.
     epoch: u64,
+    /// The server PIDs of this process's latest replication connections (their walsenders), to
+    /// recognise our own stale walsender behind a 55006 (see [`Relay::on_slot_busy`]).
+    own_walsenders: Vec<i32>,
+}
+
+/// How many of our replication connections' PIDs are remembered.
+const OWN_WALSENDERS_KEPT: usize = 8;
+
+/// How long the relay waits, beyond `wal_sender_timeout`, for a walsender it cannot identify to
+/// let the slot go after a reconnect, before it concludes another process took the slot over.
+const STALE_WALSENDER_MARGIN: Duration = Duration::from_secs(5);
+
+/// What a 55006 on reconnecting means.
+#[derive(Debug, PartialEq, Eq)]
+enum SlotBusy {
+    /// Our own earlier connection (or one we cannot tell): try again after this long.
+    Retry(Duration),
+    /// Another process holds the slot.
+    Taken,
 }
 
 impl Relay {
@@ -246,6 +266,7 @@ impl Relay {
             reloads: None,
             pending_reload: None,
             epoch: 0,
+            own_walsenders: Vec::new(),
         })
     }
 
@@ -430,7 +451,16 @@ impl Relay {
             self.health.set_connected(false);
             match result? {
                 SessionEnd::Shutdown => {
-                    self.verify_final_confirmation(&db).await;
+                    // Bounded as a whole: the shared SQL connection may be one a partition left
+                    // hanging, and shutdown must not wait for it.
+                    if tokio::time::timeout(Duration::from_secs(10), self.verify_final_confirmation(&db))
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            "cannot check the slot's confirmed position after stopping: no answer within 10s"
+                        );
+                    }
                     return Ok(());
                 }
                 SessionEnd::SlotTaken => {
@@ -528,6 +558,14 @@ impl Relay {
 
     async fn start_stream(&mut self, resume_at: Lsn) -> Result<LogicalReplicationStream, SessionError> {
         let mut conn = ReplicationConnection::connect(&self.settings.postgres).await?;
+        // Remembered before START_REPLICATION: from then on this walsender may hold the slot,
+        // even if we never hear back.
+        if let Some(pid) = conn.backend_pid() {
+            if self.own_walsenders.len() >= OWN_WALSENDERS_KEPT {
+                self.own_walsenders.remove(0);
+            }
+            self.own_walsenders.push(pid);
+        }
         let ident = conn.identify_system().await?;
         let stream = conn
             .start_logical_replication_of(&self.settings.slot_name, resume_at, &self.publications())
@@ -685,6 +723,8 @@ impl Relay {
         }
         .schedule();
         let mut stream = Some(first);
+        // Since when reconnecting has found the slot busy.
+        let mut busy_since: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
                 return Ok(SessionEnd::Shutdown);
@@ -693,6 +733,9 @@ impl Relay {
                 Some(s) => Ok(s),
                 None => self.start_stream(self.tracker.last_commit_end()).await,
             };
+            if s.is_ok() {
+                busy_since = None;
+            }
             let result = match s {
                 Ok(s) => self.session(s, shutdown).await,
                 Err(e) => Err(e),
@@ -705,7 +748,21 @@ impl Relay {
             };
             self.health.set_connected(false);
             match err {
-                SessionError::Replication(r) if r.is_slot_in_use() => return Ok(SessionEnd::SlotTaken),
+                // Reconnecting after a silent partition or a decode error, PostgreSQL often
+                // still runs our previous walsender (until wal_sender_timeout): not a takeover.
+                SessionError::Replication(r) if r.is_slot_in_use() => {
+                    let first = busy_since.is_none();
+                    let since = *busy_since.get_or_insert_with(Instant::now);
+                    match self.on_slot_busy(since, first).await {
+                        SlotBusy::Taken => return Ok(SessionEnd::SlotTaken),
+                        SlotBusy::Retry(wait) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = shutdown.changed() => {}
+                            }
+                        }
+                    }
+                }
                 SessionError::Replication(r) if r.is_slot_missing() || r.is_slot_invalidated() => {
                     return Ok(SessionEnd::SlotLost(r.to_string()));
                 }
@@ -727,6 +784,75 @@ impl Relay {
                     }
                 }
             }
+        }
+    }
+
+    /// Reconnecting found the slot in use (SQLSTATE 55006) since `since`. If its walsender is one
+    /// of ours (its PID is one of our connections'), end it and retry; if it is another process's,
+    /// the slot was taken over; if the relay cannot tell (the slot's holder cannot be read), retry
+    /// until `wal_sender_timeout` (read from the server) has passed, by which time PostgreSQL has
+    /// ended a walsender of ours that lost its client.
+    async fn on_slot_busy(&self, since: Instant, first: bool) -> SlotBusy {
+        let slot = self.settings.slot_name.as_str();
+        let own = &self.own_walsenders;
+        let probe = tokio::time::timeout(Duration::from_secs(10), async {
+            let client = crate::postgres_sql::connect_sql(&self.settings.postgres)
+                .await
+                .map_err(|e| e.to_string())?;
+            let row = client
+                .query_one(
+                    "SELECT (SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1), \
+                            (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout')",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let holder: Option<i32> = row.get(0);
+            let timeout_ms: Option<i64> = row.get(1);
+            let ended = match holder {
+                Some(pid) if own.contains(&pid) => client
+                    .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .map(|r| r.get::<_, bool>(0))
+                    .map_err(|e| format!("ending our previous walsender (PID {pid}): {e}"))?,
+                _ => false,
+            };
+            Ok::<_, String>((holder, timeout_ms, ended))
+        })
+        .await
+        .unwrap_or_else(|_| Err("timed out after 10s".into()));
+        let retry = Duration::from_millis(250);
+        let patience = |timeout_ms: Option<i64>| {
+            // 0 disables the timeout: then TCP alone ends the walsender; give it a minute.
+            let t = match timeout_ms {
+                Some(ms) if ms > 0 => Duration::from_millis(ms as u64),
+                _ => Duration::from_secs(60),
+            };
+            t + STALE_WALSENDER_MARGIN
+        };
+        match probe {
+            Ok((Some(_), timeout_ms, _)) if since.elapsed() > patience(timeout_ms) => SlotBusy::Taken,
+            Ok((Some(pid), _, ended)) if own.contains(&pid) => {
+                if ended {
+                    tracing::warn!(slot = %slot, pid, "our previous replication connection still held the slot (PostgreSQL had not noticed it was gone): ended its walsender; resuming");
+                }
+                SlotBusy::Retry(retry)
+            }
+            Ok((Some(pid), _, _)) => {
+                tracing::info!(slot = %slot, pid, "the replication slot is held by a walsender that is not one of ours");
+                SlotBusy::Taken
+            }
+            // Released meanwhile.
+            Ok((None, timeout_ms, _)) if since.elapsed() < patience(timeout_ms) => SlotBusy::Retry(retry),
+            Ok((None, _, _)) => SlotBusy::Taken,
+            Err(e) if since.elapsed() < patience(None) => {
+                if first {
+                    tracing::warn!(slot = %slot, error = %e, "the replication slot is still in use, and which process holds it cannot be read: \
+                        waiting for PostgreSQL to end our previous walsender (wal_sender_timeout) before concluding another process took it over");
+                }
+                SlotBusy::Retry(Duration::from_secs(1))
+            }
+            Err(_) => SlotBusy::Taken,
         }
     }
 
@@ -1066,7 +1192,10 @@ mod tests {
             }
         }
         let after = released.expect("a server asking every 100 ms is released");
-        assert!(after > SERVER_WAIT_LIMIT && after <= SERVER_WAIT_LIMIT + step, "{after:?}");
+        assert!(
+            after > SERVER_WAIT_LIMIT && after <= SERVER_WAIT_LIMIT + step,
+            "{after:?}"
+        );
     }
 
     #[test]

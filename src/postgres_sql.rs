@@ -29,6 +29,10 @@ pub enum SqlConnectErrorSource {
     Tls(#[from] TlsConfigError),
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
+    /// The connection (TCP, TLS, authentication, session set-up) took longer than
+    /// `connect_timeout`, as libpq's bound.
+    #[error("no connection within connect_timeout ({0:?})")]
+    Timeout(std::time::Duration),
 }
 
 impl SqlConnectError {
@@ -81,7 +85,7 @@ pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Cli
     let error = |source: SqlConnectErrorSource| {
         let sqlstate = match &source {
             SqlConnectErrorSource::Postgres(e) => e.code().map(|c| c.code().to_owned()),
-            SqlConnectErrorSource::Tls(_) => None,
+            SqlConnectErrorSource::Tls(_) | SqlConnectErrorSource::Timeout(_) => None,
         };
         SqlConnectError {
             target: target.clone(),
@@ -89,6 +93,22 @@ pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Cli
             source,
         }
     };
+    if cfg.connect_timeout.is_zero() {
+        return connect_unbounded(cfg, &error).await;
+    }
+    // tokio-postgres bounds only the TCP connect; libpq's connect_timeout bounds the whole
+    // start-up (a partition after the TCP handshake would otherwise hang here for good).
+    match tokio::time::timeout(cfg.connect_timeout, connect_unbounded(cfg, &error)).await {
+        Ok(r) => r,
+        Err(_) => Err(error(SqlConnectErrorSource::Timeout(cfg.connect_timeout))),
+    }
+}
+
+async fn connect_unbounded(
+    cfg: &PgConnectionConfig,
+    error: &impl Fn(SqlConnectErrorSource) -> SqlConnectError,
+) -> Result<tokio_postgres::Client, SqlConnectError> {
+    let target = cfg.describe();
     let config = tokio_postgres_config(cfg);
     let tls_config = match cfg.host {
         PgHost::Tcp(_) => tls::client_config_for(cfg).map_err(|e| error(e.into()))?,
