@@ -167,6 +167,8 @@ enum SessionError {
     Mapping(#[from] MappingError),
     #[error("the server ended the replication stream")]
     StreamEnded,
+    #[error("the publications to stream changed (reload)")]
+    Restream,
     #[error("nothing received from the server for {0:?} (replication.timeout): taking the connection for dead")]
     Silent(Duration),
     #[error(
@@ -203,6 +205,8 @@ pub struct Relay {
     /// The server PIDs of this process's latest replication connections (their walsenders), to
     /// recognise our own stale walsender behind a 55006 (see [`Relay::on_slot_busy`]).
     own_walsenders: Vec<i32>,
+    /// A reload changed the publications to stream: the session restarts the stream.
+    restream: bool,
 }
 
 /// How many of our replication connections' PIDs are remembered.
@@ -267,6 +271,7 @@ impl Relay {
             pending_reload: None,
             epoch: 0,
             own_walsenders: Vec::new(),
+            restream: false,
         })
     }
 
@@ -768,6 +773,9 @@ impl Relay {
                 }
                 SessionError::Replication(r) if is_fatal(&r) => return Err(RunError::Replication(r)),
                 SessionError::Mapping(m @ MappingError::MissingColumn { .. }) => return Err(RunError::Mapping(m)),
+                SessionError::Restream => {
+                    tracing::info!(publications = %self.publications().join(", "), resume_after = %self.tracker.last_commit_end(), "reload: restarting the replication stream with the new publications");
+                }
                 other => {
                     if matches!(other, SessionError::Wire(_) | SessionError::Decode(_)) {
                         self.metrics
@@ -908,6 +916,10 @@ impl Relay {
                         self.pending_reload = Some(r);
                         if !self.tracker.in_transaction() {
                             self.apply_reload().await;
+                            if std::mem::take(&mut self.restream) {
+                                stream.finish().await;
+                                return Err(SessionError::Restream);
+                            }
                         }
                     }
                     None => self.reloads = None,
@@ -940,6 +952,10 @@ impl Relay {
                             self.on_message(&message, &mut mapper, &mut tx)?;
                             if self.pending_reload.is_some() && !self.tracker.in_transaction() {
                                 self.apply_reload().await;
+                                if std::mem::take(&mut self.restream) {
+                                    stream.finish().await;
+                                    return Err(SessionError::Restream);
+                                }
                             }
                         }
                     }
