@@ -672,6 +672,7 @@ async fn no_secret_anywhere(server: &'static Server) {
     outputs.push(("setup", text(&out)));
     a.set_mode(ReceiverMode::Fail(500));
     let relay = Command::new(relay_binary())
+        .current_dir(&dir)
         .args([
             "--log-format",
             "json",

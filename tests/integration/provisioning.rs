@@ -192,6 +192,41 @@ async fn check_and_run_refuse_an_unprepared_database(server: &'static Server) {
     assert!(down.status.success(), "{}", text(&down));
 }
 
+/// Synapse opens relative `app_service_config_files` entries from its working directory, not
+/// from the config file's folder; so does the relay (`[synapse] working_directory`, default its
+/// own), and `check` says which file it read.
+#[tokio::test]
+async fn relative_registration_paths_follow_synapses_working_directory() {
+    let db = TestDb::new(crate::support::pg15()).await;
+    let f = files(&db);
+    // Synapse runs in synapse-home/, where its registration lives; homeserver.yaml is elsewhere.
+    let home = f.path().join("synapse-home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::rename(f.path().join("a.yaml"), home.join("a.yaml")).unwrap();
+    let toml = f.path().join("relay.toml");
+    let text_before = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        format!("{text_before}[synapse]\nworking_directory = \"{}\"\n", home.display()),
+    )
+    .unwrap();
+    let out = f.command("check", &[]);
+    let t = text(&out);
+    let read = format!("registration {} read", home.join("a.yaml").display());
+    assert!(t.contains(&read), "check names the file it read ({read}):\n{t}");
+    assert!(t.contains("relative to Synapse's working directory"), "{t}");
+    assert!(t.contains("appservice \"a\" is served"), "{t}");
+    // Without the setting, the relay's own working directory (here its files' folder) is used:
+    // a.yaml is not there any more, and check says which path it tried.
+    std::fs::write(&toml, &text_before).unwrap();
+    let out = f.command("check", &[]);
+    let t = text(&out);
+    assert!(
+        t.contains(&f.path().join("a.yaml").display().to_string()) && t.contains("FAIL"),
+        "{t}"
+    );
+}
+
 /// Without `wal_level=logical`, setup says how to fix it and that a restart is needed.
 #[tokio::test]
 async fn setup_explains_a_missing_wal_level() {
