@@ -837,7 +837,61 @@ async fn a_failing_statement_at_activation_is_retried(server: &'static Server) {
     relay.terminate();
 }
 
+/// `push_rules = true` turned on by SIGHUP for the first appservice: the push-rules publication is
+/// added to the running stream (the stream restarts after the last commit received), not left
+/// for some later reconnect; delivery goes on, and it is not mistaken for a takeover.
+async fn sighup_push_rules_adds_the_publication(server: &'static Server) {
+    let s = prepare(server).await;
+    let relay = start_relay(&s).await;
+    let key = ("@a_1:example.org".to_owned(), None, "m.direct".to_owned());
+    w::set_global(&s.db.client, "@a_1:example.org", "m.direct", r#"{"v":1}"#)
+        .await
+        .unwrap();
+    assert!(s.a.wait_for(WAIT, |st| st.get(&key).is_some_and(|v| v["v"] == 1)).await);
+    let toml = s.files.path().join("relay.toml");
+    edit(toml, |t| {
+        format!("{t}[synapse]\nclient_url = \"http://127.0.0.1:9\"\n[appservices.a]\npush_rules = true\n")
+    });
+    relay.signal("HUP");
+    assert!(
+        wait_for_log(
+            &relay,
+            "restarting the replication stream with the new publications",
+            Duration::from_secs(20)
+        )
+        .await,
+        "{}",
+        relay.log_text()
+    );
+    let log = relay.log_text();
+    let restart = log
+        .lines()
+        .find(|l| l.contains("restarting the replication stream"))
+        .unwrap_or_default();
+    assert!(
+        restart.contains("push_rules"),
+        "the push-rules publication is streamed: {restart}"
+    );
+    assert!(!restart.contains("resume_after=0/0"), "{restart}");
+    w::set_global(&s.db.client, "@a_1:example.org", "m.direct", r#"{"v":2}"#)
+        .await
+        .unwrap();
+    assert!(
+        s.a.wait_for(WAIT, |st| st.get(&key).is_some_and(|v| v["v"] == 2)).await,
+        "{}",
+        relay.log_text()
+    );
+    let log = relay.log_text();
+    assert!(!log.contains("took the replication slot over"), "{log}");
+    let started: Vec<&str> = log.lines().filter(|l| l.contains("starting replication")).collect();
+    assert!(
+        started.last().is_some_and(|l| l.contains("push_rules")),
+        "the stream was started again with the push-rules publication: {started:?}"
+    );
+}
+
 on_both_servers!(
+    sighup_push_rules_adds_the_publication,
     a_failing_statement_at_activation_is_retried,
     systemd_metrics_status_and_sigterm,
     sigterm_gives_up_on_a_hanging_appservice,
