@@ -5,8 +5,8 @@
 -- Prerequisites: wal_level = logical (needs a restart), and the role has REPLICATION:
 --   ALTER SYSTEM SET wal_level = logical;   -- then restart PostgreSQL
 --   ALTER ROLE synapse WITH REPLICATION;     -- as a superuser
--- wait at most 5s for table locks, so Synapse's writes never queue behind setup
-SET lock_timeout = '5s';
+-- wait at most 100ms for table locks, so Synapse's writes never queue behind setup for longer (setup tries again; by hand, run the file again if a lock timeout stops it)
+SET lock_timeout = '100ms';
 BEGIN;
 -- give account_data a replica identity (its unique index) BEFORE it enters a publication, so Synapse's updates keep working
 ALTER TABLE "account_data" REPLICA IDENTITY USING INDEX "account_data_uniqueness";

@@ -5,8 +5,8 @@
 -- Stop the relay first.
 -- drop replication slot "synapse_account_data_relay" (PostgreSQL stops retaining WAL for it)
 SELECT pg_drop_replication_slot('synapse_account_data_relay');
--- wait at most 5s for table locks
-SET lock_timeout = '5s';
+-- wait at most 100ms for table locks
+SET lock_timeout = '100ms';
 BEGIN;
 -- drop publication "synapse_account_data_relay" (before touching replica identities)
 DROP PUBLICATION "synapse_account_data_relay";

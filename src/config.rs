@@ -228,6 +228,22 @@ pub struct SynapseSection {
     /// Base URL of Synapse's client API, for push rules (default: Synapse's client listener from
     /// homeserver.yaml).
     pub client_url: Option<String>,
+    /// The directory Synapse runs in: Synapse opens relative `app_service_config_files` entries
+    /// from its working directory, and so does the relay (Debian's and the docs' systemd units
+    /// run Synapse in `/var/lib/matrix-synapse`). Default: the relay's own working directory; a
+    /// relative value is taken from there too.
+    pub working_directory: Option<PathBuf>,
+}
+
+impl SynapseSection {
+    /// Where relative `app_service_config_files` entries are resolved (see `working_directory`).
+    pub fn working_directory(&self) -> PathBuf {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        match &self.working_directory {
+            Some(d) => cwd.join(d),
+            None => cwd,
+        }
+    }
 }
 
 /// `[http]`: the operations endpoint (`/metrics`, `/healthz`, `/readyz`, `/status.json`).
@@ -483,7 +499,7 @@ impl Settings {
         relay_path: &Path,
         env: EnvLookup<'_>,
     ) -> Result<Settings, ConfigError> {
-        let hs = HomeserverConfig::load(synapse_paths)?;
+        let hs = HomeserverConfig::load(synapse_paths, &relay.synapse.working_directory())?;
         let postgres = resolve_postgres(&hs, &relay.postgres, relay_path, env)?;
 
         let slot_name = relay
@@ -1144,7 +1160,7 @@ mod tests {
             let mut list = String::new();
             for (name, text) in registrations {
                 std::fs::write(dir.path().join(name), text).unwrap();
-                list.push_str(&format!("  - {name}\n"));
+                list.push_str(&format!("  - {}\n", dir.path().join(name).display()));
             }
             std::fs::write(
                 dir.path().join("homeserver.yaml"),

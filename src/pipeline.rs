@@ -11,9 +11,11 @@
 //!
 //! Life cycle: wait for the slot (a slot in use by another relay, SQLSTATE 55006, is waited for
 //! calmly: a standby); become active (decide each appservice's mode, request backfills for
-//! appservices opting in for the first time, start the workers and the recorder); stream,
+//! appservices opting in for the first time, start the workers and the recorder; a failing
+//! statement there lets the slot go and is retried with backoff); stream,
 //! reconnecting with backoff after connection losses and resuming after the last transaction
-//! received; if the slot is lost (invalidated or dropped), re-create it and resync every
+//! received (a 55006 then is usually our own old walsender, still waiting for
+//! `wal_sender_timeout`: see `Relay::on_slot_busy`); if the slot is lost (invalidated or dropped), re-create it and resync every
 //! appservice (or stop, with `on_slot_lost = "fail"`); if another relay took the slot over, drop
 //! everything in memory and go back to waiting.
 
@@ -76,6 +78,41 @@ pub enum RunError {
 /// it cannot give (see [`SessionError::ServerWaiting`]).
 const SERVER_WAIT_LIMIT: Duration = Duration::from_secs(2);
 
+/// Whether the server *keeps* asking for confirmations the relay cannot give (see
+/// [`SessionError::ServerWaiting`]). A walsender that waits before exiting asks again as soon as
+/// each reply arrives (every round trip); an ordinary keepalive asks once in a while. So a run of
+/// requests only counts while each comes within [`SERVER_WAIT_LIMIT`] of the previous one, and
+/// data or a request with nothing pending ends it: an old request never makes a new one look like
+/// the server has been waiting all along. Pure (the caller passes the time).
+#[derive(Debug, Default)]
+struct ServerWaitWatch {
+    /// Since when, and the last request of the run.
+    run: Option<(Instant, Instant)>,
+}
+
+impl ServerWaitWatch {
+    /// A keepalive asking for a reply arrived at `now`, with `pending` = the relay could not
+    /// confirm everything the server sent. True when the server has been asking for longer than
+    /// [`SERVER_WAIT_LIMIT`] without a pause.
+    fn request(&mut self, now: Instant, pending: bool) -> bool {
+        if !pending {
+            self.run = None;
+            return false;
+        }
+        let since = match self.run {
+            Some((since, last)) if now.saturating_duration_since(last) <= SERVER_WAIT_LIMIT => since,
+            _ => now,
+        };
+        self.run = Some((since, now));
+        now.saturating_duration_since(since) > SERVER_WAIT_LIMIT
+    }
+
+    /// Changes arrived: the server is streaming, not waiting.
+    fn data(&mut self) {
+        self.run = None;
+    }
+}
+
 /// The transaction being received.
 #[derive(Debug, Clone, Copy, Default)]
 struct OpenTx {
@@ -130,6 +167,8 @@ enum SessionError {
     Mapping(#[from] MappingError),
     #[error("the server ended the replication stream")]
     StreamEnded,
+    #[error("the publications to stream changed (reload)")]
+    Restream,
     #[error("nothing received from the server for {0:?} (replication.timeout): taking the connection for dead")]
     Silent(Duration),
     #[error(
@@ -177,6 +216,27 @@ pub struct Relay {
     /// When a backtrack-limit failure of a fallback namespace was last logged, and how many
     /// happened since (logged at most once a minute; all are counted in the metric).
     backtrack_limit_log: (Option<Instant>, u64),
+    /// The server PIDs of this process's latest replication connections (their walsenders), to
+    /// recognise our own stale walsender behind a 55006 (see [`Relay::on_slot_busy`]).
+    own_walsenders: Vec<i32>,
+    /// A reload changed the publications to stream: the session restarts the stream.
+    restream: bool,
+}
+
+/// How many of our replication connections' PIDs are remembered.
+const OWN_WALSENDERS_KEPT: usize = 8;
+
+/// How long the relay waits, beyond `wal_sender_timeout`, for a walsender it cannot identify to
+/// let the slot go after a reconnect, before it concludes another process took the slot over.
+const STALE_WALSENDER_MARGIN: Duration = Duration::from_secs(5);
+
+/// What a 55006 on reconnecting means.
+#[derive(Debug, PartialEq, Eq)]
+enum SlotBusy {
+    /// Our own earlier connection (or one we cannot tell): try again after this long.
+    Retry(Duration),
+    /// Another process holds the slot.
+    Taken,
 }
 
 impl Relay {
@@ -225,6 +285,8 @@ impl Relay {
             pending_reload: None,
             epoch: 0,
             backtrack_limit_log: (None, 0),
+            own_walsenders: Vec::new(),
+            restream: false,
         })
     }
 
@@ -353,14 +415,35 @@ impl Relay {
             poll_stop_rx,
         ));
         let _poll_stop = poll_stop;
+        let mut activation_retry = RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        }
+        .schedule();
         loop {
             let Some(stream) = self.acquire_slot(&mut shutdown).await? else {
                 return Ok(());
             };
             if let Err(e) = self.activate(&db).await {
+                // Like every other transient fault (the database restarting, a statement
+                // cancelled, a lock timeout): let the slot go and try again.
                 stream.finish().await;
-                return Err(e);
+                if let RunError::Store(s) = &e {
+                    db.forget_if_lost(s).await;
+                }
+                let wait = activation_retry.next_delay(None);
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot start the session (reading the relay's state failed); retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
             }
+            activation_retry = RetryPolicy {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+            }
+            .schedule();
             let ctx = DeliveryContext {
                 http: http.clone(),
                 settings: self.settings.delivery.clone(),
@@ -390,7 +473,16 @@ impl Relay {
             self.health.set_connected(false);
             match result? {
                 SessionEnd::Shutdown => {
-                    self.verify_final_confirmation(&db).await;
+                    // Bounded as a whole: the shared SQL connection may be one a partition left
+                    // hanging, and shutdown must not wait for it.
+                    if tokio::time::timeout(Duration::from_secs(10), self.verify_final_confirmation(&db))
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            "cannot check the slot's confirmed position after stopping: no answer within 10s"
+                        );
+                    }
                     return Ok(());
                 }
                 SessionEnd::SlotTaken => {
@@ -488,6 +580,14 @@ impl Relay {
 
     async fn start_stream(&mut self, resume_at: Lsn) -> Result<LogicalReplicationStream, SessionError> {
         let mut conn = ReplicationConnection::connect(&self.settings.postgres).await?;
+        // Remembered before START_REPLICATION: from then on this walsender may hold the slot,
+        // even if we never hear back.
+        if let Some(pid) = conn.backend_pid() {
+            if self.own_walsenders.len() >= OWN_WALSENDERS_KEPT {
+                self.own_walsenders.remove(0);
+            }
+            self.own_walsenders.push(pid);
+        }
         let ident = conn.identify_system().await?;
         let stream = conn
             .start_logical_replication_of(&self.settings.slot_name, resume_at, &self.publications())
@@ -645,6 +745,8 @@ impl Relay {
         }
         .schedule();
         let mut stream = Some(first);
+        // Since when reconnecting has found the slot busy.
+        let mut busy_since: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
                 return Ok(SessionEnd::Shutdown);
@@ -653,6 +755,9 @@ impl Relay {
                 Some(s) => Ok(s),
                 None => self.start_stream(self.tracker.last_commit_end()).await,
             };
+            if s.is_ok() {
+                busy_since = None;
+            }
             let result = match s {
                 Ok(s) => self.session(s, shutdown).await,
                 Err(e) => Err(e),
@@ -665,12 +770,29 @@ impl Relay {
             };
             self.health.set_connected(false);
             match err {
-                SessionError::Replication(r) if r.is_slot_in_use() => return Ok(SessionEnd::SlotTaken),
+                // Reconnecting after a silent partition or a decode error, PostgreSQL often
+                // still runs our previous walsender (until wal_sender_timeout): not a takeover.
+                SessionError::Replication(r) if r.is_slot_in_use() => {
+                    let first = busy_since.is_none();
+                    let since = *busy_since.get_or_insert_with(Instant::now);
+                    match self.on_slot_busy(since, first).await {
+                        SlotBusy::Taken => return Ok(SessionEnd::SlotTaken),
+                        SlotBusy::Retry(wait) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = shutdown.changed() => {}
+                            }
+                        }
+                    }
+                }
                 SessionError::Replication(r) if r.is_slot_missing() || r.is_slot_invalidated() => {
                     return Ok(SessionEnd::SlotLost(r.to_string()));
                 }
                 SessionError::Replication(r) if is_fatal(&r) => return Err(RunError::Replication(r)),
                 SessionError::Mapping(m @ MappingError::MissingColumn { .. }) => return Err(RunError::Mapping(m)),
+                SessionError::Restream => {
+                    tracing::info!(publications = %self.publications().join(", "), resume_after = %self.tracker.last_commit_end(), "reload: restarting the replication stream with the new publications");
+                }
                 other => {
                     if matches!(other, SessionError::Wire(_) | SessionError::Decode(_)) {
                         self.metrics
@@ -690,6 +812,75 @@ impl Relay {
         }
     }
 
+    /// Reconnecting found the slot in use (SQLSTATE 55006) since `since`. If its walsender is one
+    /// of ours (its PID is one of our connections'), end it and retry; if it is another process's,
+    /// the slot was taken over; if the relay cannot tell (the slot's holder cannot be read), retry
+    /// until `wal_sender_timeout` (read from the server) has passed, by which time PostgreSQL has
+    /// ended a walsender of ours that lost its client.
+    async fn on_slot_busy(&self, since: Instant, first: bool) -> SlotBusy {
+        let slot = self.settings.slot_name.as_str();
+        let own = &self.own_walsenders;
+        let probe = tokio::time::timeout(Duration::from_secs(10), async {
+            let client = crate::postgres_sql::connect_sql(&self.settings.postgres)
+                .await
+                .map_err(|e| e.to_string())?;
+            let row = client
+                .query_one(
+                    "SELECT (SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1), \
+                            (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout')",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let holder: Option<i32> = row.get(0);
+            let timeout_ms: Option<i64> = row.get(1);
+            let ended = match holder {
+                Some(pid) if own.contains(&pid) => client
+                    .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .map(|r| r.get::<_, bool>(0))
+                    .map_err(|e| format!("ending our previous walsender (PID {pid}): {e}"))?,
+                _ => false,
+            };
+            Ok::<_, String>((holder, timeout_ms, ended))
+        })
+        .await
+        .unwrap_or_else(|_| Err("timed out after 10s".into()));
+        let retry = Duration::from_millis(250);
+        let patience = |timeout_ms: Option<i64>| {
+            // 0 disables the timeout: then TCP alone ends the walsender; give it a minute.
+            let t = match timeout_ms {
+                Some(ms) if ms > 0 => Duration::from_millis(ms as u64),
+                _ => Duration::from_secs(60),
+            };
+            t + STALE_WALSENDER_MARGIN
+        };
+        match probe {
+            Ok((Some(_), timeout_ms, _)) if since.elapsed() > patience(timeout_ms) => SlotBusy::Taken,
+            Ok((Some(pid), _, ended)) if own.contains(&pid) => {
+                if ended {
+                    tracing::warn!(slot = %slot, pid, "our previous replication connection still held the slot (PostgreSQL had not noticed it was gone): ended its walsender; resuming");
+                }
+                SlotBusy::Retry(retry)
+            }
+            Ok((Some(pid), _, _)) => {
+                tracing::info!(slot = %slot, pid, "the replication slot is held by a walsender that is not one of ours");
+                SlotBusy::Taken
+            }
+            // Released meanwhile.
+            Ok((None, timeout_ms, _)) if since.elapsed() < patience(timeout_ms) => SlotBusy::Retry(retry),
+            Ok((None, _, _)) => SlotBusy::Taken,
+            Err(e) if since.elapsed() < patience(None) => {
+                if first {
+                    tracing::warn!(slot = %slot, error = %e, "the replication slot is still in use, and which process holds it cannot be read: \
+                        waiting for PostgreSQL to end our previous walsender (wal_sender_timeout) before concluding another process took it over");
+                }
+                SlotBusy::Retry(Duration::from_secs(1))
+            }
+            Err(_) => SlotBusy::Taken,
+        }
+    }
+
     async fn session(
         &mut self,
         mut stream: LogicalReplicationStream,
@@ -699,8 +890,8 @@ impl Relay {
         let mut tx = OpenTx::default();
         let mut interval = tokio::time::interval(self.settings.status_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Since when the server has been asking for replies we cannot fully give.
-        let mut server_waiting: Option<Instant> = None;
+        // Whether the server keeps asking for replies we cannot fully give.
+        let mut server_waiting = ServerWaitWatch::default();
         let mut last_received = Instant::now();
         let timeout = self.settings.replication_timeout;
         loop {
@@ -742,6 +933,10 @@ impl Relay {
                         self.pending_reload = Some(r);
                         if !self.tracker.in_transaction() {
                             self.apply_reload().await;
+                            if std::mem::take(&mut self.restream) {
+                                stream.finish().await;
+                                return Err(SessionError::Restream);
+                            }
                         }
                     }
                     None => self.reloads = None,
@@ -762,22 +957,22 @@ impl Relay {
                                 // exiting, for everything it sent to be confirmed (a fast shutdown or
                                 // restart). Holding the connection would hold the server.
                                 let confirmed = self.last_status.map(|s| s.1).unwrap_or_default();
-                                if confirmed < wal_end {
-                                    let since = *server_waiting.get_or_insert_with(Instant::now);
-                                    if since.elapsed() > SERVER_WAIT_LIMIT {
-                                        stream.finish().await;
-                                        return Err(SessionError::ServerWaiting);
-                                    }
-                                } else {
-                                    server_waiting = None;
+                                if server_waiting.request(Instant::now(), confirmed < wal_end) {
+                                    stream.finish().await;
+                                    return Err(SessionError::ServerWaiting);
                                 }
                             }
                         }
                         ReplicationMessage::XLogData { data, .. } => {
+                            server_waiting.data();
                             let message = pgoutput::decode(data)?;
                             self.on_message(&message, &mut mapper, &mut tx)?;
                             if self.pending_reload.is_some() && !self.tracker.in_transaction() {
                                 self.apply_reload().await;
+                                if std::mem::take(&mut self.restream) {
+                                    stream.finish().await;
+                                    return Err(SessionError::Restream);
+                                }
                             }
                         }
                     }
@@ -1023,5 +1218,57 @@ fn is_fatal(e: &ReplicationError) -> bool {
         ReplicationError::Auth { .. } | ReplicationError::Tls { .. } => true,
         ReplicationError::Server(_) => !e.is_transient(),
         ReplicationError::Io { .. } | ReplicationError::Timeout { .. } | ReplicationError::Protocol { .. } => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_request_does_not_make_the_server_look_waiting() {
+        let t0 = Instant::now();
+        let mut w = ServerWaitWatch::default();
+        // An ordinary keepalive asking for a reply while a change is undelivered...
+        assert!(!w.request(t0, true));
+        // ...and the next one, minutes later, still with something undelivered: not a server
+        // that kept asking for minutes.
+        assert!(!w.request(t0 + Duration::from_secs(300), true));
+        assert!(!w.request(t0 + Duration::from_secs(600), true));
+    }
+
+    #[test]
+    fn a_server_asking_without_pause_is_released_after_the_limit() {
+        let t0 = Instant::now();
+        let mut w = ServerWaitWatch::default();
+        let step = Duration::from_millis(100);
+        let mut released = None;
+        for i in 0..100u32 {
+            if w.request(t0 + step * i, true) {
+                released = Some(step * i);
+                break;
+            }
+        }
+        let after = released.expect("a server asking every 100 ms is released");
+        assert!(
+            after > SERVER_WAIT_LIMIT && after <= SERVER_WAIT_LIMIT + step,
+            "{after:?}"
+        );
+    }
+
+    #[test]
+    fn data_or_nothing_pending_ends_a_run() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut w = ServerWaitWatch::default();
+        assert!(!w.request(t0, true));
+        assert!(!w.request(t0 + second, true));
+        w.data();
+        assert!(!w.request(t0 + second * 2, true));
+        assert!(!w.request(t0 + second * 3, true));
+        assert!(!w.request(t0 + second * 4, false));
+        assert!(!w.request(t0 + second * 5, true));
+        assert!(!w.request(t0 + second * 6, true));
+        assert!(w.request(t0 + second * 7 + Duration::from_millis(1), true));
     }
 }

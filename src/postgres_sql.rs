@@ -108,8 +108,14 @@ pub fn tokio_postgres_config(cfg: &PgConnectionConfig) -> tokio_postgres::Config
     config
 }
 
+/// What every relay SQL session sets first, whatever the server's (or database's, or role's)
+/// defaults: keys the recorder writes must be durable before the slot is confirmed past them,
+/// so commits wait for the WAL flush (`synchronous_commit = on`).
+pub const SESSION_SETUP_SQL: &str = "SET synchronous_commit = on";
+
 /// Opens an SQL connection, spawns its connection task (which logs its error, if any, when it
-/// ends) and returns the client. The whole is bounded by `cfg.connect_timeout` (zero: no bound).
+/// ends), sets the session up ([`SESSION_SETUP_SQL`]) and returns the client. The whole is bounded
+/// by `cfg.connect_timeout` (zero: no bound).
 pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Client, SqlConnectError> {
     let target = cfg.describe();
     let error = |source: SqlConnectErrorSource| {
@@ -186,6 +192,7 @@ where
     match config.connect_raw(stream, tls).await {
         Ok((client, connection)) => {
             spawn_connection(connection, target.to_owned());
+            client.batch_execute(SESSION_SETUP_SQL).await?;
             Ok(client)
         }
         Err(e) => match refusal.lock().ok().and_then(|mut r| r.take()) {

@@ -11,8 +11,9 @@
 //! `REPLICA IDENTITY USING INDEX` on each table *before*, and in the same transaction as, the
 //! statement that puts it in the publication; teardown drops the publication *before* restoring
 //! the replica identity; and `run` refuses to start if a published table lacks it. Every
-//! statement runs with a short `lock_timeout`, so setup never queues Synapse's writes behind it
-//! for long.
+//! statement runs with a short `lock_timeout` (100 ms), so setup never queues Synapse's writes
+//! behind it for long, and [`execute_plan`] repeats a step whose lock was not granted (see
+//! [`LOCK_ATTEMPTS`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -644,8 +645,26 @@ pub struct PlanStep {
     pub group: u32,
 }
 
-/// The `lock_timeout` every plan runs with: never keep Synapse's writes waiting behind us long.
-pub const LOCK_TIMEOUT: &str = "5s";
+/// The `lock_timeout` every plan runs with. `ALTER TABLE … REPLICA IDENTITY` wants an
+/// `ACCESS EXCLUSIVE` lock, and while it waits for one every Synapse statement on that table
+/// queues behind it: so it waits very little, and [`execute_plan`] tries again (see
+/// [`LOCK_ATTEMPTS`]). A Synapse write is held up at most about this long per try.
+pub const LOCK_TIMEOUT: &str = "100ms";
+
+/// How many times [`execute_plan`] runs a step whose locks were not granted within
+/// [`LOCK_TIMEOUT`] (SQLSTATE 55P03), with a jittered pause of 100 ms to 1 s between tries
+/// (about 45 s in all), before it gives up.
+pub const LOCK_ATTEMPTS: u32 = 50;
+
+/// SQLSTATE `55P03` lock_not_available (what `lock_timeout` raises).
+const SQLSTATE_LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// What [`execute_plan`] did besides the plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanRun {
+    /// Tries that ended because a lock was not granted within [`LOCK_TIMEOUT`] and were repeated.
+    pub lock_retries: u32,
+}
 
 const COMMENT_PREFIX: &str = "synapse-account-data-relay; replica identity before setup:";
 
@@ -751,7 +770,8 @@ pub fn setup_plan(s: &DatabaseState, names: Names<'_>) -> Result<Vec<PlanStep>, 
     let mut steps = Vec::new();
     let lock = PlanStep {
         description: format!(
-            "wait at most {LOCK_TIMEOUT} for table locks, so Synapse's writes never queue behind setup"
+            "wait at most {LOCK_TIMEOUT} for table locks, so Synapse's writes never queue behind setup for longer \
+             (setup tries again; by hand, run the file again if a lock timeout stops it)"
         ),
         sql: format!("SET lock_timeout = '{LOCK_TIMEOUT}';"),
         group: 0,
@@ -999,7 +1019,23 @@ pub fn plan_to_sql(steps: &[PlanStep]) -> String {
 }
 
 /// Run a plan: steps of one group in one transaction, in order.
-pub async fn execute_plan(client: &mut tokio_postgres::Client, steps: &[PlanStep]) -> Result<(), ProvisionError> {
+pub async fn execute_plan(client: &mut tokio_postgres::Client, steps: &[PlanStep]) -> Result<PlanRun, ProvisionError> {
+    execute_plan_with(client, steps, LOCK_ATTEMPTS).await
+}
+
+/// [`execute_plan`], running a step (a transaction, for group 1) at most `lock_attempts` times
+/// while its locks are not granted within the session's `lock_timeout`.
+pub async fn execute_plan_with(
+    client: &mut tokio_postgres::Client,
+    steps: &[PlanStep],
+    lock_attempts: u32,
+) -> Result<PlanRun, ProvisionError> {
+    let mut run = PlanRun::default();
+    let mut pauses = crate::delivery::retry::RetryPolicy {
+        initial: std::time::Duration::from_millis(100),
+        max: std::time::Duration::from_secs(1),
+    }
+    .schedule();
     let mut i = 0;
     while i < steps.len() {
         let group = steps[i].group;
@@ -1008,28 +1044,58 @@ pub async fn execute_plan(client: &mut tokio_postgres::Client, steps: &[PlanStep
             j += 1;
         }
         let chunk = &steps[i..j];
-        if group == 1 {
-            let tx = client
-                .transaction()
-                .await
-                .map_err(|e| ProvisionError::from_pg("starting a transaction", &e))?;
-            for s in chunk {
-                tx.batch_execute(&s.sql)
-                    .await
-                    .map_err(|e| ProvisionError::from_pg(&s.description, &e))?;
-            }
-            tx.commit()
-                .await
-                .map_err(|e| ProvisionError::from_pg("committing", &e))?;
+        let units: Vec<&[PlanStep]> = if group == 1 {
+            vec![chunk]
         } else {
-            for s in chunk {
-                client
-                    .batch_execute(&s.sql)
-                    .await
-                    .map_err(|e| ProvisionError::from_pg(&s.description, &e))?;
+            chunk.chunks(1).collect()
+        };
+        for unit in units {
+            let mut attempt = 1;
+            loop {
+                match execute_unit(client, unit, group == 1).await {
+                    Ok(()) => break,
+                    Err(e) if e.sqlstate.as_deref() == Some(SQLSTATE_LOCK_NOT_AVAILABLE) && attempt < lock_attempts => {
+                        attempt += 1;
+                        run.lock_retries += 1;
+                        let pause = pauses.next_delay(None);
+                        tracing::info!(step = %e.what, attempt, pause = ?pause, "a table lock was not granted within {LOCK_TIMEOUT} (Synapse is using the table): trying again");
+                        tokio::time::sleep(pause).await;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         i = j;
+    }
+    Ok(run)
+}
+
+async fn execute_unit(
+    client: &mut tokio_postgres::Client,
+    unit: &[PlanStep],
+    in_transaction: bool,
+) -> Result<(), ProvisionError> {
+    if in_transaction {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| ProvisionError::from_pg("starting a transaction", &e))?;
+        for s in unit {
+            tx.batch_execute(&s.sql)
+                .await
+                .map_err(|e| ProvisionError::from_pg(&s.description, &e))?;
+        }
+        // Dropping the transaction on an error above rolls it back.
+        tx.commit()
+            .await
+            .map_err(|e| ProvisionError::from_pg("committing", &e))?;
+    } else {
+        for s in unit {
+            client
+                .batch_execute(&s.sql)
+                .await
+                .map_err(|e| ProvisionError::from_pg(&s.description, &e))?;
+        }
     }
     Ok(())
 }

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
             )
         })
         .collect();
-    match HomeserverConfig::from_yaml(&files) {
+    match HomeserverConfig::from_yaml(&files, std::path::Path::new("/var/lib/matrix-synapse")) {
         Ok(config) => {
             assert!(!config.server_name.is_empty());
             let _ = config.client_url;

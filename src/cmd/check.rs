@@ -1,5 +1,7 @@
 //! `check`: validate everything without changing anything, and list all that is wrong.
 
+use std::path::Path;
+
 use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
 use crate::config::{Settings, process_env, resolve_postgres};
 use crate::pgconfig::{PgConnectionConfig, SslMode};
@@ -48,7 +50,7 @@ pub async fn check(args: &CheckArgs) -> u8 {
         r.ok(format!("relay config {} parses", relay_path.display()));
     }
     let paths = args.config.synapse_paths(&relay);
-    let hs = match HomeserverConfig::load(&paths) {
+    let hs = match HomeserverConfig::load(&paths, &relay.synapse.working_directory()) {
         Ok(h) => {
             r.ok(format!(
                 "Synapse config ({}): server_name {:?}, {} appservice registration(s)",
@@ -68,10 +70,23 @@ pub async fn check(args: &CheckArgs) -> u8 {
         }
     };
     let mut registrations_ok = true;
-    for path in &hs.app_service_config_files {
-        if let Err(e) = Registration::load(path) {
-            registrations_ok = false;
-            r.fail(e);
+    for (path, entry) in hs.app_service_config_files.iter().zip(&hs.app_service_config_entries) {
+        match Registration::load(path) {
+            Ok(_) if Path::new(entry).is_relative() => r.ok(format!(
+                "registration {} read (app_service_config_files entry {entry:?}{}, relative to Synapse's working \
+                 directory {}: set [synapse] working_directory if Synapse runs elsewhere)",
+                path.display(),
+                hs.app_service_config_named_in
+                    .as_ref()
+                    .map(|f| format!(" in {}", f.display()))
+                    .unwrap_or_default(),
+                hs.working_directory.display()
+            )),
+            Ok(_) => r.ok(format!("registration {} read", path.display())),
+            Err(e) => {
+                registrations_ok = false;
+                r.fail(e);
+            }
         }
     }
     let settings = match Settings::resolve(&paths, &relay, &relay_path, &process_env) {

@@ -35,7 +35,9 @@ fn write_files(dir: &Path, port: u16, receiver_url: &str) -> std::io::Result<()>
         dir.join("homeserver.yaml"),
         format!(
             "server_name: {SERVER_NAME}\ndatabase:\n  name: psycopg2\n  args:\n    user: postgres\n    dbname: synapse\n    \
-             host: 127.0.0.1\n    port: {port}\napp_service_config_files:\n  - bridge.yaml\n  - bot.yaml\n"
+             host: 127.0.0.1\n    port: {port}\napp_service_config_files:\n  - {}\n  - {}\n",
+            dir.join("bridge.yaml").display(),
+            dir.join("bot.yaml").display()
         ),
     )?;
     std::fs::write(

@@ -2,7 +2,9 @@
 
 use crate::cmd::{ConfigArgs, EXIT_FAILURE, connect_and_inspect};
 use crate::privileges::{GrantPlan, grant_plan, inspect_role};
-use crate::provision::{Severity, execute_plan, inspect, plan_to_sql, problems, setup_plan};
+use crate::provision::{
+    LOCK_ATTEMPTS, LOCK_TIMEOUT, Severity, execute_plan, inspect, plan_to_sql, problems, setup_plan,
+};
 
 /// Check the server and prepare it for the relay.
 #[derive(Debug, clap::Args)]
@@ -86,17 +88,27 @@ pub async fn setup(args: &SetupArgs) -> u8 {
             state.database, names.slot, names.publication
         );
     } else {
-        if let Err(e) = execute_plan(&mut client, &plan).await {
-            eprintln!("error: {e}");
-            if e.sqlstate.as_deref() == Some("55P03") {
+        let run = match execute_plan(&mut client, &plan).await {
+            Ok(run) => run,
+            Err(e) => {
+                eprintln!("error: {e}");
+                if e.sqlstate.as_deref() == Some("55P03") {
+                    eprintln!(
+                        "  Synapse kept the table busy: {LOCK_ATTEMPTS} tries of {LOCK_TIMEOUT} each found it locked; try again in a quieter moment"
+                    );
+                }
                 eprintln!(
-                    "  a Synapse transaction held a lock for longer than the lock timeout; try again in a moment"
+                    "(each step runs in a transaction: a failed step changed nothing; steps before it are done, and setup can be run again)"
                 );
+                return EXIT_FAILURE;
             }
-            eprintln!(
-                "(each step runs in a transaction: a failed step changed nothing; steps before it are done, and setup can be run again)"
+        };
+        if run.lock_retries > 0 {
+            println!(
+                "waited for Synapse's table locks: {} tr{} of {LOCK_TIMEOUT} timed out before the locks were granted",
+                run.lock_retries,
+                if run.lock_retries == 1 { "y" } else { "ies" }
             );
-            return EXIT_FAILURE;
         }
         for step in plan.iter().filter(|s| !s.sql.starts_with("SET ")) {
             println!("done: {}", step.description);

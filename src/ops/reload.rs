@@ -20,7 +20,10 @@
 //!   them, and they stop holding the slot. Keys recorded for it stay in the state schema and are
 //!   delivered if it comes back.
 //!
-//! `retention.*` and `shutdown.timeout` apply at once. The database connection,
+//! `retention.*` and `shutdown.timeout` apply at once. When the first appservice turns
+//! `push_rules` on (or the last one off), the push-rules publication is added to (or dropped
+//! from) the stream: the replication stream restarts with it, resuming after the last commit
+//! received (nothing queued is lost or received twice). The database connection,
 //! `replication.*`, `delivery.*` and `http.*` need a restart: a reload that changes them logs
 //! which, and keeps the running values.
 
@@ -50,7 +53,14 @@ pub struct ReloadPlan {
     pub needs_restart: Vec<&'static str>,
     /// Settings applied at once besides the appservices.
     pub applied: Vec<&'static str>,
+    /// The publications to stream changed (an appservice now wants push rules, or none does
+    /// any more): the replication stream restarts with them, after the last commit received.
+    pub restart_stream: bool,
 }
+
+/// How [`ReloadPlan::applied`] names a change of the streamed publications.
+pub const PUSH_RULES_PUBLICATION_CHANGE: &str =
+    "push-rules publication (the replication stream restarts after the last commit received)";
 
 impl ReloadPlan {
     pub fn is_noop(&self) -> bool {
@@ -116,6 +126,12 @@ pub fn plan(old: &Settings, new: &Settings) -> ReloadPlan {
     }
     if old.shutdown_timeout != new.shutdown_timeout {
         p.applied.push("shutdown.timeout");
+    }
+    // The push-rules publication is named in START_REPLICATION: only streamed when wanted.
+    let wants_push_rules = |s: &Settings| s.appservices.iter().any(|a| a.push_rules);
+    if wants_push_rules(old) != wants_push_rules(new) {
+        p.applied.push(PUSH_RULES_PUBLICATION_CHANGE);
+        p.restart_stream = true;
     }
     let restart: [(&'static str, bool); 14] = [
         ("postgres (the database connection)", old.postgres != new.postgres),
@@ -303,5 +319,23 @@ mod tests {
             "delivery.max_transaction_bytes needs a restart, like the other delivery settings"
         );
         assert!(!format!("{p:?}").contains("t3b"), "no token in the plan");
+    }
+
+    #[test]
+    fn push_rules_turned_on_restarts_the_stream_with_its_publication() {
+        let old = settings(vec![a("x", "http://x", "t1"), a("y", "http://y", "t2")]);
+        let mut new = old.clone();
+        new.appservices[0].push_rules = true;
+        let p = plan(&old, &new);
+        assert_eq!(p.changed, vec![("x".to_owned(), vec!["push_rules"])]);
+        assert!(p.restart_stream, "{p:?}");
+        assert!(p.applied.contains(&PUSH_RULES_PUBLICATION_CHANGE), "{p:?}");
+        assert!(!p.is_noop());
+        // A second appservice wanting push rules needs no new publication.
+        let mut both = new.clone();
+        both.appservices[1].push_rules = true;
+        assert!(!plan(&new, &both).restart_stream);
+        // The last one turning it off drops it.
+        assert!(plan(&new, &old).restart_stream);
     }
 }

@@ -87,6 +87,8 @@ impl Relay {
         self.router = reload.router;
         self.settings = next;
         self.served.set(self.handles.clone());
+        // The session restarts the stream with the new publications (see `SessionError::Restream`).
+        self.restream = plan.restart_stream;
         for w in self.router.warnings() {
             tracing::warn!(appservice = %w.appservice, pattern = %w.pattern, "{}", w.message);
         }

@@ -402,9 +402,15 @@ impl Listener {
 pub struct HomeserverConfig {
     pub server_name: String,
     pub database: DatabaseSection,
-    /// Registration file paths, resolved against the directory of the file that named them
-    /// when relative.
+    /// Registration file paths; relative entries resolved, as Synapse does, against Synapse's
+    /// working directory (`working_directory`), not the config file's folder.
     pub app_service_config_files: Vec<PathBuf>,
+    /// The `app_service_config_files` entries as written, in the same order.
+    pub app_service_config_entries: Vec<String>,
+    /// The file whose `app_service_config_files` was used (the last that has one).
+    pub app_service_config_named_in: Option<PathBuf>,
+    /// The directory relative entries were resolved against.
+    pub working_directory: PathBuf,
     pub use_appservice_legacy_authorization: bool,
     /// The URL of Synapse's client API from its first client listener, if there is one.
     pub client_url: Option<String>,
@@ -436,8 +442,9 @@ pub fn expand_config_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SynapseFil
 }
 
 impl HomeserverConfig {
-    /// Read and merge Synapse's config files (see [`expand_config_paths`]).
-    pub fn load(paths: &[PathBuf]) -> Result<HomeserverConfig, SynapseFileError> {
+    /// Read and merge Synapse's config files (see [`expand_config_paths`]); relative
+    /// `app_service_config_files` entries are resolved against `working_directory`, Synapse's.
+    pub fn load(paths: &[PathBuf], working_directory: &Path) -> Result<HomeserverConfig, SynapseFileError> {
         let files = expand_config_paths(paths)?;
         if files.is_empty() {
             return Err(SynapseFileError::Invalid {
@@ -449,24 +456,27 @@ impl HomeserverConfig {
             .into_iter()
             .map(|f| read_text(&f).map(|t| (f, t)))
             .collect::<Result<Vec<_>, _>>()?;
-        HomeserverConfig::from_yaml(&texts)
+        HomeserverConfig::from_yaml(&texts, working_directory)
     }
 
     /// Merge Synapse's config files, given as `(path, content)` in the order Synapse reads them
-    /// (pure: the paths only name the files in errors and resolve relative registration paths).
-    pub fn from_yaml(texts: &[(PathBuf, String)]) -> Result<HomeserverConfig, SynapseFileError> {
+    /// (pure: the paths only name the files in errors); relative `app_service_config_files`
+    /// entries are resolved against `working_directory`, Synapse's.
+    pub fn from_yaml(
+        texts: &[(PathBuf, String)],
+        working_directory: &Path,
+    ) -> Result<HomeserverConfig, SynapseFileError> {
         let files: Vec<PathBuf> = texts.iter().map(|(f, _)| f.clone()).collect();
         let first = files.first().cloned().unwrap_or_default();
         let mut server_name: Option<(String, PathBuf)> = None;
         let mut database: Option<(DatabaseSection, PathBuf)> = None;
-        let mut as_files: Option<Vec<PathBuf>> = None;
+        let mut as_files: Option<(Vec<String>, PathBuf)> = None;
         let mut legacy = None;
         let mut listeners: Option<Vec<Listener>> = None;
         for (f, text) in texts {
             // An empty file (only comments) is valid YAML for Synapse: it contributes nothing.
             let parsed: Option<HomeserverFile> = parse_yaml(text, f, "a Synapse config file")?;
             let Some(parsed) = parsed else { continue };
-            let dir = f.parent().unwrap_or(Path::new("."));
             if let Some(n) = parsed.server_name {
                 server_name = Some((n, f.clone()));
             }
@@ -474,7 +484,7 @@ impl HomeserverConfig {
                 database = Some((d, f.clone()));
             }
             if let Some(list) = parsed.app_service_config_files {
-                as_files = Some(list.iter().map(|p| dir.join(p)).collect());
+                as_files = Some((list, f.clone()));
             }
             if let Some(l) = parsed.use_appservice_legacy_authorization {
                 legacy = Some(l);
@@ -518,10 +528,17 @@ impl HomeserverConfig {
                 ),
             });
         }
+        let (entries, named_in) = match as_files {
+            Some((entries, file)) => (entries, Some(file)),
+            None => (Vec::new(), None),
+        };
         Ok(HomeserverConfig {
             server_name,
             database,
-            app_service_config_files: as_files.unwrap_or_default(),
+            app_service_config_files: entries.iter().map(|e| working_directory.join(e)).collect(),
+            app_service_config_entries: entries,
+            app_service_config_named_in: named_in,
+            working_directory: working_directory.to_owned(),
             use_appservice_legacy_authorization: legacy.unwrap_or(false),
             client_url: listeners.unwrap_or_default().iter().find_map(Listener::client_url),
             files,
@@ -754,7 +771,8 @@ mod tests {
         );
         write(&confd, "empty.yaml", "# nothing\n");
         write(&confd, "ignored.txt", "server_name: not-yaml-ext\n");
-        let hs = HomeserverConfig::load(&[main, confd]).unwrap();
+        // Relative entries are opened from Synapse's working directory, as Synapse does.
+        let hs = HomeserverConfig::load(&[main, confd], Path::new("/var/lib/matrix-synapse")).unwrap();
         assert_eq!(hs.server_name, "example.org");
         assert_eq!(hs.database.args.database.as_deref(), Some("synapse"));
         assert_eq!(hs.database.args.password.as_ref().map(|p| p.expose()), Some("pw"));
@@ -762,7 +780,7 @@ mod tests {
         assert_eq!(
             hs.app_service_config_files,
             vec![
-                dir.path().join("appservices/irc.yaml"),
+                PathBuf::from("/var/lib/matrix-synapse/appservices/irc.yaml"),
                 PathBuf::from("/abs/other.yaml")
             ]
         );
@@ -777,10 +795,10 @@ mod tests {
             "hs.yaml",
             "server_name: a\ndatabase:\n  name: sqlite3\n  args:\n    database: /data/homeserver.db\n",
         );
-        let err = HomeserverConfig::load(&[f]).unwrap_err().to_string();
+        let err = HomeserverConfig::load(&[f], dir.path()).unwrap_err().to_string();
         assert!(err.contains("SQLite") && err.contains("hs.yaml"), "{err}");
         let f = write(dir.path(), "hs2.yaml", "database:\n  name: psycopg2\n");
-        let err = HomeserverConfig::load(&[f]).unwrap_err().to_string();
+        let err = HomeserverConfig::load(&[f], dir.path()).unwrap_err().to_string();
         assert!(err.contains("server_name"), "{err}");
     }
 }

@@ -675,6 +675,7 @@ async fn no_secret_anywhere(server: &'static Server) {
     outputs.push(("setup", text(&out)));
     a.set_mode(ReceiverMode::Fail(500));
     let relay = Command::new(relay_binary())
+        .current_dir(&dir)
         .args([
             "--log-format",
             "json",
@@ -860,7 +861,108 @@ impl Drop for Child {
     }
 }
 
+/// A statement that fails while a session is being activated (here: the relay's state table is
+/// locked and the database's `lock_timeout` cancels the read) is retried like any transient
+/// fault; `run` does not end.
+async fn a_failing_statement_at_activation_is_retried(server: &'static Server) {
+    let s = prepare(server).await;
+    let admin = s.db.connect().await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE {} SET lock_timeout = '200ms'", s.db.name))
+        .await
+        .unwrap();
+    let mut locker = s.db.connect().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE synapse_account_data_relay.pending_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut relay = s.files.spawn_run();
+    assert!(
+        wait_for_log(&relay, "cannot start the session", Duration::from_secs(30)).await,
+        "{}",
+        relay.log_text()
+    );
+    // Still failing a while later, and still running.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            relay.log_text().matches("cannot start the session").count() >= 2
+        })
+        .await,
+        "{}",
+        relay.log_text()
+    );
+    assert!(relay.is_running(), "{}", relay.log_text());
+    lock.commit().await.unwrap();
+    w::set_global(&s.db.client, "@a_1:example.org", "m.direct", r#"{"after":1}"#)
+        .await
+        .unwrap();
+    let key = ("@a_1:example.org".to_owned(), None, "m.direct".to_owned());
+    assert!(
+        s.a.wait_for(WAIT, |st| st.get(&key).is_some_and(|v| v["after"] == 1))
+            .await,
+        "{}",
+        relay.log_text()
+    );
+    assert!(relay.is_running());
+    relay.terminate();
+}
+
+/// `push_rules = true` turned on by SIGHUP for the first appservice: the push-rules publication is
+/// added to the running stream (the stream restarts after the last commit received), not left
+/// for some later reconnect; delivery goes on, and it is not mistaken for a takeover.
+async fn sighup_push_rules_adds_the_publication(server: &'static Server) {
+    let s = prepare(server).await;
+    let relay = start_relay(&s).await;
+    let key = ("@a_1:example.org".to_owned(), None, "m.direct".to_owned());
+    w::set_global(&s.db.client, "@a_1:example.org", "m.direct", r#"{"v":1}"#)
+        .await
+        .unwrap();
+    assert!(s.a.wait_for(WAIT, |st| st.get(&key).is_some_and(|v| v["v"] == 1)).await);
+    let toml = s.files.path().join("relay.toml");
+    edit(toml, |t| {
+        format!("{t}[synapse]\nclient_url = \"http://127.0.0.1:9\"\n[appservices.a]\npush_rules = true\n")
+    });
+    relay.signal("HUP");
+    assert!(
+        wait_for_log(
+            &relay,
+            "restarting the replication stream with the new publications",
+            Duration::from_secs(20)
+        )
+        .await,
+        "{}",
+        relay.log_text()
+    );
+    let log = relay.log_text();
+    let restart = log
+        .lines()
+        .find(|l| l.contains("restarting the replication stream"))
+        .unwrap_or_default();
+    assert!(
+        restart.contains("push_rules"),
+        "the push-rules publication is streamed: {restart}"
+    );
+    assert!(!restart.contains("resume_after=0/0"), "{restart}");
+    w::set_global(&s.db.client, "@a_1:example.org", "m.direct", r#"{"v":2}"#)
+        .await
+        .unwrap();
+    assert!(
+        s.a.wait_for(WAIT, |st| st.get(&key).is_some_and(|v| v["v"] == 2)).await,
+        "{}",
+        relay.log_text()
+    );
+    let log = relay.log_text();
+    assert!(!log.contains("took the replication slot over"), "{log}");
+    let started: Vec<&str> = log.lines().filter(|l| l.contains("starting replication")).collect();
+    assert!(
+        started.last().is_some_and(|l| l.contains("push_rules")),
+        "the stream was started again with the push-rules publication: {started:?}"
+    );
+}
+
 on_both_servers!(
+    sighup_push_rules_adds_the_publication,
+    a_failing_statement_at_activation_is_retried,
     systemd_metrics_status_and_sigterm,
     sigterm_gives_up_on_a_hanging_appservice,
     sighup_reloads_without_dropping_the_connection,

@@ -197,6 +197,41 @@ async fn check_and_run_refuse_an_unprepared_database(server: &'static Server) {
     assert!(down.status.success(), "{}", text(&down));
 }
 
+/// Synapse opens relative `app_service_config_files` entries from its working directory, not
+/// from the config file's folder; so does the relay (`[synapse] working_directory`, default its
+/// own), and `check` says which file it read.
+#[tokio::test]
+async fn relative_registration_paths_follow_synapses_working_directory() {
+    let db = TestDb::new(crate::support::pg15()).await;
+    let f = files(&db);
+    // Synapse runs in synapse-home/, where its registration lives; homeserver.yaml is elsewhere.
+    let home = f.path().join("synapse-home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::rename(f.path().join("a.yaml"), home.join("a.yaml")).unwrap();
+    let toml = f.path().join("relay.toml");
+    let text_before = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        format!("{text_before}[synapse]\nworking_directory = \"{}\"\n", home.display()),
+    )
+    .unwrap();
+    let out = f.command("check", &[]);
+    let t = text(&out);
+    let read = format!("registration {} read", home.join("a.yaml").display());
+    assert!(t.contains(&read), "check names the file it read ({read}):\n{t}");
+    assert!(t.contains("relative to Synapse's working directory"), "{t}");
+    assert!(t.contains("appservice \"a\" is served"), "{t}");
+    // Without the setting, the relay's own working directory (here its files' folder) is used:
+    // a.yaml is not there any more, and check says which path it tried.
+    std::fs::write(&toml, &text_before).unwrap();
+    let out = f.command("check", &[]);
+    let t = text(&out);
+    assert!(
+        t.contains(&f.path().join("a.yaml").display().to_string()) && t.contains("FAIL"),
+        "{t}"
+    );
+}
+
 /// Without `wal_level=logical`, setup says how to fix it and that a restart is needed.
 #[tokio::test]
 async fn setup_explains_a_missing_wal_level() {
@@ -263,7 +298,66 @@ async fn shipped_sql_prepares_and_restores(server: &'static Server) {
     assert!(replica_identities(&db).await.iter().all(|(_, r)| r == "d"));
 }
 
+/// `setup`'s `ALTER TABLE … REPLICA IDENTITY` waits for an `ACCESS EXCLUSIVE` lock, and Synapse's
+/// statements on the table queue behind it while it waits. A Synapse transaction holds the table
+/// for 2 s: setup waits in short tries (`lock_timeout = 100ms`) and succeeds once it ends; a
+/// writer on the table meanwhile is held up about one try at a time, never for the whole 2 s.
+async fn setup_takes_table_locks_in_short_tries(server: &'static Server) {
+    let db = TestDb::new(server).await;
+    let f = files(&db);
+    let mut synapse_tx = db.connect().await;
+    let held = synapse_tx.transaction().await.unwrap();
+    // What an open Synapse transaction that wrote to the table holds.
+    held.batch_execute("LOCK TABLE account_data IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let setup = tokio::task::spawn_blocking(move || f.command("setup", &[]));
+    // Another Synapse writer, measuring how long each of its statements takes meanwhile.
+    let writer = db.connect().await;
+    let started = std::time::Instant::now();
+    let mut longest = std::time::Duration::ZERO;
+    let mut n = 0;
+    while started.elapsed() < std::time::Duration::from_secs(2) {
+        let t = std::time::Instant::now();
+        w::set_global(&writer, "@a_w:example.org", "m.direct", &format!("{{\"n\":{n}}}"))
+            .await
+            .unwrap();
+        longest = longest.max(t.elapsed());
+        n += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    held.commit().await.unwrap();
+    let out = setup.await.unwrap();
+    let out_text = text(&out);
+    assert!(out.status.success(), "{out_text}");
+    let tries: u32 = out_text
+        .split("waited for Synapse's table locks: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("setup says it waited for the locks:\n{out_text}"));
+    assert!(
+        tries >= 3,
+        "several short tries while the table was held: {tries}\n{out_text}"
+    );
+    eprintln!(
+        "{}: setup retried {tries} times; {n} writes while it waited, the longest took {:?}",
+        server.label, longest
+    );
+    assert_eq!(
+        replica_identities(&db)
+            .await
+            .iter()
+            .find(|(t, _)| t == "account_data")
+            .map(|(_, r)| r.as_str()),
+        Some("i")
+    );
+    synapse_writes_succeed(&db).await.unwrap();
+    db.drop_slot().await;
+}
+
 on_both_servers!(
+    setup_takes_table_locks_in_short_tries,
     setup_defuses_the_replica_identity_landmine,
     check_and_run_refuse_an_unprepared_database,
     shipped_sql_prepares_and_restores,

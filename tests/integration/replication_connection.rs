@@ -508,6 +508,27 @@ async fn slot_in_use_missing_and_terminated(db: &TestDb, cfg: PgConnectionConfig
     drop_slot_when_released(db).await;
 }
 
+/// The relay's SQL sessions commit synchronously even where the server's default for the
+/// database says otherwise (recorded keys must be durable before the slot moves past them).
+async fn sql_sessions_commit_synchronously(server: &'static Server) {
+    let db = TestDb::new(server).await;
+    db.client
+        .batch_execute(&format!("ALTER DATABASE {} SET synchronous_commit = off", db.name))
+        .await
+        .unwrap();
+    let show = |c: tokio_postgres::Client| async move {
+        c.query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    // A plain session gets the database's default...
+    assert_eq!(show(crate::support::connect(server, &db.name).await).await, "off");
+    // ...the relay's does not.
+    let relay = connect_sql(&trust(server, &db.name)).await.unwrap();
+    assert_eq!(show(relay).await, "on");
+}
+
 async fn slot_errors_with_trust(server: &'static Server) {
     let db = TestDb::new(server).await;
     slot_in_use_missing_and_terminated(&db, trust(server, &db.name)).await;
@@ -538,6 +559,7 @@ on_both_servers!(
     stream_with_trust,
     quoted_publication_name,
     slot_errors_with_trust,
+    sql_sessions_commit_synchronously,
     prefer_without_server_tls_and_require_refused,
 );
 

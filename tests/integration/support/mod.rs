@@ -413,7 +413,9 @@ impl RelayFiles {
 
     /// Run a subcommand to completion.
     pub fn command(&self, subcommand: &str, extra: &[&str]) -> Output {
+        // Run where Synapse would: relative registration paths are Synapse's working directory's.
         Command::new(relay_binary())
+            .current_dir(self.path())
             .args(self.args(subcommand))
             .args(extra)
             .env("RUST_LOG", "info")
@@ -433,6 +435,7 @@ impl RelayFiles {
             .join(format!("relay-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(relay_binary())
+            .current_dir(self.path())
             .args(self.args("run"))
             .args(extra)
             .env("RUST_LOG", "synapse_account_data_relay=debug,info")
