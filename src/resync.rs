@@ -267,11 +267,14 @@ pub const ROOMS_PAGE_SQL: &str = "SELECT user_id, room_id, account_data_type, co
      WHERE (user_id, room_id, account_data_type) > ($1, $2, $3) ORDER BY user_id, room_id, account_data_type LIMIT $4";
 
 /// A page of rooms with tag revisions after a (user, room), in the order of the unique index of
-/// `room_tags_revisions`, each with its tags (none: the room's tags were all removed).
+/// `room_tags_revisions`, each with its tags (none: the room's tags were all removed), looked up
+/// per room in `room_tags`' unique index (`OFFSET 0` keeps the lateral subquery a per-room
+/// lookup: flattened into a join, a small `room_tags` could be hashed whole instead).
 pub const TAGS_PAGE_SQL: &str = "SELECT r.user_id, r.room_id, t.tag, t.content FROM \
      (SELECT user_id, room_id FROM room_tags_revisions WHERE (user_id, room_id) > ($1, $2) \
       ORDER BY user_id, room_id LIMIT $3) AS r \
-     LEFT JOIN room_tags AS t ON t.user_id = r.user_id AND t.room_id = r.room_id \
+     LEFT JOIN LATERAL (SELECT tag, content FROM room_tags \
+       WHERE room_tags.user_id = r.user_id AND room_tags.room_id = r.room_id OFFSET 0) AS t ON true \
      ORDER BY r.user_id, r.room_id, t.tag";
 
 /// The first `$2` distinct users with account data after `$1`. Each table is read in its
@@ -481,7 +484,11 @@ mod tests {
         assert_eq!(Rooms.next(true, true), Some(Tags));
         assert_eq!(Tags.next(true, true), Some(PushRules));
         assert_eq!(PushRules.next(true, true), None);
-        assert_eq!(Global.next(false, true), Some(PushRules), "no room data: no rooms, no tags");
+        assert_eq!(
+            Global.next(false, true),
+            Some(PushRules),
+            "no room data: no rooms, no tags"
+        );
         assert_eq!(Global.next(false, false), None);
         assert_eq!(Tags.next(true, false), None);
         for p in [Global, Rooms, Tags, PushRules] {

@@ -472,7 +472,11 @@ mod tests {
         assert_eq!(s.backfill_lookup(), None);
         s.note_backfill_request(77);
         let (upto, xids) = s.backfill_lookup().unwrap();
-        assert_eq!(xids, vec![77], "the request's transaction must be visible before the lookup");
+        assert_eq!(
+            xids,
+            vec![77],
+            "the request's transaction must be visible before the lookup"
+        );
         // Another request arrives while the worker looks: looking up the first is not enough.
         s.note_backfill_request(78);
         assert_eq!(s.backfill_requests_seen(), upto + 1);

@@ -476,7 +476,9 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
         return false;
     };
     if page.keys.is_empty() {
-        if handle.with_state(|s| s.backfill_requests_seen() == backfills_before && s.drained(flushes_before, page.horizon)) {
+        if handle
+            .with_state(|s| s.backfill_requests_seen() == backfills_before && s.drained(flushes_before, page.horizon))
+        {
             tracing::info!(appservice = %id, horizon = %page.horizon, "resync complete; back to live delivery once the stream passes the horizon");
             // Make sure the stream passes the horizon even if nothing else is written.
             let marker = with_db_retry(ctx, &id, "writing a horizon marker", |c| {

@@ -390,6 +390,7 @@ on_both_servers!(
     first_opt_in_backfills,
     standby_takes_over,
     backfill_respects_room_account_data_off,
+    backfill_reads_use_the_indexes_in_order,
 );
 
 /// A slot invalidated by `max_slot_wal_keep_size` while A is down is detected, re-created, and
@@ -538,4 +539,148 @@ async fn backfill_respects_room_account_data_off(server: &'static Server) {
     assert!(rooms.is_empty(), "room data reached A: {rooms:?}");
     drop(relay);
     s.db.drop_slot().await;
+}
+
+/// The plan of one backfill query, run with `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` on the
+/// parameters `args` (SQL literals, in the order of `$1, $2, …`).
+async fn explain(db: &TestDb, sql: &str, types: &str, args: &str) -> serde_json::Value {
+    db.client
+        .batch_execute(&format!("DEALLOCATE ALL; PREPARE q({types}) AS {sql}"))
+        .await
+        .unwrap_or_else(|e| panic!("PREPARE {sql}: {e}"));
+    let text: String = db
+        .client
+        .simple_query(&format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE q({args})"))
+        .await
+        .unwrap_or_else(|e| panic!("EXPLAIN {sql}: {e}"))
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a plan");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v[0]["Plan"].clone()
+}
+
+/// Every node of a plan, depth first.
+fn plan_nodes(plan: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let mut out = vec![plan];
+    for child in plan["Plans"].as_array().into_iter().flatten() {
+        out.extend(plan_nodes(child));
+    }
+    out
+}
+
+/// Rows a node returned in all its loops.
+fn node_rows(n: &serde_json::Value) -> u64 {
+    n["Actual Rows"].as_u64().unwrap_or(0) * n["Actual Loops"].as_u64().unwrap_or(1)
+}
+
+/// Synapse's tables are read in index order, each reading about the rows the page needs: no
+/// sequential scan, no sort over a table, scans return at most the page (plus the rows of the
+/// users a page of users needs). `users_page`'s old `… UNION … ORDER BY user_id LIMIT n` read
+/// every remaining row of all three tables for each page before PostgreSQL 17.
+async fn backfill_reads_use_the_indexes_in_order(server: &'static Server) {
+    use synapse_account_data_relay::resync::{GLOBAL_PAGE_SQL, ROOMS_PAGE_SQL, TAGS_PAGE_SQL, USERS_PAGE_SQL};
+    let db = TestDb::new(server).await;
+    // 2,000 users × 5 global types; × 50 rooms of room account data; 10 rooms with tags each.
+    db.client
+        .batch_execute(
+            "INSERT INTO account_data (user_id, account_data_type, stream_id, content) \
+               SELECT '@u' || lpad(u::text, 5, '0') || ':example.org', 't' || t, u * 10 + t, '{}' \
+               FROM generate_series(1, 2000) u, generate_series(1, 5) t; \
+             INSERT INTO room_account_data (user_id, room_id, account_data_type, stream_id, content) \
+               SELECT '@u' || lpad(u::text, 5, '0') || ':example.org', '!r' || r || ':example.org', 'm.fully_read', u * 100 + r, '{}' \
+               FROM generate_series(1, 2000) u, generate_series(1, 50) r; \
+             INSERT INTO room_tags_revisions (user_id, room_id, stream_id) \
+               SELECT '@u' || lpad(u::text, 5, '0') || ':example.org', '!r' || r || ':example.org', u * 100 + r \
+               FROM generate_series(1, 2000) u, generate_series(1, 10) r; \
+             INSERT INTO room_tags (user_id, room_id, tag, content) \
+               SELECT user_id, room_id, 'u.work', '{}' FROM room_tags_revisions; \
+             ANALYZE account_data, room_account_data, room_tags_revisions, room_tags;",
+        )
+        .await
+        .unwrap();
+    let tables = ["account_data", "room_account_data", "room_tags_revisions", "room_tags"];
+    let middle = "'@u01000:example.org'";
+    let limit: u64 = 100;
+    // (query, parameter types, arguments, the most rows any scan may return)
+    let cases = [
+        (
+            GLOBAL_PAGE_SQL,
+            "text, text, bigint",
+            format!("{middle}, 't3', {limit}"),
+            limit,
+        ),
+        (
+            ROOMS_PAGE_SQL,
+            "text, text, text, bigint",
+            format!("{middle}, '!r7:example.org', 'm.fully_read', {limit}"),
+            limit,
+        ),
+        // One tag per room: the join returns a row per room of the page.
+        (
+            TAGS_PAGE_SQL,
+            "text, text, bigint",
+            format!("{middle}, '!r3:example.org', {limit}"),
+            limit,
+        ),
+        // 100 users: the rows of 100 users of room_account_data (50 each), the most of any table.
+        (
+            USERS_PAGE_SQL,
+            "text, bigint",
+            format!("{middle}, {limit}"),
+            limit * 50 + 1,
+        ),
+    ];
+    for (sql, types, args, most) in cases {
+        let plan = explain(&db, sql, types, &args).await;
+        let nodes = plan_nodes(&plan);
+        let shape: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{} {} {} rows={}",
+                    n["Node Type"].as_str().unwrap_or("?"),
+                    n["Relation Name"].as_str().unwrap_or(""),
+                    n["Index Name"].as_str().unwrap_or(""),
+                    node_rows(n)
+                )
+            })
+            .collect();
+        let shape = shape.join("\n  ");
+        let mut scans = 0;
+        for n in &nodes {
+            let node = n["Node Type"].as_str().unwrap_or("");
+            let relation = n["Relation Name"].as_str().unwrap_or("");
+            if tables.contains(&relation) {
+                scans += 1;
+                assert!(
+                    node == "Index Scan" || node == "Index Only Scan",
+                    "{sql}: {relation} is not read in index order:\n  {shape}"
+                );
+                assert!(
+                    node_rows(n) <= most,
+                    "{sql}: {relation} returned {} rows for a page of {limit}:\n  {shape}",
+                    node_rows(n)
+                );
+            }
+            if node == "Sort" || node == "Incremental Sort" {
+                assert!(
+                    node_rows(n) <= 3 * limit,
+                    "{sql}: a sort over more than the page:\n  {shape}"
+                );
+            }
+        }
+        assert!(scans > 0, "{sql}: no scan of Synapse's tables?\n  {shape}");
+        eprintln!("{sql}\n  {shape}");
+    }
+    let users = synapse_account_data_relay::resync::users_page(&db.client, "@u01000:example.org", 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        users,
+        ["@u01001:example.org", "@u01002:example.org", "@u01003:example.org"]
+    );
 }
