@@ -310,6 +310,74 @@ async fn backfill_thousands_of_users(server: &'static Server) {
     s.db.drop_slot().await;
 }
 
+/// A backfill interrupted by a kill resumes from its saved cursor after the restart (it does not
+/// start again), and the appservice ends with the exact current state; nothing per key is
+/// written to the relay's schema, and the request row is gone at the end.
+async fn backfill_resumes_after_a_kill(server: &'static Server) {
+    let s = prepare_with(server, &[("backfill_new_appservices", toml::Value::Boolean(false))], "").await;
+    s.db.client
+        .batch_execute(
+            "INSERT INTO account_data (user_id, account_data_type, stream_id, content) \
+               SELECT u, 'org.example.t' || t, nextval('account_data_sequence'), '{\"n\":' || i || '}' \
+               FROM generate_series(1, 3000) i, \
+                    LATERAL (VALUES (CASE i % 3 WHEN 0 THEN '@a_' WHEN 1 THEN '@b_' ELSE '@shared_' END || i || ':example.org')) v(u), \
+                    generate_series(1, 10) t",
+        )
+        .await
+        .unwrap();
+    recreate_slot(&s);
+    // Slow enough to be killed half way: 20,000 keys for A in 200 transactions.
+    s.a.set_mode(ReceiverMode::Delay(Duration::from_millis(30)));
+    let mut relay = start_relay(&s).await;
+    let out = s.files.command("backfill", &["--appservice", "a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let progress = || async {
+        s.db.client
+            .query_opt(
+                "SELECT after_user, keys_sent FROM synapse_account_data_relay.backfills WHERE appservice_id = 'a'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            progress().await.is_some_and(|(user, _)| !user.is_empty())
+        })
+        .await,
+        "the backfill never saved a position:\n{}",
+        relay.log_text()
+    );
+    relay.kill9();
+    let (after, saved) = progress().await.expect("the request survives the kill");
+    let before_restart = s.a.events().len();
+    assert!(saved > 0 && (saved as usize) < 20_000, "saved {saved} keys sent");
+    s.a.set_mode(ReceiverMode::Accept);
+    let relay = start_relay(&s).await;
+    let want = s.db.final_state(interested_a).await;
+    assert!(
+        s.a.wait_for(WAIT, |got| *got == want).await,
+        "{}\n{}",
+        crate::support::diff(&s.a.state(), &want),
+        relay.log_text()
+    );
+    assert_eq!(s.a.state().len(), 20_000, "{}", relay.log_text());
+    let after_restart = s.a.events().len() - before_restart;
+    assert!(
+        after_restart <= 20_000 - saved as usize + 1000,
+        "the restarted backfill sent {after_restart} keys: it started again instead of after {after:?} ({saved} sent)"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async { progress().await.is_none() }).await,
+        "the completed request was not deleted"
+    );
+    assert!(relay.log_text().contains("backfill complete"), "{}", relay.log_text());
+    assert_eq!(pending_keys(&s.db, "a").await, 0, "a backfill records no keys");
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
 /// An appservice that opts in for the first time gets the current state of its users.
 async fn first_opt_in_backfills(server: &'static Server) {
     let s = prepare(server).await;
@@ -391,6 +459,7 @@ on_both_servers!(
     standby_takes_over,
     backfill_respects_room_account_data_off,
     backfill_reads_use_the_indexes_in_order,
+    backfill_resumes_after_a_kill,
 );
 
 /// A slot invalidated by `max_slot_wal_keep_size` while A is down is detected, re-created, and
