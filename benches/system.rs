@@ -963,11 +963,14 @@ async fn backfill(o: &Options, server: &'static Server) -> Vec<BackfillRow> {
             "INSERT INTO account_data (user_id, account_data_type, stream_id, content) \
                SELECT '@u' || u || ':example.org', 'org.example.t' || t, nextval('account_data_sequence'), \
                       '{{\"n\":' || (u * 10 + t) || ',\"pad\":\"' || repeat('x', 100) || '\"}}' \
-               FROM generate_series(0, {users} - 1) u, generate_series(0, 9) t; \
-             VACUUM ANALYZE account_data;"
+               FROM generate_series(0, {users} - 1) u, generate_series(0, 9) t"
         ))
         .await
         .expect("backfill rows");
+    db.client
+        .batch_execute("VACUUM ANALYZE account_data")
+        .await
+        .expect("vacuum");
     let keys = users * 10;
     eprintln!(
         "  backfill: wrote {keys} keys ({users} users × 10 types) in {:.1}s",
@@ -1076,11 +1079,14 @@ async fn explain(o: &Options, server: &'static Server) {
                FROM generate_series(1, {users}) u, generate_series(1, 100) r; \
              INSERT INTO account_data (user_id, account_data_type, stream_id, content) \
                SELECT '@u' || lpad(u::text, 7, '0') || ':example.org', 'm.direct', nextval('account_data_sequence'), '{{}}' \
-               FROM generate_series(1, {users}) u; \
-             VACUUM ANALYZE room_account_data, account_data;"
+               FROM generate_series(1, {users}) u"
         ))
         .await
         .expect("explain rows");
+    db.client
+        .batch_execute("VACUUM ANALYZE room_account_data, account_data")
+        .await
+        .expect("vacuum");
     eprintln!(
         "  explain: wrote {} room_account_data rows ({users} users × 100 rooms) in {:.1}s",
         users * 100,
