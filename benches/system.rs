@@ -831,7 +831,7 @@ async fn outage(o: &Options, server: &'static Server) -> OutageRow {
 // backfill
 
 /// A receiver for backfills: one state per appservice (`/as<i>/…` in the URL), each key's
-/// content kept as a hash of its canonical JSON, so the final state can be checked against the
+/// content kept as a hash of its raw JSON text (the relay sends it as stored), so the final state can be checked against the
 /// tables without holding a million values.
 struct BackfillReceiver {
     states: Vec<Mutex<std::collections::HashMap<u64, u64>>>,
@@ -845,11 +845,6 @@ fn hash_of(parts: &[&str]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     parts.hash(&mut h);
     h.finish()
-}
-
-/// The canonical text of a JSON value (object keys sorted), hashed.
-fn content_hash(v: &serde_json::Value) -> u64 {
-    hash_of(&[&v.to_string()])
 }
 
 async fn receive_backfill(
@@ -866,15 +861,31 @@ async fn receive_backfill(
     else {
         return "{}";
     };
-    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    // The relay never re-serialises content: compare the raw text with the table's.
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(rename = "type", borrow)]
+        data_type: &'a str,
+        #[serde(borrow)]
+        content: &'a serde_json::value::RawValue,
+    }
+    #[derive(serde::Deserialize)]
+    struct Events<'a> {
+        #[serde(borrow)]
+        events: Vec<Event<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(rename = "org.matrix.msc3682.account_data", borrow, default)]
+        account_data: std::collections::HashMap<&'a str, Events<'a>>,
+    }
+    let parsed: Body<'_> = serde_json::from_slice(&body).unwrap_or(Body {
+        account_data: Default::default(),
+    });
     let mut state = r.states[i].lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(users) = value.get("org.matrix.msc3682.account_data").and_then(|v| v.as_object()) {
-        for (user, data) in users {
-            for event in data.get("events").and_then(|e| e.as_array()).into_iter().flatten() {
-                let ty = event.get("type").and_then(|t| t.as_str()).unwrap_or("");
-                let content = event.get("content").cloned().unwrap_or_default();
-                state.insert(hash_of(&[user, ty]), content_hash(&content));
-            }
+    for (user, data) in &parsed.account_data {
+        for e in &data.events {
+            state.insert(hash_of(&[user, e.data_type]), hash_of(&[e.content.get()]));
         }
     }
     if state.len() as u64 >= r.expected {
@@ -945,8 +956,7 @@ async fn expected_state(c: &Client) -> std::collections::HashMap<u64, u64> {
     futures_util::pin_mut!(rows);
     let mut out = std::collections::HashMap::new();
     while let Some(r) = rows.try_next().await.expect("row") {
-        let content: serde_json::Value = serde_json::from_str(r.get(2)).unwrap_or_default();
-        out.insert(hash_of(&[r.get(0), r.get(1)]), content_hash(&content));
+        out.insert(hash_of(&[r.get(0), r.get(1)]), hash_of(&[r.get(2)]));
     }
     out
 }
@@ -1019,8 +1029,9 @@ async fn backfill(o: &Options, server: &'static Server) -> Vec<BackfillRow> {
         copy_ordered(server, &db);
         let copy_wall = copy_ordered(server, &db);
         let writes_before = relay_schema_writes(&db.client).await;
+        let bench_cpu_before = cpu_seconds(std::process::id());
         let t = Instant::now();
-        let mut relay = spawn_relay(&files);
+        let mut relay = files.spawn_run_with(&[("RUST_LOG", "warn,synapse_account_data_relay::delivery=info")], &[]);
         let deadline = t + Duration::from_secs(1800);
         let range = first_id - appservices..first_id;
         let done = loop {
@@ -1040,6 +1051,13 @@ async fn backfill(o: &Options, server: &'static Server) -> Vec<BackfillRow> {
         let pid = relay.pid().expect("relay pid");
         let relay_cpu = cpu_seconds(pid);
         let relay_rss = peak_rss_mib(pid);
+        eprintln!(
+            "  backfill ({appservices} appservice(s)): the benchmark's receiver used {:.2} s of CPU",
+            cpu_seconds(std::process::id()) - bench_cpu_before
+        );
+        for line in relay.log_text().lines().filter(|l| l.contains("backfill complete")) {
+            eprintln!("  backfill ({appservices} appservice(s)): {line}");
+        }
         relay.terminate();
         // Let the relay's backends report their counts.
         tokio::time::sleep(Duration::from_millis(1500)).await;
