@@ -6,6 +6,8 @@
 //! cargo bench --bench system -- --only drain --changes 1000000 --appservices 1,100
 //! cargo bench --bench system -- --only latency --rates 100,1000,10000 --seconds 20
 //! cargo bench --bench system -- --only outage --changes 1000000 --keys 100000
+//! cargo bench --bench system -- --only backfill --backfill-keys 1000000
+//! cargo bench --bench system -- --only explain --explain-rows 1000000
 //! ```
 //!
 //! Every benchmark runs the release binary of the relay (`target/release/…`, built by `cargo
@@ -25,6 +27,13 @@
 //!   back with `pg_xact_commit_timestamp`) to the moment the receiver got the request.
 //! - **outage**: the one appservice refuses connections while N changes over K keys flow through
 //!   the relay live; its peak RSS, and the WAL the slot retained at most.
+//! - **backfill**: `--backfill-keys` global keys (users × 10 types) exist before the relay first
+//!   runs; the first-opt-in backfill sends them to one appservice, then to two more sharing every
+//!   user. Beside it, its limit: `COPY (SELECT … ORDER BY user_id) TO STDOUT` of the same rows.
+//!   Wall time until every appservice held every key, relay CPU and peak RSS, the rows written to
+//!   the relay's schema (`pg_stat_user_tables`), and the final state checked against the table.
+//! - **explain** (only with `--only explain`): `EXPLAIN (ANALYZE, BUFFERS)` of the backfill's
+//!   reads with `--explain-rows` rows of `room_account_data` (and of `users_page` before).
 
 #[path = "../tests/integration/support/mod.rs"]
 #[allow(unused_macros, unused_imports)]
@@ -56,6 +65,8 @@ struct Options {
     seconds: u64,
     short: bool,
     appservices: Vec<usize>,
+    backfill_keys: u64,
+    explain_rows: u64,
 }
 
 fn parse_options() -> Options {
@@ -67,6 +78,8 @@ fn parse_options() -> Options {
         seconds: 20,
         short: false,
         appservices: vec![1, 100],
+        backfill_keys: 1_000_000,
+        explain_rows: 1_000_000,
     };
     let mut args = std::env::args().skip(1);
     let number = |flag: &str, v: Option<String>| -> u64 {
@@ -74,6 +87,7 @@ fn parse_options() -> Options {
             .unwrap_or_else(|| panic!("{flag} needs a number"))
     };
     let mut changes_given = false;
+    let mut backfill_keys_given = false;
     let mut seconds_given = false;
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -81,7 +95,7 @@ fn parse_options() -> Options {
             "--only" => {
                 o.only = Some(
                     args.next()
-                        .expect("--only needs a list: drain,latency,outage")
+                        .expect("--only needs a list: drain,latency,outage,backfill,explain")
                         .split(',')
                         .map(str::to_owned)
                         .collect(),
@@ -92,6 +106,11 @@ fn parse_options() -> Options {
                 changes_given = true;
             }
             "--keys" => o.keys = Some(number("--keys", args.next())),
+            "--backfill-keys" => {
+                o.backfill_keys = number("--backfill-keys", args.next());
+                backfill_keys_given = true;
+            }
+            "--explain-rows" => o.explain_rows = number("--explain-rows", args.next()),
             "--seconds" => {
                 o.seconds = number("--seconds", args.next());
                 seconds_given = true;
@@ -115,8 +134,8 @@ fn parse_options() -> Options {
             // What `cargo bench` passes to every bench target.
             "--bench" => {}
             other => panic!(
-                "unknown argument {other:?}: --short, --only drain,latency,outage, --changes N, --keys N, \
-                 --rates 100,1000, --seconds S, --appservices 1,100"
+                "unknown argument {other:?}: --short, --only drain,latency,outage,backfill,explain, --changes N, \
+                 --keys N, --rates 100,1000, --seconds S, --appservices 1,100, --backfill-keys N, --explain-rows N"
             ),
         }
     }
@@ -127,6 +146,9 @@ fn parse_options() -> Options {
         if !seconds_given {
             o.seconds = 5;
         }
+        if !backfill_keys_given {
+            o.backfill_keys = 50_000;
+        }
     }
     o
 }
@@ -134,6 +156,10 @@ fn parse_options() -> Options {
 impl Options {
     fn wants(&self, name: &str) -> bool {
         self.only.as_ref().is_none_or(|l| l.iter().any(|n| n == name))
+    }
+    /// Only when asked for by name (`--only explain`).
+    fn asks_for(&self, name: &str) -> bool {
+        self.only.as_ref().is_some_and(|l| l.iter().any(|n| n == name))
     }
     fn keys(&self) -> u64 {
         self.keys.unwrap_or((self.changes / 10).max(1))
@@ -802,6 +828,339 @@ async fn outage(o: &Options, server: &'static Server) -> OutageRow {
 }
 
 // ---------------------------------------------------------------------------------------------
+// backfill
+
+/// A receiver for backfills: one state per appservice (`/as<i>/…` in the URL), each key's
+/// content kept as a hash of its raw JSON text (the relay sends it as stored), so the final state can be checked against the
+/// tables without holding a million values.
+struct BackfillReceiver {
+    states: Vec<Mutex<std::collections::HashMap<u64, u64>>>,
+    expected: u64,
+    done_at: Mutex<Vec<Option<Instant>>>,
+    transactions: AtomicU64,
+}
+
+fn hash_of(parts: &[&str]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut h);
+    h.finish()
+}
+
+async fn receive_backfill(
+    State(r): State<Arc<BackfillReceiver>>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+    body: Bytes,
+) -> &'static str {
+    r.transactions.fetch_add(1, Ordering::Relaxed);
+    let Some(i) = path
+        .strip_prefix("as")
+        .and_then(|p| p.split('/').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|i| *i < r.states.len())
+    else {
+        return "{}";
+    };
+    // The relay never re-serialises content: compare the raw text with the table's.
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(rename = "type", borrow)]
+        data_type: &'a str,
+        #[serde(borrow)]
+        content: &'a serde_json::value::RawValue,
+    }
+    #[derive(serde::Deserialize)]
+    struct Events<'a> {
+        #[serde(borrow)]
+        events: Vec<Event<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(rename = "org.matrix.msc3682.account_data", borrow, default)]
+        account_data: std::collections::HashMap<&'a str, Events<'a>>,
+    }
+    let parsed: Body<'_> = serde_json::from_slice(&body).unwrap_or(Body {
+        account_data: Default::default(),
+    });
+    let mut state = r.states[i].lock().unwrap_or_else(|e| e.into_inner());
+    for (user, data) in &parsed.account_data {
+        for e in &data.events {
+            state.insert(hash_of(&[user, e.data_type]), hash_of(&[e.content.get()]));
+        }
+    }
+    if state.len() as u64 >= r.expected {
+        let mut done = r.done_at.lock().unwrap_or_else(|e| e.into_inner());
+        if done[i].is_none() {
+            done[i] = Some(Instant::now());
+        }
+    }
+    "{}"
+}
+
+#[derive(Debug)]
+struct BackfillRow {
+    appservices: usize,
+    keys: u64,
+    copy_wall: f64,
+    relay_wall: f64,
+    relay_cpu: f64,
+    relay_rss: f64,
+    rows_written: i64,
+    transactions: u64,
+    state_ok: bool,
+}
+
+/// Rows inserted, updated and deleted in the relay's schema so far (the relay's backend reports
+/// its counts when it exits).
+async fn relay_schema_writes(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::bigint FROM pg_stat_user_tables \
+         WHERE schemaname = 'synapse_account_data_relay'",
+        &[],
+    )
+    .await
+    .map(|r| r.get(0))
+    .unwrap_or(-1)
+}
+
+/// `COPY (SELECT … ORDER BY user_id) TO STDOUT` of the backfilled rows through psql into
+/// /dev/null: the same rows read in the same order, at PostgreSQL's speed.
+fn copy_ordered(server: &Server, db: &TestDb) -> f64 {
+    let bindir = server
+        .local
+        .as_ref()
+        .map(|c| c.bindir().to_path_buf())
+        .expect("local cluster");
+    let t = Instant::now();
+    let out = Command::new(bindir.join("psql"))
+        .args(["-X", "-q", "-d", &server.connection_string(&db.name), "-c"])
+        .arg("COPY (SELECT user_id, account_data_type, content FROM account_data ORDER BY user_id, account_data_type) TO STDOUT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .expect("psql");
+    assert!(out.success(), "psql COPY failed");
+    t.elapsed().as_secs_f64()
+}
+
+/// The final state the appservices must hold: every row of account_data, as key and content hashes.
+async fn expected_state(c: &Client) -> std::collections::HashMap<u64, u64> {
+    use futures_util::TryStreamExt;
+    let rows = c
+        .query_raw(
+            "SELECT user_id, account_data_type, content FROM account_data",
+            std::iter::empty::<i32>(),
+        )
+        .await
+        .expect("read account_data");
+    futures_util::pin_mut!(rows);
+    let mut out = std::collections::HashMap::new();
+    while let Some(r) = rows.try_next().await.expect("row") {
+        out.insert(hash_of(&[r.get(0), r.get(1)]), hash_of(&[r.get(2)]));
+    }
+    out
+}
+
+/// `keys` global keys (keys / 10 users × 10 types) written before the relay ever ran; then the
+/// relay starts and the first opt-in backfill sends them: once to one appservice, then to two
+/// more that share every user.
+async fn backfill(o: &Options, server: &'static Server) -> Vec<BackfillRow> {
+    let db = TestDb::new(server).await;
+    let users = (o.backfill_keys / 10).max(1);
+    let t = Instant::now();
+    db.client
+        .batch_execute(&format!(
+            "INSERT INTO account_data (user_id, account_data_type, stream_id, content) \
+               SELECT '@u' || u || ':example.org', 'org.example.t' || t, nextval('account_data_sequence'), \
+                      '{{\"n\":' || (u * 10 + t) || ',\"pad\":\"' || repeat('x', 100) || '\"}}' \
+               FROM generate_series(0, {users} - 1) u, generate_series(0, 9) t"
+        ))
+        .await
+        .expect("backfill rows");
+    db.client
+        .batch_execute("VACUUM ANALYZE account_data")
+        .await
+        .expect("vacuum");
+    let keys = users * 10;
+    eprintln!(
+        "  backfill: wrote {keys} keys ({users} users × 10 types) in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let expected = expected_state(&db.client).await;
+    let mut rows = Vec::new();
+    let mut first_id = 0;
+    for appservices in [1usize, 2] {
+        let ids: Vec<String> = (first_id..first_id + appservices).map(|a| format!("as{a}")).collect();
+        first_id += appservices;
+        let receiver = Arc::new(BackfillReceiver {
+            states: (0..first_id).map(|_| Mutex::default()).collect(),
+            expected: keys,
+            done_at: Mutex::new(vec![None; first_id]),
+            transactions: AtomicU64::new(0),
+        });
+        let app = axum::Router::new()
+            .route("/{*path}", axum::routing::put(receive_backfill))
+            .with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().expect("receiver address");
+        let serving = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let urls: Vec<String> = ids.iter().map(|id| format!("http://{addr}/{id}")).collect();
+        let senders: Vec<String> = ids.iter().map(|id| format!("bot_{id}")).collect();
+        let specs: Vec<RegistrationSpec<'_>> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| RegistrationSpec {
+                id,
+                url: Some(&urls[i]),
+                hs_token: "hs_bench",
+                sender_localpart: &senders[i],
+                user_regexes: &["@.*:example\\.org"],
+                opt_in: true,
+            })
+            .collect();
+        // The rows predate the slot: only the first-opt-in backfill sends them.
+        let files = RelayFiles::new(&db, &specs, "");
+        setup(&files);
+        // Warm the cache for both, then the limit.
+        copy_ordered(server, &db);
+        let copy_wall = copy_ordered(server, &db);
+        let writes_before = relay_schema_writes(&db.client).await;
+        let bench_cpu_before = cpu_seconds(std::process::id());
+        let t = Instant::now();
+        let mut relay = files.spawn_run_with(&[("RUST_LOG", "warn,synapse_account_data_relay::delivery=info")], &[]);
+        let deadline = t + Duration::from_secs(1800);
+        let range = first_id - appservices..first_id;
+        let done = loop {
+            let done = receiver.done_at.lock().unwrap_or_else(|e| e.into_inner())[range.clone()]
+                .iter()
+                .copied()
+                .collect::<Option<Vec<Instant>>>();
+            if let Some(d) = done {
+                break d.into_iter().max();
+            }
+            if Instant::now() > deadline || !relay.is_running() {
+                panic!("the backfill did not complete; the relay's log:\n{}", relay.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let relay_wall = done.map_or(f64::NAN, |d| d.duration_since(t).as_secs_f64());
+        let pid = relay.pid().expect("relay pid");
+        let relay_cpu = cpu_seconds(pid);
+        let relay_rss = peak_rss_mib(pid);
+        eprintln!(
+            "  backfill ({appservices} appservice(s)): the benchmark's receiver used {:.2} s of CPU",
+            cpu_seconds(std::process::id()) - bench_cpu_before
+        );
+        for line in relay.log_text().lines().filter(|l| l.contains("backfill complete")) {
+            eprintln!("  backfill ({appservices} appservice(s)): {line}");
+        }
+        relay.terminate();
+        // Let the relay's backends report their counts.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let rows_written = relay_schema_writes(&db.client).await - writes_before;
+        let state_ok = range
+            .clone()
+            .all(|i| *receiver.states[i].lock().unwrap_or_else(|e| e.into_inner()) == expected);
+        serving.abort();
+        rows.push(BackfillRow {
+            appservices,
+            keys,
+            copy_wall,
+            relay_wall,
+            relay_cpu,
+            relay_rss,
+            rows_written,
+            transactions: receiver.transactions.load(Ordering::Relaxed),
+            state_ok,
+        });
+    }
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
+// explain: the plans of the backfill's reads on `--explain-rows` rows of room_account_data
+
+async fn explain(o: &Options, server: &'static Server) {
+    use synapse_account_data_relay::resync::{ROOMS_PAGE_SQL, USERS_PAGE_SQL};
+    let db = TestDb::new(server).await;
+    let users = (o.explain_rows / 100).max(1);
+    let t = Instant::now();
+    db.client
+        .batch_execute(&format!(
+            "INSERT INTO room_account_data (user_id, room_id, account_data_type, stream_id, content) \
+               SELECT '@u' || lpad(u::text, 7, '0') || ':example.org', '!room' || r || ':example.org', 'm.fully_read', \
+                      nextval('account_data_sequence'), '{{\"event_id\":\"$e' || r || '\"}}' \
+               FROM generate_series(1, {users}) u, generate_series(1, 100) r; \
+             INSERT INTO account_data (user_id, account_data_type, stream_id, content) \
+               SELECT '@u' || lpad(u::text, 7, '0') || ':example.org', 'm.direct', nextval('account_data_sequence'), '{{}}' \
+               FROM generate_series(1, {users}) u"
+        ))
+        .await
+        .expect("explain rows");
+    db.client
+        .batch_execute("VACUUM ANALYZE room_account_data, account_data")
+        .await
+        .expect("vacuum");
+    eprintln!(
+        "  explain: wrote {} room_account_data rows ({users} users × 100 rooms) in {:.1}s",
+        users * 100,
+        t.elapsed().as_secs_f64()
+    );
+    let middle = format!("'@u{:07}:example.org'", users / 2);
+    let old_users_page = "SELECT user_id FROM (SELECT user_id FROM account_data WHERE user_id > $1 \
+                          UNION SELECT user_id FROM room_account_data WHERE user_id > $1 \
+                          UNION SELECT user_id FROM room_tags_revisions WHERE user_id > $1) AS u \
+                          ORDER BY user_id LIMIT $2";
+    let cases = [
+        (
+            "backfill page of room_account_data (1,000 rows after the middle)",
+            ROOMS_PAGE_SQL,
+            "text, text, text, bigint",
+            format!("{middle}, '!room50:example.org', 'm.fully_read', 1000"),
+        ),
+        (
+            "users page (1,000 users after the middle)",
+            USERS_PAGE_SQL,
+            "text, bigint",
+            format!("{middle}, 1000"),
+        ),
+        (
+            "users page before (1,000 users after the middle)",
+            old_users_page,
+            "text, bigint",
+            format!("{middle}, 1000"),
+        ),
+    ];
+    for (label, sql, types, args) in cases {
+        db.client
+            .batch_execute(&format!("DEALLOCATE ALL; PREPARE q({types}) AS {sql}"))
+            .await
+            .expect("prepare");
+        // Once to warm the cache, then the plan shown.
+        for round in 0..2 {
+            let plan = db
+                .client
+                .simple_query(&format!("EXPLAIN (ANALYZE, BUFFERS) EXECUTE q({args})"))
+                .await
+                .expect("explain");
+            if round == 1 {
+                println!();
+                println!("explain: {label}");
+                for m in plan {
+                    if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                        println!("    {}", r.get(0).unwrap_or(""));
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 fn main() {
     let o = parse_options();
@@ -866,6 +1225,33 @@ fn main() {
                 "| one appservice refusing connections | {} | {} | {:.1} s | {:.1} MiB | {:.2} s | {:.1} MiB | {} |",
                 r.changes, r.keys, r.seconds, r.relay_rss, r.relay_cpu, r.max_retained_mib, r.recorded_keys
             );
+        }
+        if o.wants("backfill") {
+            let rows = backfill(&o, server).await;
+            println!();
+            println!("| backfill (first opt-in) | keys | COPY ordered by user | relay wall | relay / COPY | vs 1 appservice | relay CPU | relay peak RSS | rows written to the relay's schema | transactions | final state |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+            let one = rows.first().map_or(f64::NAN, |r| r.relay_wall);
+            for r in &rows {
+                println!(
+                    "| {} appservice(s){} | {} | {:.2} s | {:.2} s | {:.1} | {:.2} | {:.2} s | {:.1} MiB | {} | {} | {} |",
+                    r.appservices,
+                    if r.appservices > 1 { " sharing the users" } else { "" },
+                    r.keys,
+                    r.copy_wall,
+                    r.relay_wall,
+                    r.relay_wall / r.copy_wall,
+                    r.relay_wall / one,
+                    r.relay_cpu,
+                    r.relay_rss,
+                    r.rows_written,
+                    r.transactions,
+                    if r.state_ok { "matches the table" } else { "MISMATCH" }
+                );
+            }
+        }
+        if o.asks_for("explain") {
+            explain(&o, server).await;
         }
     });
 }

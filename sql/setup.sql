@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS "synapse_account_data_relay".pending_keys (appservice
 CREATE SEQUENCE IF NOT EXISTS "synapse_account_data_relay".pending_key_version;
 -- create the relay's state schema "synapse_account_data_relay" (keys to resync for appservices that are down)
 CREATE TABLE IF NOT EXISTS "synapse_account_data_relay".appservices (appservice_id text PRIMARY KEY, first_served timestamptz NOT NULL DEFAULT now());
+-- create the relay's state schema "synapse_account_data_relay" (keys to resync for appservices that are down)
+CREATE TABLE IF NOT EXISTS "synapse_account_data_relay".backfills (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, appservice_id text NOT NULL, users_regex text, phase smallint NOT NULL DEFAULT 0, after_user text NOT NULL DEFAULT '', after_room text NOT NULL DEFAULT '', after_type text NOT NULL DEFAULT '', keys_sent bigint NOT NULL DEFAULT 0, requested timestamptz NOT NULL DEFAULT now());
 COMMIT;
 -- create logical replication slot "synapse_account_data_relay" with pgoutput (after the publication: a slot cannot decode changes made before a publication it is asked for existed)
 SELECT pg_create_logical_replication_slot('synapse_account_data_relay', 'pgoutput');

@@ -40,7 +40,7 @@ use crate::replication::connection::{LogicalReplicationStream, ReplicationConnec
 use crate::replication::error::ReplicationError;
 use crate::replication::pgoutput::{self, DecodeError, PgOutputMessage};
 use crate::replication::wire::{self, ReplicationMessage, StandbyStatusUpdate, WireError};
-use crate::resync::enqueue_backfill;
+use crate::resync::request_backfill;
 use crate::routing::{Router, RoutingError, is_local_user};
 use crate::state_store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
 use crate::supervisor::Workers;
@@ -657,13 +657,13 @@ impl Relay {
             Err(e) => return Err(sql_err("re-creating the replication slot")(e).into()),
         }
         for a in &self.settings.appservices {
-            let summary = enqueue_backfill(&mut client, &self.store, a, None)
+            let request = request_backfill(&mut client, &self.store, a, None)
                 .await
                 .map_err(|e| match e {
                     crate::resync::ResyncError::Store(s) => RunError::Store(s),
                     crate::resync::ResyncError::Routing(r) => RunError::Routing(r),
                 })?;
-            tracing::warn!(appservice = %a.id, users = summary.users, keys = summary.keys, "resync requested after the slot was lost");
+            tracing::warn!(appservice = %a.id, backfill = request, "resync requested after the slot was lost");
         }
         Ok(())
     }
@@ -725,8 +725,8 @@ impl Relay {
                     }
                     return;
                 }
-                match enqueue_backfill(&mut client, &store, &a, None).await {
-                    Ok(s) => tracing::info!(appservice = %a.id, users = s.users, keys = s.keys, "first opt-in: backfill of its users' current account data requested"),
+                match request_backfill(&mut client, &store, &a, None).await {
+                    Ok(request) => tracing::info!(appservice = %a.id, backfill = request, "first opt-in: backfill of its users' current account data requested"),
                     Err(e) => tracing::warn!(appservice = %a.id, error = %e, "first-opt-in backfill could not be requested; it will be tried at the next start"),
                 }
             });
@@ -1063,7 +1063,11 @@ impl Relay {
                 Some(RelayMessage::Resync(id)) => match self.by_id.get(&id).map(|i| &self.handles[*i]) {
                     Some(h) => {
                         tracing::info!(appservice = %id, at = %lsn, "resync requested: delivering the recorded keys' current values");
-                        h.with_state(|s| s.request_resync());
+                        let xid = tx.xid;
+                        h.with_state(|s| {
+                            s.request_resync();
+                            s.note_backfill_request(xid);
+                        });
                         h.notify();
                         self.recorder_wake.notify_one();
                     }

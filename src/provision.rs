@@ -165,7 +165,7 @@ pub struct DatabaseState {
 pub struct StateSchemaState {
     /// Its comment says it is ours.
     pub ours: bool,
-    /// `pending_keys`, `pending_key_version` and `appservices` all exist.
+    /// `pending_keys`, `pending_key_version`, `appservices` and `backfills` all exist.
     pub complete: bool,
 }
 
@@ -334,6 +334,7 @@ pub async fn inspect(client: &tokio_postgres::Client, names: Names<'_>) -> Resul
                     to_regclass(quote_ident(n.nspname) || '.pending_keys') IS NOT NULL \
                     AND to_regclass(quote_ident(n.nspname) || '.pending_key_version') IS NOT NULL \
                     AND to_regclass(quote_ident(n.nspname) || '.appservices') IS NOT NULL \
+                    AND to_regclass(quote_ident(n.nspname) || '.backfills') IS NOT NULL \
              FROM pg_namespace n WHERE n.nspname = $1",
             &[&names.state_schema],
         )

@@ -11,9 +11,11 @@
 //!   must be sent, with a `version` bumped each time a key is recorded again, so a drain deletes a
 //!   key only if it was not recorded again after it was read.
 //! - `appservices`: the appservices the relay has served, so a first opt-in can be told apart.
+//! - `backfills`: one row per backfill request (first opt-in, `backfill`, a lost slot) with its
+//!   cursor in Synapse's tables, so a restart resumes it (see [`crate::resync`]).
 //!
 //! A resync is requested through the stream itself: `pg_logical_emit_message` with the prefix
-//! [`MESSAGE_PREFIX`], in the same transaction as the keys it enqueues, so the running relay sees
+//! [`MESSAGE_PREFIX`], in the same transaction as the request it announces (a `backfills` row), so the running relay sees
 //! the request exactly where it belongs in commit order.
 
 use std::collections::{HashMap, HashSet};
@@ -24,7 +26,7 @@ use tokio_postgres::GenericClient;
 
 use crate::model::{AccountDataKey, Lsn, SourceTable};
 use crate::synapse::current::read_current;
-use crate::synapse::rows::{PUSH_RULES_EVENT_TYPE, TAG_EVENT_TYPE};
+use crate::synapse::rows::TAG_EVENT_TYPE;
 
 /// The prefix of the relay's logical decoding messages.
 pub const MESSAGE_PREFIX: &str = "synapse-account-data-relay";
@@ -102,6 +104,11 @@ impl StateStore {
         }
     }
 
+    /// The schema, quoted, for SQL text.
+    pub fn schema_sql(&self) -> &str {
+        &self.schema
+    }
+
     /// The version sequence, as a literal for `nextval`.
     fn sequence(&self) -> String {
         postgres_protocol::escape::escape_literal(&format!("{}.pending_key_version", self.schema))
@@ -124,6 +131,14 @@ impl StateStore {
             format!(
                 "CREATE TABLE IF NOT EXISTS {s}.appservices (appservice_id text PRIMARY KEY, \
                  first_served timestamptz NOT NULL DEFAULT now());"
+            ),
+            // One row per backfill request, with how far it got (`crate::resync`).
+            format!(
+                "CREATE TABLE IF NOT EXISTS {s}.backfills (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+                 appservice_id text NOT NULL, users_regex text, phase smallint NOT NULL DEFAULT 0, \
+                 after_user text NOT NULL DEFAULT '', after_room text NOT NULL DEFAULT '', \
+                 after_type text NOT NULL DEFAULT '', keys_sent bigint NOT NULL DEFAULT 0, \
+                 requested timestamptz NOT NULL DEFAULT now());"
             ),
         ]
     }
@@ -318,64 +333,6 @@ impl StateStore {
             .await
             .map_err(store_error("writing a message into the replication stream"))?;
         Ok(row.get::<_, String>(0).parse().unwrap_or_default())
-    }
-
-    /// One page of the distinct users that have account data, after `after`, in order.
-    pub async fn users_page(&self, c: &impl GenericClient, after: &str, limit: i64) -> Result<Vec<String>, StoreError> {
-        let rows = c
-            .query(
-                "SELECT user_id FROM (SELECT user_id FROM account_data WHERE user_id > $1 \
-                   UNION SELECT user_id FROM room_account_data WHERE user_id > $1 \
-                   UNION SELECT user_id FROM room_tags_revisions WHERE user_id > $1) AS u \
-                 ORDER BY user_id LIMIT $2",
-                &[&after, &limit],
-            )
-            .await
-            .map_err(store_error("listing users with account data"))?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
-    }
-
-    /// Record every key of `users` (global, room and tags) for `appservice`. Returns the number
-    /// of keys recorded.
-    pub async fn enqueue_users(
-        &self,
-        c: &impl GenericClient,
-        appservice: &str,
-        users: &[String],
-        push_rules: bool,
-        room_account_data: bool,
-    ) -> Result<u64, StoreError> {
-        if users.is_empty() {
-            return Ok(0);
-        }
-        let (s, seq) = (&self.schema, self.sequence());
-        // Room account data and tags only for appservices that take them.
-        let rooms = if room_account_data {
-            format!(
-                " UNION SELECT user_id, room_id, account_data_type FROM room_account_data WHERE user_id = ANY($2) \
-                  UNION SELECT user_id, room_id, '{TAG_EVENT_TYPE}' FROM room_tags_revisions WHERE user_id = ANY($2)"
-            )
-        } else {
-            String::new()
-        };
-        // Every user has push rules (Synapse's defaults at least).
-        let push = if push_rules {
-            format!(" UNION SELECT u, '', '{PUSH_RULES_EVENT_TYPE}' FROM unnest($2::text[]) AS u")
-        } else {
-            String::new()
-        };
-        c.execute(
-            &format!(
-                "INSERT INTO {s}.pending_keys (appservice_id, user_id, room_id, data_type, version) \
-                 SELECT $1, user_id, room_id, data_type, nextval({seq}) FROM ( \
-                   SELECT user_id, '' AS room_id, account_data_type AS data_type FROM account_data WHERE user_id = ANY($2) \
-                   {rooms}{push}) AS k \
-                 ON CONFLICT (appservice_id, user_id, room_id, data_type) DO UPDATE SET version = EXCLUDED.version"
-            ),
-            &[&appservice, &users],
-        )
-        .await
-        .map_err(store_error("recording keys to backfill"))
     }
 }
 

@@ -1,15 +1,16 @@
 //! `backfill`: send an appservice the current account data of its users.
 
 use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
-use crate::resync::{enqueue_backfill, user_filter};
+use crate::resync::{request_backfill, user_filter};
 use crate::state_store::StateStore;
 
 /// Send an appservice the current account data (global, room, tags) of every user it is
 /// interested in, through the running relay's normal delivery path.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "The keys are recorded in the relay's state schema and the running relay (now, or when it \
-next starts) delivers their current values in order with the live stream; safe while `run` is live.\n\n\
+    after_help = "The request is one row in the relay's state schema; the running relay (now, or when it \
+next starts) streams the current values from Synapse's tables in index order, in order with the live stream; \
+safe while `run` is live, and resumed after a restart.\n\n\
 Examples:\n  synapse-account-data-relay backfill --appservice irc-bridge\n  \
 synapse-account-data-relay backfill --appservice irc-bridge --users '@irc_alice:example\\.org'"
 )]
@@ -52,13 +53,10 @@ pub async fn backfill(args: &BackfillArgs) -> u8 {
         eprintln!("error: cannot backfill appservice {:?}: {why}", args.appservice);
         return EXIT_CONFIG;
     };
-    let filter = match args.users.as_deref().map(user_filter).transpose() {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: --users: {e}");
-            return EXIT_CONFIG;
-        }
-    };
+    if let Some(Err(e)) = args.users.as_deref().map(user_filter) {
+        eprintln!("error: --users: {e}");
+        return EXIT_CONFIG;
+    }
     let mut client = match crate::postgres_sql::connect_sql(&settings.postgres).await {
         Ok(c) => c,
         Err(e) => {
@@ -67,11 +65,15 @@ pub async fn backfill(args: &BackfillArgs) -> u8 {
         }
     };
     let store = StateStore::new(&settings.state_schema);
-    match enqueue_backfill(&mut client, &store, appservice, filter.as_ref()).await {
-        Ok(s) => {
+    match request_backfill(&mut client, &store, appservice, args.users.as_deref()).await {
+        Ok(request) => {
             println!(
-                "backfill of {:?} requested: {} user(s), {} key(s); the running relay delivers them (check its log)",
-                appservice.id, s.users, s.keys
+                "backfill {request} of {:?} requested ({}); the running relay (now, or when it next starts) \
+                 sends the current values and logs \"backfill complete\"",
+                appservice.id,
+                args.users
+                    .as_deref()
+                    .map_or_else(|| "all its users".to_owned(), |u| format!("users matching {u:?}"))
             );
             0
         }

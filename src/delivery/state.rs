@@ -86,6 +86,19 @@ pub struct AppserviceState {
     failing_since: Option<Instant>,
     /// See [`RetentionBudget::max_queued_keys`].
     queue_limit: usize,
+    /// Backfill requests to look up in the relay's table (see [`AppserviceState::backfill_lookup`]).
+    backfill_requests: BackfillRequests,
+}
+
+/// Resync requests seen in the stream, and how far the worker has looked them up in the relay's
+/// table of backfills. A new state counts one request, so a start (or a reset) looks once.
+#[derive(Debug)]
+struct BackfillRequests {
+    seen: u64,
+    looked_up: u64,
+    /// The transactions of requests not looked up yet, by request number: their rows may not
+    /// be visible to other sessions yet when the message is decoded.
+    xids: Vec<(u64, u32)>,
 }
 
 impl AppserviceState {
@@ -99,6 +112,11 @@ impl AppserviceState {
             flushes: 0,
             failing_since: None,
             queue_limit: usize::MAX,
+            backfill_requests: BackfillRequests {
+                seen: 1,
+                looked_up: 0,
+                xids: Vec::new(),
+            },
         }
     }
 
@@ -192,6 +210,37 @@ impl AppserviceState {
         } else {
             self.mode = DeliveryMode::Recording { switch_at: None };
         }
+    }
+
+    /// A resync (backfill) request, written by transaction `xid`, reached the stream: the worker
+    /// must look it up before it may switch back to live (see [`AppserviceState::backfill_lookup`]).
+    pub fn note_backfill_request(&mut self, xid: u32) {
+        let r = &mut self.backfill_requests;
+        r.seen += 1;
+        r.xids.push((r.seen, xid));
+    }
+
+    /// Backfill requests seen so far (a drain that saw this number change must not switch to
+    /// live: the request may not have been looked up).
+    pub fn backfill_requests_seen(&self) -> u64 {
+        self.backfill_requests.seen
+    }
+
+    /// For the worker: whether requests wait to be looked up in the relay's table, as the
+    /// request number to report to [`AppserviceState::backfills_looked_up`] once the table shows
+    /// none left, and the transactions that must be visible before the table is read.
+    pub fn backfill_lookup(&self) -> Option<(u64, Vec<u32>)> {
+        let r = &self.backfill_requests;
+        (r.looked_up < r.seen).then(|| (r.seen, r.xids.iter().map(|(_, x)| *x).collect()))
+    }
+
+    /// The table held no backfill for this appservice after every request up to `upto` was
+    /// visible.
+    pub fn backfills_looked_up(&mut self, upto: u64) {
+        let r = &mut self.backfill_requests;
+        r.looked_up = r.looked_up.max(upto);
+        let done = r.looked_up;
+        r.xids.retain(|(n, _)| *n > done);
     }
 
     /// For the recorder: the keys to write now (they keep holding the slot until
@@ -412,6 +461,32 @@ mod tests {
         let mut s = AppserviceState::new(DeliveryMode::Recording { switch_at: None });
         s.push(change("@a:x", 10));
         assert!(!s.drained(s.flushes(), Lsn(100)));
+    }
+
+    #[test]
+    fn backfill_requests_are_looked_up_once_each() {
+        let mut s = AppserviceState::new(DeliveryMode::Live);
+        // A new state looks once (a backfill may have been requested while the relay was down).
+        assert_eq!(s.backfill_lookup(), Some((1, vec![])));
+        s.backfills_looked_up(1);
+        assert_eq!(s.backfill_lookup(), None);
+        s.note_backfill_request(77);
+        let (upto, xids) = s.backfill_lookup().unwrap();
+        assert_eq!(
+            xids,
+            vec![77],
+            "the request's transaction must be visible before the lookup"
+        );
+        // Another request arrives while the worker looks: looking up the first is not enough.
+        s.note_backfill_request(78);
+        assert_eq!(s.backfill_requests_seen(), upto + 1);
+        s.backfills_looked_up(upto);
+        assert_eq!(s.backfill_lookup(), Some((upto + 1, vec![78])));
+        s.backfills_looked_up(upto + 1);
+        assert_eq!(s.backfill_lookup(), None);
+        // A stale report never undoes a newer one.
+        s.backfills_looked_up(upto);
+        assert_eq!(s.backfill_lookup(), None);
     }
 
     #[test]

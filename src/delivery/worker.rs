@@ -12,6 +12,8 @@
 //!
 //! See [`crate::delivery::state`] for the rules these follow.
 
+mod backfill;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -497,6 +499,12 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
     let mut shutdown = ctx.shutdown.clone();
     let id = handle.settings.id.clone();
     let flushes_before = handle.with_state(|s| s.flushes());
+    // Backfill requests first (their values are read at their pages' snapshots; recorded keys
+    // are drained after, with newer values). A request seen after this point blocks the switch.
+    let backfills_before = handle.with_state(|s| s.backfill_requests_seen());
+    if let Some(go_on) = backfill::serve(handle, ctx).await {
+        return go_on;
+    }
     let limit = ctx.settings.max_entries_per_transaction as i64;
     let Some(page) = with_db_retry(ctx, &id, "reading keys to resync", |c| {
         let (store, id) = (&ctx.store, &id);
@@ -507,7 +515,9 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
         return false;
     };
     if page.keys.is_empty() {
-        if handle.with_state(|s| s.drained(flushes_before, page.horizon)) {
+        if handle
+            .with_state(|s| s.backfill_requests_seen() == backfills_before && s.drained(flushes_before, page.horizon))
+        {
             tracing::info!(appservice = %id, horizon = %page.horizon, "resync complete; back to live delivery once the stream passes the horizon");
             // Make sure the stream passes the horizon even if nothing else is written.
             let marker = with_db_retry(ctx, &id, "writing a horizon marker", |c| {

@@ -263,7 +263,7 @@ async fn backfill_thousands_of_users(server: &'static Server) {
     for id in ["a", "b"] {
         let out = s.files.command("backfill", &["--appservice", id]);
         assert!(out.status.success(), "backfill {id}: {}", text(&out));
-        assert!(text(&out).contains("2000 user(s)"), "{}", text(&out));
+        assert!(text(&out).contains("requested (all its users)"), "{}", text(&out));
     }
     assert_final_states(&s, &relay).await;
     assert_eq!(s.a.state().len(), 2000 * 4, "4 keys for each of A's 2,000 users");
@@ -306,6 +306,74 @@ async fn backfill_thousands_of_users(server: &'static Server) {
     let bad = s.files.command("backfill", &["--appservice", "c"]);
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
     assert!(text(&bad).contains("not opted in"), "{}", text(&bad));
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+/// A backfill interrupted by a kill resumes from its saved cursor after the restart (it does not
+/// start again), and the appservice ends with the exact current state; nothing per key is
+/// written to the relay's schema, and the request row is gone at the end.
+async fn backfill_resumes_after_a_kill(server: &'static Server) {
+    let s = prepare_with(server, &[("backfill_new_appservices", toml::Value::Boolean(false))], "").await;
+    s.db.client
+        .batch_execute(
+            "INSERT INTO account_data (user_id, account_data_type, stream_id, content) \
+               SELECT u, 'org.example.t' || t, nextval('account_data_sequence'), '{\"n\":' || i || '}' \
+               FROM generate_series(1, 3000) i, \
+                    LATERAL (VALUES (CASE i % 3 WHEN 0 THEN '@a_' WHEN 1 THEN '@b_' ELSE '@shared_' END || i || ':example.org')) v(u), \
+                    generate_series(1, 10) t",
+        )
+        .await
+        .unwrap();
+    recreate_slot(&s);
+    // Slow enough to be killed half way: 20,000 keys for A in 200 transactions.
+    s.a.set_mode(ReceiverMode::Delay(Duration::from_millis(30)));
+    let mut relay = start_relay(&s).await;
+    let out = s.files.command("backfill", &["--appservice", "a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let progress = || async {
+        s.db.client
+            .query_opt(
+                "SELECT after_user, keys_sent FROM synapse_account_data_relay.backfills WHERE appservice_id = 'a'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            progress().await.is_some_and(|(user, _)| !user.is_empty())
+        })
+        .await,
+        "the backfill never saved a position:\n{}",
+        relay.log_text()
+    );
+    relay.kill9();
+    let (after, saved) = progress().await.expect("the request survives the kill");
+    let before_restart = s.a.events().len();
+    assert!(saved > 0 && (saved as usize) < 20_000, "saved {saved} keys sent");
+    s.a.set_mode(ReceiverMode::Accept);
+    let relay = start_relay(&s).await;
+    let want = s.db.final_state(interested_a).await;
+    assert!(
+        s.a.wait_for(WAIT, |got| *got == want).await,
+        "{}\n{}",
+        crate::support::diff(&s.a.state(), &want),
+        relay.log_text()
+    );
+    assert_eq!(s.a.state().len(), 20_000, "{}", relay.log_text());
+    let after_restart = s.a.events().len() - before_restart;
+    assert!(
+        after_restart <= 20_000 - saved as usize + 1000,
+        "the restarted backfill sent {after_restart} keys: it started again instead of after {after:?} ({saved} sent)"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async { progress().await.is_none() }).await,
+        "the completed request was not deleted"
+    );
+    assert!(relay.log_text().contains("backfill complete"), "{}", relay.log_text());
+    assert_eq!(pending_keys(&s.db, "a").await, 0, "a backfill records no keys");
     drop(relay);
     s.db.drop_slot().await;
 }
@@ -390,6 +458,8 @@ on_both_servers!(
     first_opt_in_backfills,
     standby_takes_over,
     backfill_respects_room_account_data_off,
+    backfill_reads_use_the_indexes_in_order,
+    backfill_resumes_after_a_kill,
 );
 
 /// A slot invalidated by `max_slot_wal_keep_size` while A is down is detected, re-created, and
@@ -538,4 +608,148 @@ async fn backfill_respects_room_account_data_off(server: &'static Server) {
     assert!(rooms.is_empty(), "room data reached A: {rooms:?}");
     drop(relay);
     s.db.drop_slot().await;
+}
+
+/// The plan of one backfill query, run with `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` on the
+/// parameters `args` (SQL literals, in the order of `$1, $2, …`).
+async fn explain(db: &TestDb, sql: &str, types: &str, args: &str) -> serde_json::Value {
+    db.client
+        .batch_execute(&format!("DEALLOCATE ALL; PREPARE q({types}) AS {sql}"))
+        .await
+        .unwrap_or_else(|e| panic!("PREPARE {sql}: {e}"));
+    let text: String = db
+        .client
+        .simple_query(&format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE q({args})"))
+        .await
+        .unwrap_or_else(|e| panic!("EXPLAIN {sql}: {e}"))
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a plan");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v[0]["Plan"].clone()
+}
+
+/// Every node of a plan, depth first.
+fn plan_nodes(plan: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let mut out = vec![plan];
+    for child in plan["Plans"].as_array().into_iter().flatten() {
+        out.extend(plan_nodes(child));
+    }
+    out
+}
+
+/// Rows a node returned in all its loops.
+fn node_rows(n: &serde_json::Value) -> u64 {
+    n["Actual Rows"].as_u64().unwrap_or(0) * n["Actual Loops"].as_u64().unwrap_or(1)
+}
+
+/// Synapse's tables are read in index order, each reading about the rows the page needs: no
+/// sequential scan, no sort over a table, scans return at most the page (plus the rows of the
+/// users a page of users needs). `users_page`'s old `… UNION … ORDER BY user_id LIMIT n` read
+/// every remaining row of all three tables for each page before PostgreSQL 17.
+async fn backfill_reads_use_the_indexes_in_order(server: &'static Server) {
+    use synapse_account_data_relay::resync::{GLOBAL_PAGE_SQL, ROOMS_PAGE_SQL, TAGS_PAGE_SQL, USERS_PAGE_SQL};
+    let db = TestDb::new(server).await;
+    // 2,000 users × 5 global types; × 50 rooms of room account data; 10 rooms with tags each.
+    db.client
+        .batch_execute(
+            "INSERT INTO account_data (user_id, account_data_type, stream_id, content) \
+               SELECT '@u' || lpad(u::text, 5, '0') || ':example.org', 't' || t, u * 10 + t, '{}' \
+               FROM generate_series(1, 2000) u, generate_series(1, 5) t; \
+             INSERT INTO room_account_data (user_id, room_id, account_data_type, stream_id, content) \
+               SELECT '@u' || lpad(u::text, 5, '0') || ':example.org', '!r' || r || ':example.org', 'm.fully_read', u * 100 + r, '{}' \
+               FROM generate_series(1, 2000) u, generate_series(1, 50) r; \
+             INSERT INTO room_tags_revisions (user_id, room_id, stream_id) \
+               SELECT '@u' || lpad(u::text, 5, '0') || ':example.org', '!r' || r || ':example.org', u * 100 + r \
+               FROM generate_series(1, 2000) u, generate_series(1, 10) r; \
+             INSERT INTO room_tags (user_id, room_id, tag, content) \
+               SELECT user_id, room_id, 'u.work', '{}' FROM room_tags_revisions; \
+             ANALYZE account_data, room_account_data, room_tags_revisions, room_tags;",
+        )
+        .await
+        .unwrap();
+    let tables = ["account_data", "room_account_data", "room_tags_revisions", "room_tags"];
+    let middle = "'@u01000:example.org'";
+    let limit: u64 = 100;
+    // (query, parameter types, arguments, the most rows any scan may return)
+    let cases = [
+        (
+            GLOBAL_PAGE_SQL,
+            "text, text, bigint",
+            format!("{middle}, 't3', {limit}"),
+            limit,
+        ),
+        (
+            ROOMS_PAGE_SQL,
+            "text, text, text, bigint",
+            format!("{middle}, '!r7:example.org', 'm.fully_read', {limit}"),
+            limit,
+        ),
+        // One tag per room: the join returns a row per room of the page.
+        (
+            TAGS_PAGE_SQL,
+            "text, text, bigint",
+            format!("{middle}, '!r3:example.org', {limit}"),
+            limit,
+        ),
+        // 100 users: the rows of 100 users of room_account_data (50 each), the most of any table.
+        (
+            USERS_PAGE_SQL,
+            "text, bigint",
+            format!("{middle}, {limit}"),
+            limit * 50 + 1,
+        ),
+    ];
+    for (sql, types, args, most) in cases {
+        let plan = explain(&db, sql, types, &args).await;
+        let nodes = plan_nodes(&plan);
+        let shape: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{} {} {} rows={}",
+                    n["Node Type"].as_str().unwrap_or("?"),
+                    n["Relation Name"].as_str().unwrap_or(""),
+                    n["Index Name"].as_str().unwrap_or(""),
+                    node_rows(n)
+                )
+            })
+            .collect();
+        let shape = shape.join("\n  ");
+        let mut scans = 0;
+        for n in &nodes {
+            let node = n["Node Type"].as_str().unwrap_or("");
+            let relation = n["Relation Name"].as_str().unwrap_or("");
+            if tables.contains(&relation) {
+                scans += 1;
+                assert!(
+                    node == "Index Scan" || node == "Index Only Scan",
+                    "{sql}: {relation} is not read in index order:\n  {shape}"
+                );
+                assert!(
+                    node_rows(n) <= most,
+                    "{sql}: {relation} returned {} rows for a page of {limit}:\n  {shape}",
+                    node_rows(n)
+                );
+            }
+            if node == "Sort" || node == "Incremental Sort" {
+                assert!(
+                    node_rows(n) <= 3 * limit,
+                    "{sql}: a sort over more than the page:\n  {shape}"
+                );
+            }
+        }
+        assert!(scans > 0, "{sql}: no scan of Synapse's tables?\n  {shape}");
+        eprintln!("{sql}\n  {shape}");
+    }
+    let users = synapse_account_data_relay::resync::users_page(&db.client, "@u01000:example.org", 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        users,
+        ["@u01001:example.org", "@u01002:example.org", "@u01003:example.org"]
+    );
 }
