@@ -10,7 +10,7 @@ use synapse_account_data_relay::testkit::synapse_writes as w;
 
 use crate::on_both_servers;
 use crate::support::scenario::*;
-use crate::support::{RegistrationSpec, RelayFiles, Server, TestDb, diff, text, wait_for_log};
+use crate::support::{RegistrationSpec, RelayFiles, Server, TestDb, diff, text, wait_for_log, wait_until_live};
 
 /// GET `url`: status and body.
 async fn get(url: &str) -> (u16, String) {
@@ -221,6 +221,8 @@ async fn unreachable_client_api_blocks_no_other_account_data(server: &'static Se
     )
     .await;
     let relay = start_relay(&s).await;
+    // Live delivery is what the budget is about: wait until the first-opt-in backfill is over.
+    wait_until_live(&relay, &["a"], WAIT).await;
     let c = s.db.connect().await;
     c.batch_execute("BEGIN").await.unwrap();
     change_push_rules(&c, "@a_1:example.org").await;

@@ -11,7 +11,7 @@ use synapse_account_data_relay::testkit::synapse_writes as w;
 
 use crate::on_both_servers;
 use crate::support::scenario::*;
-use crate::support::{Server, diff, wait_for_log};
+use crate::support::{Server, diff, wait_for_log, wait_until_live};
 
 /// Random writes the way Synapse makes them, for two appservices with different namespaces, a
 /// user of neither, and an appservice that did not opt in.
@@ -217,8 +217,10 @@ async fn silent_partition_is_not_a_takeover(server: &'static Server) {
     };
     wrote(1).await;
     assert!(s.a.wait_for(WAIT, |st| st.get(&key).is_some_and(|v| v["v"] == 1)).await);
-    assert!(wait_for_log(&relay, "back to live delivery", Duration::from_secs(20)).await);
-    let live_switches = |log: &str| log.matches("back to live delivery").count();
+    // Both appservices start in recording mode and may get their first-opt-in backfill a moment
+    // later: any switch after both are live is the partition's doing.
+    wait_until_live(&relay, &["a", "b"], Duration::from_secs(30)).await;
+    let live_switches = |log: &str| log.matches("back to live delivery appservice").count();
     let before = live_switches(&relay.log_text());
 
     proxy.set_mode(ProxyMode::Blackhole);
@@ -232,6 +234,12 @@ async fn silent_partition_is_not_a_takeover(server: &'static Server) {
         "{}",
         relay.log_text()
     );
+    wait_for_log(
+        &relay,
+        "our previous replication connection still held the slot",
+        Duration::from_secs(60),
+    )
+    .await;
     let log = relay.log_text();
     assert!(
         log.contains("taking the connection for dead"),

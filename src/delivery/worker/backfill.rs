@@ -149,7 +149,7 @@ async fn deliver_page(
     let mut push_rules = Vec::new();
     if !page.push_rule_keys.is_empty() {
         let keys: Vec<&AccountDataKey> = page.push_rule_keys.iter().collect();
-        push_rules = fetch_push_rules_retrying(handle, ctx, &keys).await?;
+        push_rules = fetch_push_rules_retrying(handle, ctx, &keys, page.entries.is_empty()).await?;
     }
     let (mut entries, mut transactions) = (0, 0);
     for chunk in page.entries.chunks(max).chain(push_rules.chunks(max)) {

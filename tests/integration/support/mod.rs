@@ -543,6 +543,41 @@ pub async fn wait_for_log(relay: &RelayProcess, needle: &str, timeout: Duration)
     false
 }
 
+/// Whether the log shows appservice `id` back to live delivery after its last resync request
+/// (every appservice starts in recording mode, and a first-opt-in backfill may follow).
+pub fn live_after_last_resync(log: &str, id: &str) -> bool {
+    let tag = format!("appservice={id} ");
+    let last = |what: &[&str]| {
+        log.lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains(&tag) && what.iter().any(|w| l.contains(w)))
+            .map(|(i, _)| i)
+            .last()
+    };
+    match (
+        last(&["back to live delivery appservice"]),
+        last(&["resync requested", "first opt-in"]),
+    ) {
+        (Some(live), Some(request)) => live > request,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+/// Wait until each of `ids` is live after its last resync request (see
+/// [`live_after_last_resync`]); panics with the log after `timeout`.
+pub async fn wait_until_live(relay: &RelayProcess, ids: &[&str], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = relay.log_text();
+        if ids.iter().all(|id| live_after_last_resync(&log, id)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{ids:?} not live within {timeout:?}:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Print what differs between two states (for assertion messages).
 pub fn diff(got: &BTreeMap<ReceivedKey, serde_json::Value>, want: &BTreeMap<ReceivedKey, serde_json::Value>) -> String {
     let short = |v: &serde_json::Value| {
