@@ -9,5 +9,6 @@ mod end_to_end;
 mod operations;
 mod provisioning;
 mod real_synapse;
+mod recovery;
 mod replication_connection;
 mod retention;
