@@ -271,12 +271,13 @@ impl Relay {
     /// table lacks its replica identity, or the publication or the state schema is missing. A
     /// missing or invalidated slot is handled by the slot-lost policy instead.
     pub async fn preflight(&self) -> Result<(), RunError> {
-        let client = crate::postgres_sql::connect_sql(&self.settings.postgres)
-            .await
-            .map_err(|e| RunError::Connect {
-                target: self.settings.postgres.describe(),
-                message: e.to_string(),
-            })?;
+        let client =
+            crate::postgres_sql::connect_sql_bounded(&self.settings.postgres, crate::delivery::worker::SQL_TIMEOUT)
+                .await
+                .map_err(|e| RunError::Connect {
+                    target: self.settings.postgres.describe(),
+                    message: e.to_string(),
+                })?;
         let state = inspect(&client, self.settings.names()).await?;
         let all = problems(&state, self.settings.names());
         for p in all.iter().filter(|p| p.severity == Severity::Warning) {
@@ -560,7 +561,8 @@ impl Relay {
     /// has can reach it; the first drain that finds nothing left switches it to live.
     async fn activate(&mut self, db: &SynapseDb) -> Result<(), RunError> {
         let client = db.client().await?;
-        let pending = self.store.appservices_with_pending(&*client).await?;
+        let ids: Vec<&str> = self.handles.iter().map(|h| h.settings.id.as_str()).collect();
+        let pending = crate::delivery::worker::bounded(self.store.appservices_with_pending(&*client, &ids)).await?;
         for h in &self.handles {
             if pending.contains(&h.settings.id) {
                 tracing::info!(appservice = %h.settings.id, "keys recorded for resync are waiting: resuming their delivery");
@@ -829,6 +831,8 @@ impl Relay {
                     Some(h) => {
                         tracing::info!(appservice = %id, at = %lsn, "resync requested: delivering the recorded keys' current values");
                         h.with_state(|s| s.request_resync());
+                        // Its keys were written by another session: count them again.
+                        h.forget_recorded_keys();
                         h.notify();
                         self.recorder_wake.notify_one();
                     }

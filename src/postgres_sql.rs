@@ -72,6 +72,23 @@ pub fn tokio_postgres_config(cfg: &PgConnectionConfig) -> tokio_postgres::Config
 /// Opens an SQL connection, spawns its connection task (which logs its error, if any, when it
 /// ends) and returns the client.
 pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Client, SqlConnectError> {
+    connect_sql_with(cfg, None).await
+}
+
+/// As [`connect_sql`], for the running relay's own queries: every statement on the connection
+/// runs with `statement_timeout` set to `limit` (sent with the startup packet, no extra round
+/// trip), so the server cancels any that takes longer, whatever the caller waits for.
+pub async fn connect_sql_bounded(
+    cfg: &PgConnectionConfig,
+    limit: std::time::Duration,
+) -> Result<tokio_postgres::Client, SqlConnectError> {
+    connect_sql_with(cfg, Some(limit)).await
+}
+
+async fn connect_sql_with(
+    cfg: &PgConnectionConfig,
+    statement_timeout: Option<std::time::Duration>,
+) -> Result<tokio_postgres::Client, SqlConnectError> {
     let target = cfg.describe();
     let error = |source: SqlConnectErrorSource| {
         let sqlstate = match &source {
@@ -84,7 +101,10 @@ pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Cli
             source,
         }
     };
-    let config = tokio_postgres_config(cfg);
+    let mut config = tokio_postgres_config(cfg);
+    if let Some(limit) = statement_timeout {
+        config.options(format!("-c statement_timeout={}", limit.as_millis().max(1)));
+    }
     let tls_config = match cfg.host {
         PgHost::Tcp(_) => tls::client_config_for(cfg).map_err(|e| error(e.into()))?,
         PgHost::UnixSocketDir(_) => None,
