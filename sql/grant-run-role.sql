@@ -5,7 +5,7 @@
 -- let "synapse_relay" use the state schema "synapse_account_data_relay"
 GRANT USAGE ON SCHEMA "synapse_account_data_relay" TO "synapse_relay";
 -- let "synapse_relay" read and write the relay's state tables
-GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "synapse_account_data_relay"."pending_keys", "synapse_account_data_relay"."appservices" TO "synapse_relay";
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE "synapse_account_data_relay"."pending_keys", "synapse_account_data_relay"."appservices", "synapse_account_data_relay"."backfills" TO "synapse_relay";
 -- let "synapse_relay" use the relay's version sequence
 GRANT USAGE ON SEQUENCE "synapse_account_data_relay"."pending_key_version" TO "synapse_relay";
 -- let "synapse_relay" read the account-data tables (SELECT only)

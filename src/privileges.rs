@@ -19,7 +19,7 @@ use crate::provision::{DatabaseState, Names, PlanStep, Problem, ProvisionError, 
 pub const RUN_READS: &[&str] = &["account_data", "room_account_data", "room_tags", "room_tags_revisions"];
 
 /// The relay's own tables in its state schema.
-pub const STATE_TABLES: &[&str] = &["pending_keys", "appservices"];
+pub const STATE_TABLES: &[&str] = &["pending_keys", "appservices", "backfills"];
 /// The relay's own sequence in its state schema.
 pub const STATE_SEQUENCE: &str = "pending_key_version";
 
@@ -372,7 +372,7 @@ mod tests {
             sql,
             [
                 "GRANT USAGE ON SCHEMA \"relay_state\" TO \"relay\";",
-                "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE \"relay_state\".\"pending_keys\", \"relay_state\".\"appservices\" TO \"relay\";",
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE \"relay_state\".\"pending_keys\", \"relay_state\".\"appservices\", \"relay_state\".\"backfills\" TO \"relay\";",
                 "GRANT USAGE ON SEQUENCE \"relay_state\".\"pending_key_version\" TO \"relay\";",
                 "GRANT SELECT ON TABLE \"account_data\", \"room_account_data\", \"room_tags\", \"room_tags_revisions\" TO \"relay\";",
             ]

@@ -43,17 +43,7 @@ pub enum ResyncError {
     Routing(#[from] RoutingError),
 }
 
-fn sql_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
-    move |e| StoreError {
-        what,
-        message: e
-            .as_db_error()
-            .map(|d| d.message().to_owned())
-            .unwrap_or_else(|| e.to_string()),
-        sqlstate: e.code().map(|c| c.code().to_owned()),
-        connection_lost: e.is_closed() || e.as_db_error().is_none(),
-    }
-}
+use crate::state_store::store_error as sql_error;
 
 /// A filter on user ids with Python `re.match` semantics (for `backfill --users`).
 pub fn user_filter(pattern: &str) -> Result<Router, RoutingError> {

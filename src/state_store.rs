@@ -42,7 +42,7 @@ pub struct StoreError {
     pub connection_lost: bool,
 }
 
-fn store_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+pub(crate) fn store_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
     move |e| StoreError {
         what,
         message: e
