@@ -543,9 +543,14 @@ pub async fn wait_for_log(relay: &RelayProcess, needle: &str, timeout: Duration)
     false
 }
 
-/// Whether the log shows appservice `id` back to live delivery after its last resync request
-/// (every appservice starts in recording mode, and a first-opt-in backfill may follow).
+/// Whether the log shows appservice `id`'s first-opt-in backfill requested and the appservice
+/// back to live delivery after its last resync request (on a fresh database every appservice
+/// starts in recording mode, and its first-opt-in backfill follows a moment later).
 pub fn live_after_last_resync(log: &str, id: &str) -> bool {
+    let opted_in = format!("first opt-in: backfill of its users' current account data requested appservice={id} ");
+    if !log.contains(&opted_in) {
+        return false;
+    }
     let tag = format!("appservice={id} ");
     let last = |what: &[&str]| {
         log.lines()
