@@ -15,8 +15,10 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// One step at a time within this process (the scripts' file locks order processes).
-static SETUP: Mutex<()> = Mutex::new(());
+/// One image build at a time within this process, and one virtualenv step (the scripts' file
+/// locks order processes); an image build and the virtualenv may run at the same time.
+static IMAGE_SETUP: Mutex<()> = Mutex::new(());
+static VENV_SETUP: Mutex<()> = Mutex::new(());
 
 /// A PostgreSQL test image that `.ci/build-pg-image.sh` builds: Debian `suite` with
 /// `postgresql-<version>`, imported as `image`.
@@ -70,7 +72,7 @@ fn run_step(what: &str, command: &mut Command) -> Result<String, String> {
 
 /// Make sure `spec`'s image exists: build it (`.ci/build-pg-image.sh`) when it is missing.
 pub fn ensure_pg_image(spec: &PgTestImage) -> Result<(), String> {
-    let _one = SETUP.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one = IMAGE_SETUP.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let present = Command::new("docker")
         .args(["image", "inspect", &spec.image])
         .stdout(Stdio::null())
@@ -103,7 +105,7 @@ pub fn ensure_pg_image(spec: &PgTestImage) -> Result<(), String> {
 /// The virtual environment with the pinned Synapse and mautrix (`.ci/synapse-venv.sh`,
 /// `$RELAY_TEST_SYNAPSE_VENV` or its default place), made or completed when it is not ready.
 pub fn ensure_synapse_venv() -> Result<PathBuf, String> {
-    let _one = SETUP.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one = VENV_SETUP.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let venv_script = script("synapse-venv.sh");
     let check = Command::new("bash")
         .arg(&venv_script)
