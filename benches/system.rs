@@ -237,14 +237,20 @@ async fn start_receiver() -> (Arc<Receiver>, SocketAddr) {
     let app = axum::Router::new()
         .route("/{*path}", axum::routing::put(receive))
         .with_state(r.clone());
+    let (addr, _serving) = serve_receiver(app).await;
+    (r, addr)
+}
+
+/// Serves `app` on a free port of 127.0.0.1 until the returned task is aborted.
+async fn serve_receiver(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind receiver");
     let addr = listener.local_addr().expect("receiver address");
-    tokio::spawn(async move {
+    let serving = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    (r, addr)
+    (addr, serving)
 }
 
 impl Receiver {
@@ -1001,13 +1007,7 @@ async fn backfill(o: &Options, server: &'static Server) -> Vec<BackfillRow> {
         let app = axum::Router::new()
             .route("/{*path}", axum::routing::put(receive_backfill))
             .with_state(receiver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind receiver");
-        let addr = listener.local_addr().expect("receiver address");
-        let serving = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (addr, serving) = serve_receiver(app).await;
         let urls: Vec<String> = ids.iter().map(|id| format!("http://{addr}/{id}")).collect();
         let senders: Vec<String> = ids.iter().map(|id| format!("bot_{id}")).collect();
         let specs: Vec<RegistrationSpec<'_>> = ids

@@ -292,13 +292,7 @@ pub async fn inspect_run_role(
 /// `sql/grant-run-role.sql`: the grants of `setup --grant-to synapse_relay` for the default
 /// names, for admins who apply SQL by hand (after `sql/setup.sql`).
 pub fn stock_grant_script() -> String {
-    let names = Names {
-        slot: crate::config::DEFAULT_NAME,
-        publication: crate::config::DEFAULT_NAME,
-        push_publication: crate::config::DEFAULT_PUSH_PUBLICATION,
-        state_schema: crate::config::DEFAULT_NAME,
-        failover_slot: false,
-    };
+    let names = Names::defaults();
     let role = RoleState {
         name: "synapse_relay".into(),
         exists: true,

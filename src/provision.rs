@@ -413,6 +413,19 @@ pub struct Names<'a> {
     pub failover_slot: bool,
 }
 
+impl Names<'static> {
+    /// The names a relay config that names none uses (the shipped SQL, `check` without a config).
+    pub fn defaults() -> Names<'static> {
+        Names {
+            slot: crate::config::DEFAULT_NAME,
+            publication: crate::config::DEFAULT_NAME,
+            push_publication: crate::config::DEFAULT_PUSH_PUBLICATION,
+            state_schema: crate::config::DEFAULT_NAME,
+            failover_slot: false,
+        }
+    }
+}
+
 fn problem(severity: Severity, message: impl Into<String>) -> Problem {
     Problem {
         severity,
@@ -1301,13 +1314,7 @@ mod tests {
 /// The SQL shipped in `sql/` for admins who apply it by hand: `setup` and `teardown` for a stock
 /// Synapse database (no replica identities set, no publication, no slot) with the default names.
 pub fn stock_synapse_scripts() -> (String, String) {
-    let names = Names {
-        slot: crate::config::DEFAULT_NAME,
-        publication: crate::config::DEFAULT_NAME,
-        push_publication: crate::config::DEFAULT_PUSH_PUBLICATION,
-        state_schema: crate::config::DEFAULT_NAME,
-        failover_slot: false,
-    };
+    let names = Names::defaults();
     let table = TableState::stock;
     let stock = DatabaseState::stock_synapse();
     let setup = setup_plan(&stock, names).unwrap_or_default();

@@ -131,13 +131,7 @@ pub async fn check(args: &CheckArgs) -> u8 {
             }
         },
     };
-    let default_names = Names {
-        slot: crate::config::DEFAULT_NAME,
-        publication: crate::config::DEFAULT_NAME,
-        push_publication: crate::config::DEFAULT_PUSH_PUBLICATION,
-        state_schema: crate::config::DEFAULT_NAME,
-        failover_slot: false,
-    };
+    let default_names = Names::defaults();
     let names = settings.as_ref().map(|s| s.names()).unwrap_or(default_names);
     let (slot, publication) = (names.slot, names.publication);
     match crate::postgres_sql::connect_sql(&pg).await {
