@@ -1,14 +1,16 @@
 //! Test support: the PostgreSQL servers (PostgreSQL 15 from this machine's binaries through the
 //! crate's `testkit::LocalCluster`, PostgreSQL 17 in a container through `testcontainers`), one
 //! fresh database per test with Synapse's tables, the relay binary as a child process, and the
-//! database's final state to compare receivers against. `certs` makes test certificates,
-//! `tls_proxy` puts plain test servers behind TLS.
+//! database's final state to compare receivers against. `setup` builds the PostgreSQL test image
+//! and the Synapse virtualenv on first use, `certs` makes test certificates, `tls_proxy` puts
+//! plain test servers behind TLS.
 
 #![allow(dead_code)]
 
 pub mod scenario;
 
 pub mod certs;
+pub mod setup;
 pub mod synapse;
 pub mod tls_proxy;
 
@@ -107,23 +109,10 @@ fn start_container(settings: &[(&str, &str)]) -> Result<Server, String> {
     use testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers::runners::SyncRunner;
     use testcontainers::{GenericImage, ImageExt};
-    let image = std::env::var("RELAY_TEST_PG_IMAGE").unwrap_or_else(|_| DEFAULT_PG17_IMAGE.into());
+    let spec = setup::PgTestImage::pg17();
+    setup::ensure_pg_image(&spec)?;
+    let image = spec.image;
     let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
-    let present = Command::new("docker").args(["image", "inspect", &image]).output();
-    match present {
-        Ok(o) if o.status.success() => {}
-        Ok(_) => {
-            return Err(format!(
-                "the PostgreSQL 17 test image {image:?} does not exist: build it with `.ci/build-pg17-image.sh` \
-                 (debootstrap + docker import, no registry needed), or set RELAY_TEST_PG_IMAGE"
-            ));
-        }
-        Err(e) => {
-            return Err(format!(
-                "cannot run `docker` ({e}): install Docker and start its daemon for the PostgreSQL 17 tests"
-            ));
-        }
-    }
     let extra: String = settings.iter().map(|(k, v)| format!(" -c {k}={v}")).collect();
     let script = format!(
         "set -e; export PATH=/usr/lib/postgresql/17/bin:$PATH; \

@@ -3,7 +3,8 @@
 //! 127.0.0.1, and a small client for the calls the tests make (registration through an
 //! appservice or the shared secret, account data, rooms, tags, read markers, push rules, /sync).
 //!
-//! - [`synapse_venv`] finds the environment, or fails the test saying what to run: never a skip.
+//! - [`synapse_venv`] finds the environment, making it on first use, or fails the test saying
+//!   what to install: never a skip.
 //! - [`create_database`] makes an empty database as Synapse demands (UTF8, `C` collation and
 //!   ctype); Synapse creates its schema on first start, including the tables the relay reads.
 //! - [`AppserviceRegistration::write`] writes a registration file Synapse and the relay both read.
@@ -26,25 +27,17 @@ use crate::support::{SERVER_NAME, Server, TestDb, connect};
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The virtual environment made by `.ci/synapse-venv.sh` (`$RELAY_TEST_SYNAPSE_VENV`, else its
-/// default place). Panics, saying what to run, if it is missing or incomplete.
+/// default place), made or completed on first use (see [`crate::support::setup`]). Panics with
+/// what to install if it cannot be made.
 pub fn synapse_venv() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/synapse-venv.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg("--check")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    if !out.status.success() {
+    crate::support::setup::ensure_synapse_venv().unwrap_or_else(|e| {
         panic!(
-            "the real-Synapse test needs Synapse installed in a virtual environment: {}\n\
-             Run `.ci/synapse-venv.sh` once (it installs the pinned matrix-synapse[postgres] from PyPI into \
-             ~/.cache/synapse-account-data-relay/, about 3 minutes; it needs Python 3.10+ with venv, libpq-dev and \
-             gcc), or point RELAY_TEST_SYNAPSE_VENV at an environment it made.",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+            "the real-Synapse and mautrix tests need Synapse and mautrix in a virtual environment, which \
+             `.ci/synapse-venv.sh` makes (the pinned matrix-synapse[postgres] and mautrix from PyPI, into \
+             ~/.cache/synapse-account-data-relay/, about 3.5 minutes; it needs Python 3.10+ with venv, \
+             libpq-dev, python3-dev and gcc), or point RELAY_TEST_SYNAPSE_VENV at an environment it made:\n{e}"
+        )
+    })
 }
 
 static DB_COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
