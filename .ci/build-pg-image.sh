@@ -57,7 +57,7 @@ rootfs="$(mktemp -d /tmp/relay-pg"$version"-rootfs.XXXXXX)"
 log="$rootfs.log"
 trap 'rm -rf "$rootfs"' EXIT
 echo "$me: debootstrap Debian $suite with postgresql-$version into $rootfs (a few minutes)" >&2
-debootstrap --variant=minbase --include="postgresql-$version" "$suite" "$rootfs" http://deb.debian.org/debian >"$log" 2>&1 \
+debootstrap --variant=minbase --include="postgresql-$version" "$suite" "$rootfs" >"$log" 2>&1 \
   || { tail -n 40 "$log" >&2; echo "$me: debootstrap failed (log above, in full in $log)" >&2; exit 1; }
 # The server is not started by the image; tests start it with their own command line.
 tar -C "$rootfs" -c . | docker import - "$image" >/dev/null
