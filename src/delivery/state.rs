@@ -280,11 +280,15 @@ impl AppserviceState {
     }
 
     /// Called by the worker after a drain found the table empty, having read the flush count
-    /// `flushes_before` before the read and the WAL position `at` after it. Returns whether the
-    /// appservice will switch to live at `at` (false: keys arrived meanwhile, drain again).
+    /// `flushes_before` before the read and the WAL position `at` after it. Returns whether this
+    /// set the switch point to `at` (the worker then writes one horizon marker); false: keys
+    /// arrived meanwhile (drain again), or a switch point is set already. A switch point, once
+    /// set, is kept until the stream reaches it or an older change is recorded: moving it to
+    /// every newer empty drain would keep an appservice whose stream lags the WAL by more than
+    /// the drain's poll interval in recording mode for ever.
     pub fn drained(&mut self, flushes_before: u64, at: Lsn) -> bool {
         let quiet = self.flushes == flushes_before && self.unrecorded.is_empty() && self.recording_oldest.is_none();
-        if quiet && let DeliveryMode::Recording { .. } = self.mode {
+        if quiet && self.mode == (DeliveryMode::Recording { switch_at: None }) {
             self.mode = DeliveryMode::Recording { switch_at: Some(at) };
             return true;
         }
@@ -443,6 +447,28 @@ mod tests {
         assert!(s.drained(before, Lsn(150)));
         // A change at or after the horizon goes live.
         assert_eq!(s.push(change("@a:x", 150)), Pushed::Queued);
+        assert_eq!(s.mode(), DeliveryMode::Live);
+    }
+
+    #[test]
+    fn a_switch_point_once_set_is_kept() {
+        let mut s = AppserviceState::new(DeliveryMode::Recording { switch_at: None });
+        assert!(s.drained(0, Lsn(600)), "the first empty drain sets the switch point");
+        // Later empty drains (about once a second) while the stream lags behind the WAL tip:
+        // the switch point stays, and no further horizon marker is asked for.
+        assert!(!s.drained(0, Lsn(700)));
+        assert!(!s.drained(0, Lsn(800)));
+        assert_eq!(
+            s.mode(),
+            DeliveryMode::Recording {
+                switch_at: Some(Lsn(600))
+            }
+        );
+        assert!(!s.observe_position(Lsn(599)));
+        assert!(
+            s.observe_position(Lsn(650)),
+            "the stream passing the first switch point is enough"
+        );
         assert_eq!(s.mode(), DeliveryMode::Live);
     }
 

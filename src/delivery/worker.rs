@@ -497,6 +497,11 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
 /// One page of recorded keys. Returns false on shutdown.
 async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bool {
     let mut shutdown = ctx.shutdown.clone();
+    if let DeliveryMode::Recording { switch_at: Some(_) } = handle.mode() {
+        // Drained: waiting for the stream to reach the switch point. A recorded key (which
+        // clears the switch point) or the switch to live wakes the worker.
+        return pause(Duration::from_secs(1), Some(&handle.wake), &mut shutdown).await;
+    }
     let id = handle.settings.id.clone();
     let flushes_before = handle.with_state(|s| s.flushes());
     // Backfill requests first (their values are read at their pages' snapshots; recorded keys

@@ -2,10 +2,15 @@
 //! appservice: pass traffic, **cut** it (close every connection and refuse new ones, as a peer that
 //! went away), or **blackhole** it (keep connections open but forward nothing, as a partition that
 //! drops packets — TCP does not notice for many minutes); a blackhole can end for new connections
-//! only, leaving the open ones stranded ([`FaultProxy::strand_open_connections`]).
+//! only, leaving the open ones stranded ([`FaultProxy::strand_open_connections`]). It can also
+//! **lag** PostgreSQL replication connections: everything the server sends on them arrives a fixed
+//! time late, as a stream that runs behind the WAL tip (ordinary SQL connections through it are not
+//! delayed).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,6 +34,92 @@ pub struct FaultProxy {
     strand: watch::Sender<u64>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     acceptor: JoinHandle<()>,
+    /// See [`FaultProxy::set_replication_lag`].
+    replication_lag: Arc<Mutex<Duration>>,
+}
+
+/// Whether a client's first bytes are a PostgreSQL startup message asking for replication.
+fn asks_for_replication(first: &[u8]) -> bool {
+    first.windows(12).any(|w| w == b"replication\0")
+}
+
+/// Forward the client's startup packets (answering an SSL or GSSAPI encryption request with the
+/// server's refusal), and tell whether its startup message asks for replication. `None`: the
+/// connection failed or went encrypted (then nothing is delayed).
+async fn startup_asks_for_replication(
+    cr: &mut tokio::net::tcp::OwnedReadHalf,
+    cw: &mut tokio::net::tcp::OwnedWriteHalf,
+    sr: &mut tokio::net::tcp::OwnedReadHalf,
+    sw: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> Option<bool> {
+    const SSL_REQUEST: u32 = 80_877_103;
+    const GSSENC_REQUEST: u32 = 80_877_104;
+    loop {
+        let mut len = [0u8; 4];
+        cr.read_exact(&mut len).await.ok()?;
+        let n = u32::from_be_bytes(len) as usize;
+        if !(8..=10_000).contains(&n) {
+            return None;
+        }
+        let mut packet = vec![0u8; n];
+        packet[..4].copy_from_slice(&len);
+        cr.read_exact(&mut packet[4..]).await.ok()?;
+        sw.write_all(&packet).await.ok()?;
+        let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+        if n == 8 && (code == SSL_REQUEST || code == GSSENC_REQUEST) {
+            let mut answer = [0u8; 1];
+            sr.read_exact(&mut answer).await.ok()?;
+            cw.write_all(&answer).await.ok()?;
+            if answer[0] != b'N' {
+                return None;
+            }
+            continue;
+        }
+        return Some(asks_for_replication(&packet));
+    }
+}
+
+/// As [`pump`], but once `streaming` is set (the client started replication), every chunk is
+/// written `lag` after it was read (throughput is kept: chunks wait in a queue, not behind each
+/// other). The connection set-up is not delayed.
+async fn lagged_pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    lag: Duration,
+    streaming: Arc<AtomicBool>,
+    mode: ConnectionMode,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let delay = if streaming.load(Ordering::Acquire) {
+                        lag
+                    } else {
+                        Duration::ZERO
+                    };
+                    if tx
+                        .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if mode.get() == ProxyMode::Cut || to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(reader, writer);
 }
 
 /// What one connection's pumps see: the proxy's mode, unless the connection was stranded.
@@ -58,9 +149,19 @@ impl ConnectionMode {
 }
 
 async fn pump(
+    from: tokio::net::tcp::OwnedReadHalf,
+    to: tokio::net::tcp::OwnedWriteHalf,
+    mode: ConnectionMode,
+) {
+    watching_pump(from, to, mode, None).await
+}
+
+/// As [`pump`]; sets `streaming` once the client sent `START_REPLICATION`.
+async fn watching_pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: ConnectionMode,
+    streaming: Option<Arc<AtomicBool>>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -82,6 +183,11 @@ async fn pump(
                 return;
             }
         }
+        if let Some(flag) = &streaming
+            && buf[..n].windows(17).any(|w| w == b"START_REPLICATION")
+        {
+            flag.store(true, Ordering::Release);
+        }
         if mode.get() == ProxyMode::Cut || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
@@ -97,6 +203,8 @@ impl FaultProxy {
         let (strand, strand_watcher) = watch::channel(0u64);
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let conns = connections.clone();
+        let replication_lag: Arc<Mutex<Duration>> = Arc::default();
+        let lag_setting = replication_lag.clone();
         let acceptor = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -114,6 +222,7 @@ impl FaultProxy {
                     strand: strand_watcher.clone(),
                     generation,
                 };
+                let lag = *lag_setting.lock().unwrap_or_else(|p| p.into_inner());
                 let task = tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
@@ -121,7 +230,19 @@ impl FaultProxy {
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
                     let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let (mut cr, mut cw) = (cr, cw);
+                    if !lag.is_zero()
+                        && startup_asks_for_replication(&mut cr, &mut cw, &mut sr, &mut sw).await
+                            == Some(true)
+                    {
+                        let streaming = Arc::new(AtomicBool::new(false));
+                        tokio::join!(
+                            watching_pump(cr, sw, modes(), Some(streaming.clone())),
+                            lagged_pump(sr, cw, lag, streaming, modes())
+                        );
+                        return;
+                    }
                     tokio::join!(pump(cr, sw, modes()), pump(sr, cw, modes()));
                 });
                 let mut list = conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -135,12 +256,19 @@ impl FaultProxy {
             strand,
             connections,
             acceptor,
+            replication_lag,
         })
     }
 
     /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Delay what the server sends on replication connections opened from now on by `lag`
+    /// (zero: no delay).
+    pub fn set_replication_lag(&self, lag: Duration) {
+        *self.replication_lag.lock().unwrap_or_else(|p| p.into_inner()) = lag;
     }
 
     /// Change what happens to traffic. `Cut` also closes every open connection.

@@ -11,5 +11,6 @@ mod mautrix_python;
 mod operations;
 mod provisioning;
 mod real_synapse;
+mod recovery;
 mod replication_connection;
 mod retention;

@@ -1,0 +1,102 @@
+//! Restarts and outage recovery: an appservice whose stream lags the WAL tip still returns to
+//! live delivery.
+
+use std::time::{Duration, Instant};
+
+use synapse_account_data_relay::testkit::proxy::FaultProxy;
+use synapse_account_data_relay::testkit::synapse_writes as w;
+
+use crate::on_both_servers;
+use crate::support::scenario::*;
+use crate::support::{Server, text, wait_for_log};
+
+/// How late the replication stream arrives (the drain polls about once a second, so before the
+/// fix the switch point moved on faster than a lagging stream could reach it).
+const LAG: Duration = Duration::from_secs(10);
+
+/// The replication stream runs `LAG` behind the WAL tip (a proxy delays what the server sends on
+/// the replication connection). A backfill switches A to recording mode; its drain ends, and A
+/// is back to live once the stream reaches the first switch point: one horizon marker, one
+/// "resync complete", and a change written afterwards goes out live.
+async fn lagging_stream_returns_to_live(server: &'static Server) {
+    let s = prepare_with(server, &[("backfill_new_appservices", toml::Value::Boolean(false))], "").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], server.port).into()).await.unwrap();
+    proxy.set_replication_lag(LAG);
+    let hs = s.files.path().join("homeserver.yaml");
+    let yaml = std::fs::read_to_string(&hs).unwrap();
+    let rehomed = yaml.replace(
+        &format!("port: {}", server.port),
+        &format!("port: {}", proxy.addr().port()),
+    );
+    assert_ne!(yaml, rehomed, "homeserver.yaml names the server's port");
+    std::fs::write(&hs, rehomed).unwrap();
+    let c = &s.db.client;
+    for i in 0..20 {
+        w::set_global(c, &format!("@a_{i}:example.org"), "m.direct", &format!("{{\"n\":{i}}}"))
+            .await
+            .unwrap();
+    }
+    let relay = s.files.spawn_run();
+    assert!(
+        wait_for_log(&relay, "streaming account-data changes", LAG * 3).await,
+        "relay did not start streaming:\n{}",
+        relay.log_text()
+    );
+    // The start's own recording mode ends first (the stream reaches its switch point).
+    assert!(
+        wait_for_log(&relay, "INFO back to live delivery appservice=a", LAG * 4).await,
+        "A never returned to live after the start:\n{}",
+        relay.log_text()
+    );
+    let before = relay.log_text();
+    let (completes, lives) = (
+        before.matches("resync complete").count(),
+        before.matches("INFO back to live delivery appservice=a").count(),
+    );
+    let out = s.files.command("backfill", &["--appservice", "a"]);
+    assert!(out.status.success(), "backfill: {}", text(&out));
+    let key = |i: usize| (format!("@a_{i}:example.org"), None, "m.direct".to_owned());
+    let started = Instant::now();
+    // The resync request arrives through the lagging stream; the drain then delivers the keys
+    // and sets its switch point; the stream reaches it about LAG later.
+    let deadline = started + LAG * 6;
+    loop {
+        let log = relay.log_text();
+        if log.matches("INFO back to live delivery appservice=a").count() > lives {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A did not return to live within {:?} after the backfill (stream lag {LAG:?}):\n{log}",
+            LAG * 6
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = relay.log_text();
+    assert_eq!(
+        log.matches("resync complete").count(),
+        completes + 1,
+        "one switch point (one horizon marker) per switch, not one per empty drain:\n{log}"
+    );
+    assert!(s.a.state().contains_key(&key(19)), "{log}");
+    // Live again: a new value arrives without another drain.
+    w::set_global(c, "@a_3:example.org", "m.direct", "{\"live\":true}")
+        .await
+        .unwrap();
+    let want = serde_json::json!({"live": true});
+    assert!(
+        s.a.wait_for(LAG * 4, |st| st.get(&key(3)) == Some(&want)).await,
+        "{}",
+        relay.log_text()
+    );
+    assert_eq!(
+        relay.log_text().matches("resync complete").count(),
+        completes + 1,
+        "the live change went out without another drain:\n{}",
+        relay.log_text()
+    );
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+on_both_servers!(lagging_stream_returns_to_live);
