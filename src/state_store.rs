@@ -231,26 +231,44 @@ impl StateStore {
         Ok(())
     }
 
-    /// Read the next page of `appservice`'s keys and their current values, and a WAL position
-    /// read after them: every commit the reads saw lies below it (each statement's snapshot is
-    /// taken when it starts, before the position is read).
+    /// Read the next page of `appservice`'s keys (in key order, after `after` when given: a
+    /// keyset cursor, so a pass over the table moves on even while the keys it already read are
+    /// recorded again) and their current values, and a WAL position read after them: every commit
+    /// the reads saw lies below it (each statement's snapshot is taken when it starts, before the
+    /// position is read).
     pub async fn read_page(
         &self,
         c: &impl GenericClient,
         appservice: &str,
+        after: Option<&AccountDataKey>,
         limit: i64,
     ) -> Result<PendingPage, StoreError> {
         let s = &self.schema;
-        let rows = c
-            .query(
-                &format!(
-                    "SELECT user_id, room_id, data_type, version FROM {s}.pending_keys WHERE appservice_id = $1 \
-                     ORDER BY user_id, room_id, data_type LIMIT $2"
-                ),
-                &[&appservice, &limit],
-            )
-            .await
-            .map_err(store_error("reading keys to resync"))?;
+        let rows = match after {
+            None => {
+                c.query(
+                    &format!(
+                        "SELECT user_id, room_id, data_type, version FROM {s}.pending_keys WHERE appservice_id = $1 \
+                         ORDER BY user_id, room_id, data_type LIMIT $2"
+                    ),
+                    &[&appservice, &limit],
+                )
+                .await
+            }
+            Some(k) => {
+                let (user, room, data_type) = (&*k.user_id, k.room_id.as_deref().unwrap_or(""), &*k.data_type);
+                c.query(
+                    &format!(
+                        "SELECT user_id, room_id, data_type, version FROM {s}.pending_keys WHERE appservice_id = $1 \
+                         AND (user_id, room_id, data_type) > ($3, $4, $5) \
+                         ORDER BY user_id, room_id, data_type LIMIT $2"
+                    ),
+                    &[&appservice, &limit, &user, &room, &data_type],
+                )
+                .await
+            }
+        }
+        .map_err(store_error("reading keys to resync"))?;
         let keys: Vec<(AccountDataKey, i64)> = rows
             .iter()
             .map(|r| {

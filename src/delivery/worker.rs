@@ -337,13 +337,18 @@ where
 
 /// The worker loop of one appservice. Returns when shutdown is requested.
 pub async fn run_worker(handle: Arc<AppserviceHandle>, ctx: Arc<DeliveryContext>) {
+    // Where the current pass over the recorded keys is (see `drain_step`).
+    let mut cursor: Option<AccountDataKey> = None;
     loop {
         if *ctx.shutdown.borrow() {
             return;
         }
         let go_on = match handle.mode() {
-            DeliveryMode::Live => live_step(&handle, &ctx).await,
-            DeliveryMode::Recording { .. } => drain_step(&handle, &ctx).await,
+            DeliveryMode::Live => {
+                cursor = None;
+                live_step(&handle, &ctx).await
+            }
+            DeliveryMode::Recording { .. } => drain_step(&handle, &ctx, &mut cursor).await,
         };
         if !go_on {
             return;
@@ -495,7 +500,17 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
 }
 
 /// One page of recorded keys. Returns false on shutdown.
-async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bool {
+///
+/// A drain is made of passes over the table in key order: each page starts after the last key
+/// of the one before (`cursor`), so keys recorded again faster than a page round trip (which a
+/// page cannot delete: their version changed) are sent again once per pass, not on every page,
+/// and cannot starve the rest. A pass ends at an empty page; only an empty page read from the
+/// start of the table (nothing left at all) ends the drain.
+async fn drain_step(
+    handle: &Arc<AppserviceHandle>,
+    ctx: &DeliveryContext,
+    cursor: &mut Option<AccountDataKey>,
+) -> bool {
     let mut shutdown = ctx.shutdown.clone();
     if let DeliveryMode::Recording { switch_at: Some(_) } = handle.mode() {
         // Drained: waiting for the stream to reach the switch point. A recorded key (which
@@ -512,13 +527,17 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
     }
     let limit = ctx.settings.max_entries_per_transaction as i64;
     let Some(page) = with_db_retry(ctx, &id, "reading keys to resync", |c| {
-        let (store, id) = (&ctx.store, &id);
-        async move { store.read_page(&*c, id, limit).await }
+        let (store, id, after) = (&ctx.store, &id, cursor.as_ref());
+        async move { store.read_page(&*c, id, after, limit).await }
     })
     .await
     else {
         return false;
     };
+    if page.keys.is_empty() && cursor.take().is_some() {
+        // The end of a pass: start the next one from the smallest key.
+        return true;
+    }
     if page.keys.is_empty() {
         if handle
             .with_state(|s| s.backfill_requests_seen() == backfills_before && s.drained(flushes_before, page.horizon))
@@ -561,6 +580,7 @@ async fn drain_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bo
         async move { store.delete_delivered(&*c, id, keys).await }
     })
     .await;
+    *cursor = page.keys.last().map(|(k, _)| k.clone());
     lock(&handle.stats).resync_pages += 1;
     deleted.is_some()
 }

@@ -1,9 +1,12 @@
 //! Restarts and outage recovery: an appservice whose stream lags the WAL tip still returns to
 //! live delivery.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use synapse_account_data_relay::testkit::proxy::FaultProxy;
+use synapse_account_data_relay::testkit::receiver::ReceiverMode;
 use synapse_account_data_relay::testkit::synapse_writes as w;
 
 use crate::on_both_servers;
@@ -99,4 +102,81 @@ async fn lagging_stream_returns_to_live(server: &'static Server) {
     s.db.drop_slot().await;
 }
 
-on_both_servers!(lagging_stream_returns_to_live);
+/// A drain whose first keys are recorded again faster than a page round trip (a slow appservice,
+/// busy users) still reaches every other key: each page continues after the last key of the one
+/// before, instead of starting again at the smallest key (whose new versions it cannot delete).
+async fn keys_recorded_again_cannot_starve_the_rest(server: &'static Server) {
+    let s = prepare_with(
+        server,
+        &[
+            ("backfill_new_appservices", toml::Value::Boolean(false)),
+            ("max_entries_per_transaction", toml::Value::Integer(5)),
+        ],
+        "",
+    )
+    .await;
+    let c = &s.db.client;
+    let user = |i: usize| format!("@a_u{i:03}:example.org");
+    for i in 0..100 {
+        w::set_global(c, &user(i), "m.direct", &format!("{{\"n\":{i}}}"))
+            .await
+            .unwrap();
+    }
+    w::set_global(c, "@b_1:example.org", "m.direct", "{}").await.unwrap();
+    let relay = start_relay(&s).await;
+    wait_until_caught_up(&s, &relay).await;
+    // Each transaction takes 300 ms; the first page's five keys change every 20 ms meanwhile.
+    s.a.set_mode(ReceiverMode::Delay(Duration::from_millis(300)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (c, stop) = (s.db.connect().await, stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                for i in 0..5 {
+                    w::set_global(&c, &user(i), "m.direct", &format!("{{\"busy\":{n}}}"))
+                        .await
+                        .unwrap();
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The backfill sends @a_u099 again: count the transactions that carry it.
+    let carrying_last = || {
+        s.a.transactions()
+            .iter()
+            .filter(|t| t.body.to_string().contains(&user(99)))
+            .count()
+    };
+    let before = carrying_last();
+    let out = s.files.command("backfill", &["--appservice", "a"]);
+    assert!(out.status.success(), "backfill: {}", text(&out));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut reached = false;
+    while Instant::now() < deadline {
+        if carrying_last() > before {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    assert!(
+        reached,
+        "the keys after the first page never reached A while the first page's keys kept being recorded again:\n{}",
+        relay.log_text()
+    );
+    s.a.set_mode(ReceiverMode::Accept);
+    assert_final_states(&s, &relay).await;
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
+on_both_servers!(
+    lagging_stream_returns_to_live,
+    keys_recorded_again_cannot_starve_the_rest
+);
