@@ -349,12 +349,13 @@ impl Relay {
     /// table lacks its replica identity, or the publication or the state schema is missing. A
     /// missing or invalidated slot is handled by the slot-lost policy instead.
     pub async fn preflight(&self) -> Result<(), RunError> {
-        let client = crate::postgres_sql::connect_sql(&self.settings.postgres)
-            .await
-            .map_err(|e| RunError::Connect {
-                target: self.settings.postgres.describe(),
-                message: e.to_string(),
-            })?;
+        let client =
+            crate::postgres_sql::connect_sql_bounded(&self.settings.postgres, crate::delivery::worker::SQL_TIMEOUT)
+                .await
+                .map_err(|e| RunError::Connect {
+                    target: self.settings.postgres.describe(),
+                    message: e.to_string(),
+                })?;
         let state = inspect(&client, self.settings.names()).await?;
         let all = problems(&state, self.settings.names());
         for p in all.iter().filter(|p| p.severity == Severity::Warning) {
@@ -677,7 +678,8 @@ impl Relay {
     /// has can reach it; the first drain that finds nothing left switches it to live.
     async fn activate(&mut self, db: &SynapseDb) -> Result<(), RunError> {
         let client = db.client().await?;
-        let pending = self.store.appservices_with_pending(&*client).await?;
+        let ids: Vec<&str> = self.handles.iter().map(|h| h.settings.id.as_str()).collect();
+        let pending = crate::delivery::worker::bounded(self.store.appservices_with_pending(&*client, &ids)).await?;
         for h in &self.handles {
             if pending.contains(&h.settings.id) {
                 tracing::info!(appservice = %h.settings.id, "keys recorded for resync are waiting: resuming their delivery");
@@ -1068,6 +1070,8 @@ impl Relay {
                             s.request_resync();
                             s.note_backfill_request(xid);
                         });
+                        // Its keys were written by another session: count them again.
+                        h.forget_recorded_keys();
                         h.notify();
                         self.recorder_wake.notify_one();
                     }

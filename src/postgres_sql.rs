@@ -117,6 +117,23 @@ pub const SESSION_SETUP_SQL: &str = "SET synchronous_commit = on";
 /// ends), sets the session up ([`SESSION_SETUP_SQL`]) and returns the client. The whole is bounded
 /// by `cfg.connect_timeout` (zero: no bound).
 pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Client, SqlConnectError> {
+    connect_sql_with(cfg, None).await
+}
+
+/// As [`connect_sql`], for the running relay's own queries: every statement on the connection
+/// runs with `statement_timeout` set to `limit` (sent with the startup packet, no extra round
+/// trip), so the server cancels any that takes longer, whatever the caller waits for.
+pub async fn connect_sql_bounded(
+    cfg: &PgConnectionConfig,
+    limit: std::time::Duration,
+) -> Result<tokio_postgres::Client, SqlConnectError> {
+    connect_sql_with(cfg, Some(limit)).await
+}
+
+async fn connect_sql_with(
+    cfg: &PgConnectionConfig,
+    statement_timeout: Option<std::time::Duration>,
+) -> Result<tokio_postgres::Client, SqlConnectError> {
     let target = cfg.describe();
     let error = |source: SqlConnectErrorSource| {
         let sqlstate = match &source {
@@ -130,9 +147,9 @@ pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Cli
         }
     };
     let result = if cfg.connect_timeout.is_zero() {
-        connect_unbounded(cfg, &target).await
+        connect_unbounded(cfg, &target, statement_timeout).await
     } else {
-        tokio::time::timeout(cfg.connect_timeout, connect_unbounded(cfg, &target))
+        tokio::time::timeout(cfg.connect_timeout, connect_unbounded(cfg, &target, statement_timeout))
             .await
             .unwrap_or(Err(SqlConnectErrorSource::Timeout(cfg.connect_timeout)))
     };
@@ -142,8 +159,18 @@ pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Cli
 async fn connect_unbounded(
     cfg: &PgConnectionConfig,
     target: &str,
+    statement_timeout: Option<std::time::Duration>,
 ) -> Result<tokio_postgres::Client, SqlConnectErrorSource> {
-    let config = tokio_postgres_config(cfg);
+    let mut config = tokio_postgres_config(cfg);
+    if let Some(limit) = statement_timeout {
+        // Appended to the user's own `options` (libpq's), if any.
+        let timeout = format!("-c statement_timeout={}", limit.as_millis().max(1));
+        let options = match &cfg.options {
+            Some(own) => format!("{own} {timeout}"),
+            None => timeout,
+        };
+        config.options(&options);
+    }
     let refusal = Arc::new(Mutex::new(None));
     match &cfg.host {
         PgHost::UnixSocketDir(dir) => {

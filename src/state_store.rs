@@ -144,37 +144,52 @@ impl StateStore {
     }
 
     /// Record `keys` for `appservice` (one statement; a key already recorded gets a new version).
+    /// Returns how many were not recorded before (rows inserted, not updated).
     pub async fn record_keys(
         &self,
         c: &impl GenericClient,
         appservice: &str,
         keys: &[AccountDataKey],
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         if keys.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let users: Vec<&str> = keys.iter().map(|k| &*k.user_id).collect();
         let rooms: Vec<&str> = keys.iter().map(|k| k.room_id.as_deref().unwrap_or("")).collect();
         let types: Vec<&str> = keys.iter().map(|k| &*k.data_type).collect();
         let (s, seq) = (&self.schema, self.sequence());
-        c.execute(
-            &format!(
-                "INSERT INTO {s}.pending_keys (appservice_id, user_id, room_id, data_type, version) \
-                 SELECT $1, u, r, t, nextval({seq}) FROM unnest($2::text[], $3::text[], $4::text[]) AS k(u, r, t) \
-                 ON CONFLICT (appservice_id, user_id, room_id, data_type) DO UPDATE SET version = EXCLUDED.version"
-            ),
-            &[&appservice, &users, &rooms, &types],
-        )
-        .await
-        .map_err(store_error("recording keys to resync"))?;
-        Ok(())
+        // `xmax = 0`: the row version was inserted by this statement, not updated by it.
+        let row = c
+            .query_one(
+                &format!(
+                    "WITH written AS (INSERT INTO {s}.pending_keys (appservice_id, user_id, room_id, data_type, version) \
+                     SELECT $1, u, r, t, nextval({seq}) FROM unnest($2::text[], $3::text[], $4::text[]) AS k(u, r, t) \
+                     ON CONFLICT (appservice_id, user_id, room_id, data_type) DO UPDATE SET version = EXCLUDED.version \
+                     RETURNING xmax = 0 AS inserted) \
+                     SELECT count(*) FILTER (WHERE inserted) FROM written"
+                ),
+                &[&appservice, &users, &rooms, &types],
+            )
+            .await
+            .map_err(store_error("recording keys to resync"))?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
     }
 
-    /// The appservices with recorded keys.
-    pub async fn appservices_with_pending(&self, c: &impl GenericClient) -> Result<HashSet<String>, StoreError> {
+    /// Which of `appservices` have recorded keys (one index probe each, not a scan of the table).
+    pub async fn appservices_with_pending(
+        &self,
+        c: &impl GenericClient,
+        appservices: &[&str],
+    ) -> Result<HashSet<String>, StoreError> {
         let s = &self.schema;
         let rows = c
-            .query(&format!("SELECT DISTINCT appservice_id FROM {s}.pending_keys"), &[])
+            .query(
+                &format!(
+                    "SELECT a FROM unnest($1::text[]) AS a \
+                     WHERE EXISTS (SELECT 1 FROM {s}.pending_keys p WHERE p.appservice_id = a)"
+                ),
+                &[&appservices],
+            )
             .await
             .map_err(store_error("reading which appservices have keys to resync"))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -193,7 +208,8 @@ impl StateStore {
         Ok(row.get(0))
     }
 
-    /// Recorded keys per appservice (for metrics and `status`).
+    /// Recorded keys per appservice (for `status`: a scan of the whole table; the running relay
+    /// counts its keys itself, see `AppserviceHandle::recorded_keys`).
     pub async fn pending_counts(
         &self,
         c: &impl GenericClient,
@@ -308,15 +324,16 @@ impl StateStore {
         })
     }
 
-    /// Delete delivered keys, unless they were recorded again since they were read.
+    /// Delete delivered keys, unless they were recorded again since they were read. Returns how
+    /// many were deleted.
     pub async fn delete_delivered(
         &self,
         c: &impl GenericClient,
         appservice: &str,
         keys: &[(AccountDataKey, i64)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         if keys.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let users: Vec<&str> = keys.iter().map(|(k, _)| &*k.user_id).collect();
         let rooms: Vec<&str> = keys.iter().map(|(k, _)| k.room_id.as_deref().unwrap_or("")).collect();
@@ -331,8 +348,7 @@ impl StateStore {
             &[&appservice, &users, &rooms, &types, &versions],
         )
         .await
-        .map_err(store_error("deleting delivered keys"))?;
-        Ok(())
+        .map_err(store_error("deleting delivered keys"))
     }
 
     /// Write a message into the stream (`transactional`: part of the caller's transaction).

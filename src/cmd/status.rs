@@ -59,6 +59,9 @@ pub struct StatusReport {
     pub healthy: bool,
 }
 
+/// How long each of `status`'s database reads may take.
+const STATUS_SQL_TIMEOUT: Duration = Duration::from_secs(10);
+
 const SLOT_FACTS_SQL: &str = "SELECT s.active, s.active_pid, s.wal_status, s.restart_lsn::text, \
      s.confirmed_flush_lsn::text, pg_current_wal_lsn()::text, \
      pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, \
@@ -320,13 +323,20 @@ pub async fn status(args: &StatusArgs) -> u8 {
         relay_error: None,
         healthy: false,
     };
-    match crate::postgres_sql::connect_sql(&settings.postgres).await {
+    // Every statement is bounded on the server (statement_timeout) and here (a partition).
+    match crate::postgres_sql::connect_sql_bounded(&settings.postgres, STATUS_SQL_TIMEOUT).await {
         Ok(c) => {
-            match read_slot(&c, &settings.slot_name).await {
-                Ok(s) => report.slot = Some(s),
-                Err(e) => report.database_error = Some(format!("cannot read the replication slot: {e}")),
+            match tokio::time::timeout(STATUS_SQL_TIMEOUT, read_slot(&c, &settings.slot_name)).await {
+                Ok(Ok(s)) => report.slot = Some(s),
+                Ok(Err(e)) => report.database_error = Some(format!("cannot read the replication slot: {e}")),
+                Err(_) => {
+                    report.database_error = Some(format!(
+                        "cannot read the replication slot: no answer within {STATUS_SQL_TIMEOUT:?}"
+                    ))
+                }
             }
-            if let Ok(counts) = StateStore::new(&settings.state_schema).pending_counts(&c).await {
+            let store = StateStore::new(&settings.state_schema);
+            if let Ok(Ok(counts)) = tokio::time::timeout(STATUS_SQL_TIMEOUT, store.pending_counts(&c)).await {
                 report.recorded_keys = Some(counts);
             }
         }

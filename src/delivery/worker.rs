@@ -15,7 +15,7 @@
 mod backfill;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -68,7 +68,12 @@ pub struct AppserviceHandle {
     stats: Mutex<DeliveryStats>,
     /// This appservice's metric handles (see [`crate::ops::metrics`]).
     pub metrics: AppserviceMetrics,
+    /// The keys recorded for this appservice in the state store, as the relay counts them
+    /// (see [`AppserviceHandle::recorded_keys`]); `UNKNOWN_COUNT` until counted.
+    recorded_keys: Arc<AtomicI64>,
 }
+
+const UNKNOWN_COUNT: i64 = -1;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind; keep going with it.
@@ -96,6 +101,7 @@ impl AppserviceHandle {
             wake: Notify::new(),
             stats: Mutex::new(DeliveryStats::default()),
             metrics,
+            recorded_keys: Arc::new(AtomicI64::new(UNKNOWN_COUNT)),
         }
     }
 
@@ -111,7 +117,37 @@ impl AppserviceHandle {
             wake: Notify::new(),
             stats: Mutex::new(lock(&self.stats).clone()),
             metrics,
+            recorded_keys: self.recorded_keys.clone(),
         }
+    }
+
+    /// The keys recorded for this appservice in the state store, without asking the database:
+    /// counted once (by the metrics poll, when not known: after a start, a reload or a resync
+    /// request, whose keys another process may have written), then kept up to date by the keys
+    /// the recorder inserts and the drain deletes, and exact again (zero) whenever a drain finds
+    /// nothing left. `None` until counted.
+    pub fn recorded_keys(&self) -> Option<i64> {
+        let n = self.recorded_keys.load(Ordering::Acquire);
+        (n != UNKNOWN_COUNT).then_some(n.max(0))
+    }
+
+    /// Set the count of recorded keys (see [`AppserviceHandle::recorded_keys`]).
+    pub fn set_recorded_keys(&self, n: i64) {
+        self.recorded_keys.store(n.max(0), Ordering::Release);
+    }
+
+    /// Forget the count: keys may have been written that the relay did not count.
+    pub fn forget_recorded_keys(&self) {
+        self.recorded_keys.store(UNKNOWN_COUNT, Ordering::Release);
+    }
+
+    /// Adjust a known count by `delta`.
+    fn adjust_recorded_keys(&self, delta: i64) {
+        let _ = self
+            .recorded_keys
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != UNKNOWN_COUNT).then(|| (n + delta).max(0))
+            });
     }
 
     /// Run `f` on the shared state (briefly: the lock is shared with the replication task).
@@ -141,6 +177,7 @@ impl AppserviceHandle {
 
     /// Forget everything in memory and start over in `mode` (after losing the slot).
     pub fn reset(&self, mode: DeliveryMode) {
+        self.forget_recorded_keys();
         let mut state = lock(&self.state);
         *state = AppserviceState::new(mode).with_queue_limit(self.queue_limit);
         self.publish_switch_at(&state);
@@ -222,7 +259,7 @@ impl SynapseDb {
         {
             return Ok(c.clone());
         }
-        let c = crate::postgres_sql::connect_sql(&self.config)
+        let c = crate::postgres_sql::connect_sql_bounded(&self.config, SQL_TIMEOUT)
             .await
             .map_err(|e| StoreError {
                 what: "connecting to Synapse's database",
@@ -233,6 +270,11 @@ impl SynapseDb {
         let c = Arc::new(c);
         *guard = Some(c.clone());
         Ok(c)
+    }
+
+    /// Forget the connection (it did not answer in time): the next use connects again.
+    pub async fn forget(&self) {
+        *self.client.lock().await = None;
     }
 
     /// Forget the connection after an error that says it is gone.
@@ -295,8 +337,9 @@ async fn pause(d: Duration, wake: Option<&Notify>, shutdown: &mut watch::Receive
 /// takes longer (a network partition TCP does not report) is dropped and made again.
 pub const SQL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `op`, or a "connection lost" error after [`SQL_TIMEOUT`].
-async fn bounded<T>(op: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+/// `op`, or a "connection lost" error after [`SQL_TIMEOUT`] (each statement is also bounded on
+/// the server: [`SynapseDb`] connections run with `statement_timeout` = [`SQL_TIMEOUT`]).
+pub async fn bounded<T>(op: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
     match tokio::time::timeout(SQL_TIMEOUT, op).await {
         Ok(r) => r,
         Err(_) => Err(StoreError {
@@ -539,6 +582,10 @@ async fn drain_step(
         return true;
     }
     if page.keys.is_empty() {
+        if handle.with_state(|s| s.flushes() == flushes_before) {
+            // Nothing recorded since the empty read began: the table holds none of its keys.
+            handle.set_recorded_keys(0);
+        }
         if handle
             .with_state(|s| s.backfill_requests_seen() == backfills_before && s.drained(flushes_before, page.horizon))
         {
@@ -580,6 +627,9 @@ async fn drain_step(
         async move { store.delete_delivered(&*c, id, keys).await }
     })
     .await;
+    if let Some(n) = deleted {
+        handle.adjust_recorded_keys(-(n as i64));
+    }
     *cursor = page.keys.last().map(|(k, _)| k.clone());
     lock(&handle.stats).resync_pages += 1;
     deleted.is_some()
@@ -951,7 +1001,9 @@ pub async fn run_recorder(handles: Vec<Arc<AppserviceHandle>>, ctx: Arc<Delivery
                     Ok(c) => {
                         bounded(async {
                             match wait_until_visible(&*c, &xids).await {
-                                Ok(()) => ctx.store.record_keys(&*c, id, &keys).await,
+                                Ok(()) => ctx.store.record_keys(&*c, id, &keys).await.map(|inserted| {
+                                    h.adjust_recorded_keys(inserted as i64);
+                                }),
                                 Err(e) => Err(StoreError {
                                     what: "waiting for recorded changes to become visible",
                                     message: e.to_string(),

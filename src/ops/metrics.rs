@@ -35,7 +35,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::delivery::state::DeliveryMode;
-use crate::delivery::worker::{AppserviceHandle, SynapseDb};
+use crate::delivery::worker::{AppserviceHandle, SQL_TIMEOUT, SynapseDb};
 use crate::model::Lsn;
 use crate::replication::wire::pg_micros_to_system_time;
 use crate::state_store::StateStore;
@@ -650,8 +650,11 @@ impl SlotStatus {
 /// How often [`poll_slot`] reads the slot and the recorded keys.
 pub const SLOT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Read the slot and the recorded-key counts every [`SLOT_POLL_INTERVAL`] until `stop`, over
-/// the workers' shared SQL connection.
+/// Read the slot every [`SLOT_POLL_INTERVAL`] until `stop`, over the workers' shared SQL
+/// connection, each reading bounded by [`SQL_TIMEOUT`]. The recorded-key counts come from the
+/// relay's own counters (see [`AppserviceHandle::recorded_keys`]), not from a scan of
+/// `pending_keys`: an appservice whose count is not known yet (after a start, a reload or a
+/// resync request) is counted once, through the primary key's index.
 pub async fn poll_slot(
     db: Arc<SynapseDb>,
     store: StateStore,
@@ -663,13 +666,33 @@ pub async fn poll_slot(
 ) {
     let mut logged = false;
     loop {
+        let handles = served.get();
         let result = async {
             let c = db.client().await.map_err(|e| e.to_string())?;
             let reading = read_slot(&c, &slot).await.map_err(|e| e.to_string())?;
-            let counts = store.pending_counts(&*c).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((reading, counts))
+            for h in handles.iter().filter(|h| h.recorded_keys().is_none()) {
+                let n = store
+                    .pending_count(&*c, &h.settings.id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                h.set_recorded_keys(n);
+            }
+            Ok::<_, String>(reading)
+        };
+        let result = match tokio::time::timeout(SQL_TIMEOUT, result).await {
+            Ok(r) => r,
+            Err(_) => {
+                db.forget().await;
+                Err(format!("no answer within {SQL_TIMEOUT:?}"))
+            }
         }
-        .await;
+        .map(|reading| {
+            let counts: RecordedCounts = handles
+                .iter()
+                .filter_map(|h| Some((h.settings.id.clone(), h.recorded_keys()?)))
+                .collect();
+            (reading, counts)
+        });
         match result {
             Ok((r, counts)) => {
                 logged = false;
@@ -678,7 +701,7 @@ pub async fn poll_slot(
                     .slot_confirmed_flush_lag
                     .set(r.confirmed_flush_lag_bytes.unwrap_or(0));
                 metrics.slot_active.set(i64::from(r.active));
-                metrics.set_recorded_keys(&counts, &served.get());
+                metrics.set_recorded_keys(&counts, &handles);
                 status.set(r, counts);
             }
             Err(e) => {

@@ -195,8 +195,19 @@ pub async fn prepare(
     })
     .await
     .map_err(|e| format!("the reload task failed: {e}"))??;
-    let with_pending = match crate::postgres_sql::connect_sql(pg).await {
-        Ok(c) => match store.appservices_with_pending(&c).await {
+    let ids: Vec<&str> = settings.appservices.iter().map(|a| a.id.as_str()).collect();
+    let sql_timeout = crate::delivery::worker::SQL_TIMEOUT;
+    let with_pending = match crate::postgres_sql::connect_sql_bounded(pg, sql_timeout).await {
+        Ok(c) => match tokio::time::timeout(sql_timeout, store.appservices_with_pending(&c, &ids))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::state_store::StoreError {
+                    what: "reading which appservices have recorded keys",
+                    message: format!("no answer within {sql_timeout:?}"),
+                    sqlstate: None,
+                    connection_lost: true,
+                })
+            }) {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::warn!(error = %e, "reload: cannot read which appservices have recorded keys; new ones start live");

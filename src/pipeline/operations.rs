@@ -144,12 +144,18 @@ impl Relay {
                     return;
                 }
             };
-            let row = client
-                .query_opt(
+            let row = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.query_opt(
                     "SELECT active, confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
                     &[slot, &target],
-                )
-                .await;
+                ),
+            )
+            .await;
+            let Ok(row) = row else {
+                tracing::debug!("no answer checking the slot's confirmed position after stopping");
+                return;
+            };
             match row {
                 Ok(Some(r)) => {
                     let (active, recorded): (bool, Option<bool>) = (r.get(0), r.get(1));
@@ -157,13 +163,17 @@ impl Relay {
                         return;
                     }
                     if !active {
-                        match client
-                            .execute(
+                        let advance = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            client.execute(
                                 "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
                                 &[slot, &target],
-                            )
-                            .await
-                        {
+                            ),
+                        )
+                        .await
+                        .map_err(|_| "no answer within 5 s".to_owned())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        match advance {
                             Ok(_) => {
                                 tracing::info!(slot = %slot, confirmed = %target, "the server had not recorded the last confirmation; advanced the slot to it")
                             }
