@@ -671,20 +671,49 @@ impl Relay {
 
     /// Decide each appservice's mode from the state store.
     ///
-    /// Every appservice starts in recording mode: the slot streams again everything after its
-    /// confirmed position, some of which an earlier run (or the relay that held the slot before)
-    /// may already have delivered, possibly with newer values after it. Recorded, those changes
-    /// are sent with their *current* values, so nothing older than what an appservice already
-    /// has can reach it; the first drain that finds nothing left switches it to live.
+    /// The slot streams again everything after its confirmed position, some of which an earlier
+    /// run (or the relay that held the slot before) may already have delivered, possibly with
+    /// newer values after it. So an appservice holds that start-up backlog: everything committed
+    /// below a marker written into the stream now waits in its queue, coalesced per key, until
+    /// the stream reaches the marker; then each key's latest value goes out (at least as new as
+    /// anything sent before), and nothing is written to the state store. A backlog of more than
+    /// `retention.max_queued_keys` keys spills to recording mode. An appservice with keys
+    /// recorded in the state store (or when the marker cannot be written) starts in recording
+    /// mode instead: its keys are sent with their *current* values, and the first drain that
+    /// finds nothing left switches it to live.
     async fn activate(&mut self, db: &SynapseDb) -> Result<(), RunError> {
         let client = db.client().await?;
         let ids: Vec<&str> = self.handles.iter().map(|h| h.settings.id.as_str()).collect();
         let pending = crate::delivery::worker::bounded(self.store.appservices_with_pending(&*client, &ids)).await?;
-        for h in &self.handles {
-            if pending.contains(&h.settings.id) {
-                tracing::info!(appservice = %h.settings.id, "keys recorded for resync are waiting: resuming their delivery");
+        // The WAL position now (every commit so far lies below it), then a marker at or past it,
+        // so the stream reaches it even if nothing else is written.
+        let start = crate::delivery::worker::bounded(async {
+            let at = self.store.current_wal_position(&*client).await?;
+            self.store.emit(&*client, &RelayMessage::Horizon, false).await?;
+            Ok(at)
+        })
+        .await;
+        let start = match start {
+            Ok(lsn) if lsn > Lsn::ZERO => Some(lsn),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the start marker into the stream; every appservice starts in recording mode");
+                None
             }
-            h.reset(DeliveryMode::Recording { switch_at: None });
+        };
+        for h in &self.handles {
+            match start {
+                Some(at) if !pending.contains(&h.settings.id) => {
+                    tracing::debug!(appservice = %h.settings.id, until = %at, "holding the start-up backlog in memory until the stream reaches the start marker");
+                    h.reset_holding_until(at);
+                }
+                _ => {
+                    if pending.contains(&h.settings.id) {
+                        tracing::info!(appservice = %h.settings.id, "keys recorded for resync are waiting: resuming their delivery");
+                    }
+                    h.reset(DeliveryMode::Recording { switch_at: None });
+                }
+            }
             h.notify();
         }
         self.tracker = CheckpointTracker::new(Lsn::ZERO);

@@ -312,16 +312,21 @@ impl StateStore {
                 connection_lost: e.connection_lost,
             })?);
         }
-        let horizon: String = c
+        Ok(PendingPage {
+            keys,
+            values,
+            horizon: self.current_wal_position(c).await?,
+        })
+    }
+
+    /// The WAL insert position: every commit completed before this call lies below it.
+    pub async fn current_wal_position(&self, c: &impl GenericClient) -> Result<Lsn, StoreError> {
+        let position: String = c
             .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .map_err(store_error("reading the WAL position"))?
             .get(0);
-        Ok(PendingPage {
-            keys,
-            values,
-            horizon: horizon.parse().unwrap_or_default(),
-        })
+        Ok(position.parse().unwrap_or_default())
     }
 
     /// Delete delivered keys, unless they were recorded again since they were read. Returns how

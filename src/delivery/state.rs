@@ -86,6 +86,10 @@ pub struct AppserviceState {
     failing_since: Option<Instant>,
     /// See [`RetentionBudget::max_queued_keys`].
     queue_limit: usize,
+    /// Holding the start-up backlog: changes committed below this position (the WAL position
+    /// found at start) wait in the queue, coalesced per key, and nothing is delivered until the
+    /// stream reaches it (see [`AppserviceState::hold_until`]).
+    hold_until: Option<Lsn>,
     /// Backfill requests to look up in the relay's table (see [`AppserviceState::backfill_lookup`]).
     backfill_requests: BackfillRequests,
 }
@@ -117,6 +121,36 @@ impl AppserviceState {
                 looked_up: 0,
                 xids: Vec::new(),
             },
+            hold_until: None,
+        }
+    }
+
+    /// Start (live) holding the start-up backlog until the stream reaches `position`: the slot
+    /// streams again everything after its confirmed position, some of which an earlier run may
+    /// already have delivered, possibly with newer values after it. Held, coalesced per key,
+    /// each key's latest value below `position` is at least as new as anything an earlier run
+    /// sent, so once the stream has passed `position` it may go out: nothing older than what an
+    /// appservice already had reaches it, and nothing is written to the state store. Past
+    /// `max_queued_keys` keys (or the retention budget) the appservice spills to recording mode
+    /// as ever.
+    pub fn hold_until(mut self, position: Lsn) -> AppserviceState {
+        if self.mode == DeliveryMode::Live {
+            self.hold_until = Some(position);
+        }
+        self
+    }
+
+    /// Whether the start-up backlog is still held (nothing may be delivered yet).
+    pub fn held(&self) -> bool {
+        self.hold_until.is_some()
+    }
+
+    /// The position at which the state changes by itself when the stream reaches it: the
+    /// switch point back to live, or the end of the start-up hold.
+    pub fn next_position_of_interest(&self) -> Option<Lsn> {
+        match self.mode {
+            DeliveryMode::Recording { switch_at } => switch_at,
+            DeliveryMode::Live => self.hold_until,
         }
     }
 
@@ -143,6 +177,10 @@ impl AppserviceState {
                 }
             }
         }
+        if self.hold_until.is_some_and(|h| change.commit_lsn >= h) {
+            // The stream has reached the end of the start-up backlog.
+            self.hold_until = None;
+        }
         self.queue.push(change);
         if self.queue.waiting_len() > self.queue_limit {
             // Memory stays bounded: from here on, keys only.
@@ -161,7 +199,12 @@ impl AppserviceState {
 
     /// The stream has passed `position` (a commit's end, or a keepalive outside a transaction):
     /// returns true if that switched the appservice back to live.
+    /// Also ends the start-up hold (returns true then as well: the worker has work).
     pub fn observe_position(&mut self, position: Lsn) -> bool {
+        if self.hold_until.is_some_and(|h| position >= h) {
+            self.hold_until = None;
+            return true;
+        }
         if let DeliveryMode::Recording { switch_at: Some(l) } = self.mode
             && position >= l
         {
@@ -199,6 +242,7 @@ impl AppserviceState {
                 *o = (*o).min(oldest);
             }
         }
+        self.hold_until = None;
         self.mode = DeliveryMode::Recording { switch_at: None };
     }
 
@@ -448,6 +492,42 @@ mod tests {
         // A change at or after the horizon goes live.
         assert_eq!(s.push(change("@a:x", 150)), Pushed::Queued);
         assert_eq!(s.mode(), DeliveryMode::Live);
+    }
+
+    #[test]
+    fn the_start_up_backlog_is_held_coalesced_until_the_stream_reaches_the_start_position() {
+        let mut s = AppserviceState::new(DeliveryMode::Live)
+            .with_queue_limit(3)
+            .hold_until(Lsn(100));
+        assert!(s.held());
+        for (user, lsn) in [("@a:x", 10), ("@b:x", 20), ("@a:x", 30), ("@a:x", 40)] {
+            assert_eq!(s.push(change(user, lsn)), Pushed::Queued);
+        }
+        assert_eq!(s.queue.waiting_len(), 2, "coalesced per key");
+        assert_eq!(s.unrecorded_len(), 0, "nothing to write to the state store");
+        assert_eq!(s.next_position_of_interest(), Some(Lsn(100)));
+        assert!(!s.observe_position(Lsn(99)));
+        assert!(s.held());
+        assert!(s.observe_position(Lsn(100)), "the stream reached the start position");
+        assert!(!s.held());
+        assert_eq!(s.mode(), DeliveryMode::Live);
+        // A change at or past the start position ends the hold too.
+        let mut s = AppserviceState::new(DeliveryMode::Live).hold_until(Lsn(100));
+        s.push(change("@a:x", 100));
+        assert!(!s.held());
+    }
+
+    #[test]
+    fn a_start_up_backlog_past_the_queue_limit_spills_to_recording() {
+        let mut s = AppserviceState::new(DeliveryMode::Live)
+            .with_queue_limit(2)
+            .hold_until(Lsn(100));
+        s.push(change("@a:x", 10));
+        s.push(change("@b:x", 20));
+        assert_eq!(s.push(change("@c:x", 30)), Pushed::Recorded);
+        assert!(!s.held(), "recording mode reads current values: no hold");
+        assert_eq!(s.mode(), DeliveryMode::Recording { switch_at: None });
+        assert_eq!(s.unrecorded_len(), 3);
     }
 
     #[test]

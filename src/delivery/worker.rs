@@ -60,7 +60,8 @@ pub struct AppserviceHandle {
     queue_limit: usize,
     /// Shared with a handle that replaces this one on a reload ([`AppserviceHandle::replacing`]).
     state: Arc<Mutex<AppserviceState>>,
-    /// The position at which the state would switch back to live (`u64::MAX`: none), kept
+    /// The position at which the state would switch back to live or end its start-up hold
+    /// (`u64::MAX`: none), kept
     /// beside the state so the replication task, which reports every commit's position, takes
     /// the lock only when that can change something.
     switch_at: Arc<AtomicU64>,
@@ -159,10 +160,7 @@ impl AppserviceHandle {
     }
 
     fn publish_switch_at(&self, state: &AppserviceState) {
-        let at = match state.mode() {
-            DeliveryMode::Recording { switch_at: Some(l) } => l.0,
-            _ => u64::MAX,
-        };
+        let at = state.next_position_of_interest().map_or(u64::MAX, |l| l.0);
         self.switch_at.store(at, Ordering::Release);
     }
 
@@ -180,6 +178,17 @@ impl AppserviceHandle {
         self.forget_recorded_keys();
         let mut state = lock(&self.state);
         *state = AppserviceState::new(mode).with_queue_limit(self.queue_limit);
+        self.publish_switch_at(&state);
+    }
+
+    /// Forget everything in memory and start over live, holding the start-up backlog until the
+    /// stream reaches `position` (see [`AppserviceState::hold_until`]).
+    pub fn reset_holding_until(&self, position: Lsn) {
+        self.forget_recorded_keys();
+        let mut state = lock(&self.state);
+        *state = AppserviceState::new(DeliveryMode::Live)
+            .with_queue_limit(self.queue_limit)
+            .hold_until(position);
         self.publish_switch_at(&state);
     }
 
@@ -463,7 +472,7 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
     let mut shutdown = ctx.shutdown.clone();
     let max = ctx.settings.max_entries_per_transaction;
     let Some(batch) = handle.with_state(|s| {
-        if s.mode() == DeliveryMode::Live {
+        if s.mode() == DeliveryMode::Live && !s.held() {
             s.queue.take_batch(max)
         } else {
             None
