@@ -13,6 +13,10 @@
 //! *current* value from Synapse's tables, so memory and durable state grow with the number of
 //! distinct keys, never with the number of changes.
 //!
+//! **Start-up hold** (a live appservice just started, see [`AppserviceState::hold_until`]):
+//! changes below the WAL position found at start wait in the queue, coalesced, and nothing is
+//! delivered until the stream reaches that position; then the latest value of each key goes out.
+//!
 //! **Back to live** without loss or regression: when a drain finds nothing left, the worker
 //! reports the WAL position `L` read after its last snapshot (every commit that snapshot saw is
 //! below `L`). Changes committed below `L` that still arrive are recorded (and drained again);
