@@ -8,6 +8,7 @@
 //! cargo bench --bench system -- --only outage --changes 1000000 --keys 100000
 //! cargo bench --bench system -- --only backfill --backfill-keys 1000000
 //! cargo bench --bench system -- --only explain --explain-rows 1000000
+//! cargo bench --bench system -- --only restart --changes 1000000
 //! ```
 //!
 //! Every benchmark runs the release binary of the relay (`target/release/…`, built by `cargo
@@ -22,6 +23,11 @@
 //!   arrived at every appservice). Once with one appservice matching every user, once with 100
 //!   appservices holding 5,000 namespaces. Wall time, the ratio relay / pg_recvlogical, CPU
 //!   seconds of each process, the relay's peak RSS.
+//! - **restart**: the drain with one appservice, for a restart after a backlog of distinct keys
+//!   (N changes over N keys) and of coalescing keys (N over N/10), beside `pg_recvlogical`'s
+//!   decode of the same WAL, with the rows the relay wrote to its schema meanwhile (`pending_keys`
+//!   inserts and updates, from `pg_stat_user_tables`: zero while the backlog fits
+//!   `retention.max_queued_keys`).
 //! - **latency**: the relay streaming live while writers commit single-row upserts at a fixed
 //!   rate; commit-to-receipt latency from the commit timestamp (`track_commit_timestamp`, read
 //!   back with `pg_xact_commit_timestamp`) to the moment the receiver got the request.
@@ -134,7 +140,7 @@ fn parse_options() -> Options {
             // What `cargo bench` passes to every bench target.
             "--bench" => {}
             other => panic!(
-                "unknown argument {other:?}: --short, --only drain,latency,outage,backfill,explain, --changes N, \
+                "unknown argument {other:?}: --short, --only drain,restart,latency,outage,backfill,explain, --changes N, \
                  --keys N, --rates 100,1000, --seconds S, --appservices 1,100, --backfill-keys N, --explain-rows N"
             ),
         }
@@ -452,10 +458,27 @@ struct DrainRow {
     relay_cpu: f64,
     relay_rss: f64,
     transactions: u64,
+    keys: u64,
+    /// Rows inserted or updated in the relay's `pending_keys` during the relay's run.
+    rows_written: i64,
+}
+
+/// Rows inserted or updated in `pending_keys` so far (a backend's statistics are flushed when it
+/// exits, at the latest).
+async fn pending_keys_writes(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT coalesce(sum(n_tup_ins + n_tup_upd), 0)::bigint FROM pg_stat_user_tables \
+         WHERE schemaname = 'synapse_account_data_relay' AND relname = 'pending_keys'",
+        &[],
+    )
+    .await
+    .map(|r| r.get(0))
+    .unwrap_or(-1)
 }
 
 async fn drain(
-    o: &Options,
+    changes: u64,
+    keys: u64,
     server: &'static Server,
     appservices: usize,
     receiver: &Arc<Receiver>,
@@ -508,12 +531,11 @@ async fn drain(
             ),
         )
     };
-    let keys = o.keys();
     let started = Instant::now();
-    let end_lsn = write_upserts(&db.client, o.changes, keys, &user_of, &markers).await;
+    let end_lsn = write_upserts(&db.client, changes, keys, &user_of, &markers).await;
     eprintln!(
         "  drain ({appservices} appservice(s)): wrote {} changes over {keys} keys in {:.1}s, WAL {} MiB",
-        o.changes,
+        changes,
         started.elapsed().as_secs_f64(),
         retained_wal(&db.client, &db.name).await / (1 << 20)
     );
@@ -566,6 +588,7 @@ async fn drain(
     copy_slot(&db.client, &db.name, &copy_b).await;
     use_slot(&files, &copy_b);
     receiver.reset(appservices as u64);
+    let writes_before = pending_keys_writes(&db.client).await;
     let t = Instant::now();
     let mut relay = spawn_relay(&files);
     let done = receiver.wait_done(Duration::from_secs(1800)).await;
@@ -580,13 +603,18 @@ async fn drain(
     };
     let relay_wall = done.duration_since(t).as_secs_f64();
     relay.terminate();
+    // The relay's backends have exited: their statistics are in.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rows_written = pending_keys_writes(&db.client).await - writes_before;
     drop_slot(&db.client, &copy_b).await;
     DrainRow {
         label: format!(
             "{appservices} appservice(s), {} namespaces",
             appservices * namespaces_per
         ),
-        changes: o.changes,
+        changes,
+        keys,
+        rows_written,
         recvlogical_wall,
         recvlogical_cpu,
         relay_wall,
@@ -1181,7 +1209,7 @@ fn main() {
         if o.wants("drain") {
             let mut rows = Vec::new();
             for &appservices in &o.appservices {
-                rows.push(drain(&o, server, appservices, &receiver, addr).await);
+                rows.push(drain(o.changes, o.keys(), server, appservices, &receiver, addr).await);
             }
             println!();
             println!("| drain | changes | pg_recvlogical wall | relay wall | relay / pg_recvlogical | pg_recvlogical CPU | relay CPU | relay peak RSS | transactions |");
@@ -1198,6 +1226,34 @@ fn main() {
                     r.relay_cpu,
                     r.relay_rss,
                     r.transactions
+                );
+            }
+        }
+        if o.wants("restart") {
+            // Distinct keys, then coalescing keys (ten changes per key).
+            // The short form's backlog fits `retention.max_queued_keys` (20,000).
+            let n = if o.short { 10_000 } else { o.changes };
+            let mut rows = Vec::new();
+            for (what, keys) in [("distinct keys", n), ("coalescing keys", (n / 10).max(1))] {
+                let mut r = drain(n, keys, server, 1, &receiver, addr).await;
+                r.label = what.to_owned();
+                rows.push(r);
+            }
+            println!();
+            println!("| restart | changes | keys | pg_recvlogical wall | relay wall | relay / pg_recvlogical | relay CPU | relay peak RSS | rows written to the relay's schema |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for r in &rows {
+                println!(
+                    "| {} | {} | {} | {:.2} s | {:.2} s | {:.2} | {:.2} s | {:.1} MiB | {} |",
+                    r.label,
+                    r.changes,
+                    r.keys,
+                    r.recvlogical_wall,
+                    r.relay_wall,
+                    r.relay_wall / r.recvlogical_wall,
+                    r.relay_cpu,
+                    r.relay_rss,
+                    r.rows_written
                 );
             }
         }
