@@ -94,6 +94,18 @@ pub struct AccountDataKey {
     pub data_type: Arc<str>,
 }
 
+impl AccountDataKey {
+    /// Where this key's current value is read from.
+    pub fn source_table(&self) -> SourceTable {
+        match &self.room_id {
+            None if &*self.data_type == crate::synapse::rows::PUSH_RULES_EVENT_TYPE => SourceTable::PushRules,
+            None => SourceTable::AccountData,
+            Some(_) if &*self.data_type == crate::synapse::rows::TAG_EVENT_TYPE => SourceTable::RoomTags,
+            Some(_) => SourceTable::RoomAccountData,
+        }
+    }
+}
+
 /// The Synapse table a value is read from when it is read at delivery time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SourceTable {
@@ -114,8 +126,9 @@ pub enum ChangeContent {
     /// The new content, as the raw JSON text Synapse stored (validated, never re-serialised).
     Json(Arc<str>),
     /// The value is read from `SourceTable` when the transaction to the appservice is built:
-    /// a `room_tags_revisions` row (the `m.tag` content is all of the room's current tags), or an
-    /// UPDATE whose `content` was an unchanged TOAST value (not sent by pgoutput).
+    /// a `room_tags_revisions` row (the `m.tag` content is all of the room's current tags), an
+    /// UPDATE whose `content` was an unchanged TOAST value (not sent by pgoutput), or a change
+    /// below an appservice's read horizon (see `delivery::state`).
     ReadCurrent(SourceTable),
 }
 

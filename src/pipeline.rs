@@ -673,43 +673,36 @@ impl Relay {
     ///
     /// The slot streams again everything after its confirmed position, some of which an earlier
     /// run (or the relay that held the slot before) may already have delivered, possibly with
-    /// newer values after it. So an appservice holds that start-up backlog: everything committed
-    /// below a marker written into the stream now waits in its queue, coalesced per key, until
-    /// the stream reaches the marker; then each key's latest value goes out (at least as new as
-    /// anything sent before), and nothing is written to the state store. A backlog of more than
-    /// `retention.max_queued_keys` keys spills to recording mode. An appservice with keys
-    /// recorded in the state store (or when the marker cannot be written) starts in recording
-    /// mode instead: its keys are sent with their *current* values, and the first drain that
-    /// finds nothing left switches it to live.
+    /// newer values after it. So an appservice catches up live from the WAL position read now
+    /// (every commit so far lies below it): each change committed below it is sent with its
+    /// key's *current* value (at least as new as anything sent before), read when its
+    /// transaction is built, and nothing is written to the state store (see
+    /// [`crate::delivery::state`]). More than `retention.max_queued_keys` waiting keys spill to
+    /// recording mode. An appservice with keys recorded in the state store or a backfill under
+    /// way (or when the position cannot be read) starts in recording mode instead: its keys and
+    /// backfills are served first, with current values, and the first drain that finds nothing
+    /// left switches it to live.
     async fn activate(&mut self, db: &SynapseDb) -> Result<(), RunError> {
         let client = db.client().await?;
         let ids: Vec<&str> = self.handles.iter().map(|h| h.settings.id.as_str()).collect();
         let pending = crate::delivery::worker::bounded(self.store.appservices_with_pending(&*client, &ids)).await?;
-        // The WAL position now (every commit so far lies below it), then a marker at or past it,
-        // so the stream reaches it even if nothing else is written.
-        let start = crate::delivery::worker::bounded(async {
-            let at = self.store.current_wal_position(&*client).await?;
-            self.store.emit(&*client, &RelayMessage::Horizon, false).await?;
-            Ok(at)
-        })
-        .await;
-        let start = match start {
+        let start = match crate::delivery::worker::bounded(self.store.current_wal_position(&*client)).await {
             Ok(lsn) if lsn > Lsn::ZERO => Some(lsn),
             Ok(_) => None,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot write the start marker into the stream; every appservice starts in recording mode");
+                tracing::warn!(error = %e, "cannot read the WAL position; every appservice starts in recording mode");
                 None
             }
         };
         for h in &self.handles {
             match start {
                 Some(at) if !pending.contains(&h.settings.id) => {
-                    tracing::debug!(appservice = %h.settings.id, until = %at, "holding the start-up backlog in memory until the stream reaches the start marker");
-                    h.reset_holding_until(at);
+                    tracing::debug!(appservice = %h.settings.id, below = %at, "catching up: changes committed below the start position are sent with their current values");
+                    h.reset_catching_up_from(at);
                 }
                 _ => {
                     if pending.contains(&h.settings.id) {
-                        tracing::info!(appservice = %h.settings.id, "keys recorded for resync are waiting: resuming their delivery");
+                        tracing::info!(appservice = %h.settings.id, "keys recorded for resync (or a backfill) are waiting: resuming their delivery");
                     }
                     h.reset(DeliveryMode::Recording { switch_at: None });
                 }

@@ -26,7 +26,6 @@ use tokio_postgres::GenericClient;
 
 use crate::model::{AccountDataKey, Lsn, SourceTable};
 use crate::synapse::current::read_current;
-use crate::synapse::rows::TAG_EVENT_TYPE;
 
 /// The prefix of the relay's logical decoding messages.
 pub const MESSAGE_PREFIX: &str = "synapse-account-data-relay";
@@ -83,12 +82,7 @@ pub struct PendingPage {
 
 /// The source table a key's value is read from.
 pub fn source_of(key: &AccountDataKey) -> SourceTable {
-    match &key.room_id {
-        None if &*key.data_type == crate::synapse::rows::PUSH_RULES_EVENT_TYPE => SourceTable::PushRules,
-        None => SourceTable::AccountData,
-        Some(_) if &*key.data_type == TAG_EVENT_TYPE => SourceTable::RoomTags,
-        Some(_) => SourceTable::RoomAccountData,
-    }
+    key.source_table()
 }
 
 /// The relay's tables in one schema.
@@ -175,7 +169,8 @@ impl StateStore {
         Ok(row.get::<_, i64>(0).max(0) as u64)
     }
 
-    /// Which of `appservices` have recorded keys (one index probe each, not a scan of the table).
+    /// Which of `appservices` have recorded keys or a backfill under way (one index probe each in
+    /// `pending_keys`, not a scan; `backfills` holds a few rows at most).
     pub async fn appservices_with_pending(
         &self,
         c: &impl GenericClient,
@@ -186,7 +181,8 @@ impl StateStore {
             .query(
                 &format!(
                     "SELECT a FROM unnest($1::text[]) AS a \
-                     WHERE EXISTS (SELECT 1 FROM {s}.pending_keys p WHERE p.appservice_id = a)"
+                     WHERE EXISTS (SELECT 1 FROM {s}.pending_keys p WHERE p.appservice_id = a) \
+                     OR EXISTS (SELECT 1 FROM {s}.backfills b WHERE b.appservice_id = a)"
                 ),
                 &[&appservices],
             )

@@ -132,6 +132,11 @@ impl AppserviceQueue {
         }
     }
 
+    /// What a waiting key will be sent with (`None`: it is not waiting).
+    pub fn waiting_content(&self, key: &AccountDataKey) -> Option<&ChangeContent> {
+        self.waiting.get(key).map(|e| &e.content)
+    }
+
     /// Keys waiting (not counting the transaction in flight).
     pub fn waiting_len(&self) -> usize {
         self.order.len()

@@ -13,9 +13,16 @@
 //! *current* value from Synapse's tables, so memory and durable state grow with the number of
 //! distinct keys, never with the number of changes.
 //!
-//! **Start-up hold** (a live appservice just started, see [`AppserviceState::hold_until`]):
-//! changes below the WAL position found at start wait in the queue, coalesced, and nothing is
-//! delivered until the stream reaches that position; then the latest value of each key goes out.
+//! **Catching up** (live, see [`AppserviceState::catching_up_from`] and
+//! [`AppserviceState::begin_read`]): a change committed below the *read horizon* waits in the
+//! queue as its key only, and its *current* value is read from Synapse's tables when its
+//! transaction is built. The horizon starts at the WAL position found at start (the slot streams
+//! again changes an earlier run may have delivered, possibly followed by newer values, so a value
+//! taken from that part of the stream could be older than what the appservice has), and moves to
+//! the WAL position read after each such read (a value taken from the stream below it could be
+//! older than the one just read). A stream that has caught up passes the horizon, and changes go
+//! out with their own values again. Memory holds keys, never values, and nothing is written to
+//! the state store unless the queue outgrows `max_queued_keys`.
 //!
 //! **Back to live** without loss or regression: when a drain finds nothing left, the worker
 //! reports the WAL position `L` read after its last snapshot (every commit that snapshot saw is
@@ -27,7 +34,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::delivery::queue::AppserviceQueue;
-use crate::model::{AccountDataChange, AccountDataKey, Lsn};
+use crate::model::{AccountDataChange, AccountDataKey, ChangeContent, Lsn};
 
 /// How changes for an appservice are handled now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,10 +97,12 @@ pub struct AppserviceState {
     failing_since: Option<Instant>,
     /// See [`RetentionBudget::max_queued_keys`].
     queue_limit: usize,
-    /// Holding the start-up backlog: changes committed below this position (the WAL position
-    /// found at start) wait in the queue, coalesced per key, and nothing is delivered until the
-    /// stream reaches it (see [`AppserviceState::hold_until`]).
-    hold_until: Option<Lsn>,
+    /// The read horizon: live changes committed below it are sent with their current values
+    /// (see the module documentation). `Lsn::ZERO`: none.
+    read_below: Lsn,
+    /// Reads of current values under way (see [`AppserviceState::begin_read`]): while one is,
+    /// every change is sent with its current value.
+    reads_in_progress: u32,
     /// Backfill requests to look up in the relay's table (see [`AppserviceState::backfill_lookup`]).
     backfill_requests: BackfillRequests,
 }
@@ -125,36 +134,55 @@ impl AppserviceState {
                 looked_up: 0,
                 xids: Vec::new(),
             },
-            hold_until: None,
+            read_below: Lsn::ZERO,
+            reads_in_progress: 0,
         }
     }
 
-    /// Start (live) holding the start-up backlog until the stream reaches `position`: the slot
+    /// Start (live) catching up from `position`, the WAL position found at start: the slot
     /// streams again everything after its confirmed position, some of which an earlier run may
-    /// already have delivered, possibly with newer values after it. Held, coalesced per key,
-    /// each key's latest value below `position` is at least as new as anything an earlier run
-    /// sent, so once the stream has passed `position` it may go out: nothing older than what an
-    /// appservice already had reaches it, and nothing is written to the state store. Past
-    /// `max_queued_keys` keys (or the retention budget) the appservice spills to recording mode
-    /// as ever.
-    pub fn hold_until(mut self, position: Lsn) -> AppserviceState {
+    /// already have delivered, possibly with newer values after it. Every change committed below
+    /// `position` is sent with the current value of its key, which is at least as new as anything
+    /// an earlier run sent (those were all committed, or read, before `position`), so nothing
+    /// older than what an appservice already had reaches it, and nothing is written to the state
+    /// store. Past `max_queued_keys` waiting keys (or the retention budget) the appservice spills
+    /// to recording mode as ever.
+    pub fn catching_up_from(mut self, position: Lsn) -> AppserviceState {
         if self.mode == DeliveryMode::Live {
-            self.hold_until = Some(position);
+            self.read_below = position;
         }
         self
     }
 
-    /// Whether the start-up backlog is still held (nothing may be delivered yet).
-    pub fn held(&self) -> bool {
-        self.hold_until.is_some()
+    /// The read horizon (see the module documentation).
+    pub fn read_horizon(&self) -> Lsn {
+        self.read_below
+    }
+
+    /// The worker is about to read current values for a batch it took (call it under the same
+    /// lock as the take): until [`AppserviceState::end_read`], every change is queued to be read
+    /// too, as its value in the stream may be older than the one being read.
+    pub fn begin_read(&mut self) {
+        self.reads_in_progress += 1;
+    }
+
+    /// The read begun by [`AppserviceState::begin_read`] is over; `horizon`: the WAL position
+    /// read after it (every commit it saw lies below), `None` if it did not happen.
+    pub fn end_read(&mut self, horizon: Option<Lsn>) {
+        self.reads_in_progress = self.reads_in_progress.saturating_sub(1);
+        if let Some(h) = horizon
+            && self.mode == DeliveryMode::Live
+        {
+            self.read_below = self.read_below.max(h);
+        }
     }
 
     /// The position at which the state changes by itself when the stream reaches it: the
-    /// switch point back to live, or the end of the start-up hold.
+    /// switch point back to live.
     pub fn next_position_of_interest(&self) -> Option<Lsn> {
         match self.mode {
             DeliveryMode::Recording { switch_at } => switch_at,
-            DeliveryMode::Live => self.hold_until,
+            DeliveryMode::Live => None,
         }
     }
 
@@ -181,9 +209,13 @@ impl AppserviceState {
                 }
             }
         }
-        if self.hold_until.is_some_and(|h| change.commit_lsn >= h) {
-            // The stream has reached the end of the start-up backlog.
-            self.hold_until = None;
+        let mut change = change;
+        if (change.commit_lsn < self.read_below || self.reads_in_progress > 0)
+            && matches!(change.content, ChangeContent::Json(_))
+        {
+            // Below the read horizon: the value in the stream may be older than one already
+            // read (or being read); send the key's current value instead.
+            change.content = ChangeContent::ReadCurrent(change.key.source_table());
         }
         self.queue.push(change);
         if self.queue.waiting_len() > self.queue_limit {
@@ -203,12 +235,7 @@ impl AppserviceState {
 
     /// The stream has passed `position` (a commit's end, or a keepalive outside a transaction):
     /// returns true if that switched the appservice back to live.
-    /// Also ends the start-up hold (returns true then as well: the worker has work).
     pub fn observe_position(&mut self, position: Lsn) -> bool {
-        if self.hold_until.is_some_and(|h| position >= h) {
-            self.hold_until = None;
-            return true;
-        }
         if let DeliveryMode::Recording { switch_at: Some(l) } = self.mode
             && position >= l
         {
@@ -246,7 +273,10 @@ impl AppserviceState {
                 *o = (*o).min(oldest);
             }
         }
-        self.hold_until = None;
+        // Recording mode reads current values, and its switch back to live is at a position
+        // past every read so far: the read horizon is not needed any more.
+        self.read_below = Lsn::ZERO;
+        self.reads_in_progress = 0;
         self.mode = DeliveryMode::Recording { switch_at: None };
     }
 
@@ -498,40 +528,83 @@ mod tests {
         assert_eq!(s.mode(), DeliveryMode::Live);
     }
 
+    fn content_of(s: &AppserviceState, user: &str) -> ChangeContent {
+        s.queue
+            .waiting_content(&AccountDataKey {
+                user_id: user.into(),
+                room_id: None,
+                data_type: "t".into(),
+            })
+            .cloned()
+            .expect("waiting")
+    }
+
+    const READ: ChangeContent = ChangeContent::ReadCurrent(crate::model::SourceTable::AccountData);
+
     #[test]
-    fn the_start_up_backlog_is_held_coalesced_until_the_stream_reaches_the_start_position() {
+    fn catching_up_reads_current_values_below_the_start_position() {
         let mut s = AppserviceState::new(DeliveryMode::Live)
             .with_queue_limit(3)
-            .hold_until(Lsn(100));
-        assert!(s.held());
-        for (user, lsn) in [("@a:x", 10), ("@b:x", 20), ("@a:x", 30), ("@a:x", 40)] {
+            .catching_up_from(Lsn(100));
+        for (user, lsn) in [("@a:x", 10), ("@b:x", 20), ("@a:x", 30)] {
             assert_eq!(s.push(change(user, lsn)), Pushed::Queued);
         }
         assert_eq!(s.queue.waiting_len(), 2, "coalesced per key");
+        assert_eq!(content_of(&s, "@a:x"), READ, "below the start: its current value is sent");
         assert_eq!(s.unrecorded_len(), 0, "nothing to write to the state store");
-        assert_eq!(s.next_position_of_interest(), Some(Lsn(100)));
-        assert!(!s.observe_position(Lsn(99)));
-        assert!(s.held());
-        assert!(s.observe_position(Lsn(100)), "the stream reached the start position");
-        assert!(!s.held());
-        assert_eq!(s.mode(), DeliveryMode::Live);
-        // A change at or past the start position ends the hold too.
-        let mut s = AppserviceState::new(DeliveryMode::Live).hold_until(Lsn(100));
-        s.push(change("@a:x", 100));
-        assert!(!s.held());
+        assert_eq!(s.oldest_undelivered(), Some(Lsn(10)), "they hold the slot until delivered");
+        // At or past the start position, a change's own value is newer than anything sent before.
+        s.push(change("@c:x", 100));
+        assert_eq!(content_of(&s, "@c:x"), ChangeContent::Json("{}".into()));
+        // A key waiting to be read stays read, whatever comes after it.
+        s.push(change("@a:x", 110));
+        assert_eq!(content_of(&s, "@a:x"), READ);
+        assert_eq!(s.next_position_of_interest(), None, "nothing to wait for");
     }
 
     #[test]
-    fn a_start_up_backlog_past_the_queue_limit_spills_to_recording() {
+    fn a_read_moves_the_horizon_and_changes_during_it_are_read_too() {
+        let mut s = AppserviceState::new(DeliveryMode::Live).catching_up_from(Lsn(100));
+        s.push(change("@a:x", 10));
+        let batch = s.queue.take_batch(10).unwrap();
+        assert_eq!(batch.entries[0].content, READ);
+        s.begin_read();
+        // The read is under way: a value from the stream may be older than the one being read.
+        s.push(change("@b:x", 150));
+        assert_eq!(content_of(&s, "@b:x"), READ);
+        s.end_read(Some(Lsn(300)));
+        assert_eq!(s.read_horizon(), Lsn(300));
+        s.push(change("@c:x", 200));
+        assert_eq!(content_of(&s, "@c:x"), READ, "below the WAL position read after the read");
+        s.push(change("@d:x", 300));
+        assert_eq!(content_of(&s, "@d:x"), ChangeContent::Json("{}".into()));
+        // A failed read (none happened) does not move the horizon, but ends the read.
+        s.begin_read();
+        s.end_read(None);
+        assert_eq!(s.read_horizon(), Lsn(300));
+        s.push(change("@e:x", 400));
+        assert_eq!(content_of(&s, "@e:x"), ChangeContent::Json("{}".into()));
+    }
+
+    #[test]
+    fn catching_up_past_the_queue_limit_spills_to_recording() {
         let mut s = AppserviceState::new(DeliveryMode::Live)
             .with_queue_limit(2)
-            .hold_until(Lsn(100));
+            .catching_up_from(Lsn(100));
         s.push(change("@a:x", 10));
         s.push(change("@b:x", 20));
+        s.begin_read();
         assert_eq!(s.push(change("@c:x", 30)), Pushed::Recorded);
-        assert!(!s.held(), "recording mode reads current values: no hold");
         assert_eq!(s.mode(), DeliveryMode::Recording { switch_at: None });
         assert_eq!(s.unrecorded_len(), 3);
+        assert_eq!(s.read_horizon(), Lsn::ZERO, "recording mode needs no read horizon");
+        // Back to live after a drain: values from the stream go out as they are.
+        assert_eq!(s.take_unrecorded().map(|k| k.len()), Some(3));
+        s.recorded();
+        assert!(s.drained(s.flushes(), Lsn(500)));
+        assert!(s.observe_position(Lsn(500)));
+        s.push(change("@d:x", 600));
+        assert_eq!(content_of(&s, "@d:x"), ChangeContent::Json("{}".into()));
     }
 
     #[test]

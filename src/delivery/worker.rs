@@ -181,14 +181,14 @@ impl AppserviceHandle {
         self.publish_switch_at(&state);
     }
 
-    /// Forget everything in memory and start over live, holding the start-up backlog until the
-    /// stream reaches `position` (see [`AppserviceState::hold_until`]).
-    pub fn reset_holding_until(&self, position: Lsn) {
+    /// Forget everything in memory and start over live, catching up from `position` (see
+    /// [`AppserviceState::catching_up_from`]).
+    pub fn reset_catching_up_from(&self, position: Lsn) {
         self.forget_recorded_keys();
         let mut state = lock(&self.state);
         *state = AppserviceState::new(DeliveryMode::Live)
             .with_queue_limit(self.queue_limit)
-            .hold_until(position);
+            .catching_up_from(position);
         self.publish_switch_at(&state);
     }
 
@@ -467,16 +467,31 @@ fn panic_if_told_to(entries: &[ResolvedEntry<'_>]) {
     }
 }
 
-/// One live transaction. Returns false on shutdown.
+/// How many transactions' worth of entries a live step takes from the queue at most (when
+/// that many wait: a backlog), so values read back are read in one query per table for all.
+const TRANSACTIONS_PER_READ: usize = 10;
+
+/// One live step: up to [`TRANSACTIONS_PER_READ`] transactions. Returns false on shutdown.
 async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bool {
     let mut shutdown = ctx.shutdown.clone();
-    let max = ctx.settings.max_entries_per_transaction;
-    let Some(batch) = handle.with_state(|s| {
-        if s.mode() == DeliveryMode::Live && !s.held() {
-            s.queue.take_batch(max)
-        } else {
-            None
+    let max = ctx.settings.max_entries_per_transaction.max(1);
+    // Several transactions' worth at once: their values are read in one query per table, then
+    // they go out one after another.
+    let Some((batch, reads_back)) = handle.with_state(|s| {
+        if s.mode() != DeliveryMode::Live {
+            return None;
         }
+        let batch = s.queue.take_batch(max * TRANSACTIONS_PER_READ)?;
+        let reads_back = batch.entries.iter().any(|e| {
+            matches!(
+                e.content,
+                ChangeContent::ReadCurrent(SourceTable::AccountData | SourceTable::RoomAccountData)
+            )
+        });
+        if reads_back {
+            s.begin_read();
+        }
+        Some((batch, reads_back))
     }) else {
         // Nothing to do: wait for changes or a mode change.
         return pause(Duration::from_secs(3600), Some(&handle.wake), &mut shutdown).await;
@@ -487,13 +502,25 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
         .iter()
         .any(|e| matches!(e.content, ChangeContent::ReadCurrent(_)));
     let resolved = if needs_read {
-        match with_db_retry(ctx, id, "building the next transaction", |c| {
-            let batch = &batch;
-            async move { resolve(batch, &c).await }
+        let read = with_db_retry(ctx, id, "building the next transaction", |c| {
+            let (batch, store) = (&batch, &ctx.store);
+            async move {
+                let values = resolve(batch, &c).await?;
+                // Read after the values: every commit they reflect lies below it.
+                let horizon = if reads_back {
+                    Some(store.current_wal_position(&*c).await?)
+                } else {
+                    None
+                };
+                Ok((values, horizon))
+            }
         })
-        .await
-        {
-            Some(r) => r,
+        .await;
+        if reads_back {
+            handle.with_state(|s| s.end_read(read.as_ref().and_then(|(_, h)| *h)));
+        }
+        match read {
+            Some((r, _)) => r,
             None => return false,
         }
     } else {
@@ -535,7 +562,12 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
         }
     }
     if outcome == Delivery::Delivered {
-        outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
+        for part in resolved.chunks(max) {
+            outcome = deliver(handle, ctx, part, batch.first_lsn(), batch.last_lsn(), true).await;
+            if outcome != Delivery::Delivered {
+                break;
+            }
+        }
     }
     if outcome == Delivery::Delivered {
         // Before completing: the batch's commits still hold the checkpoint, so their times are known.

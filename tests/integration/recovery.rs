@@ -274,6 +274,11 @@ async fn recorded_key_counts_cost_no_scans(server: &'static Server) {
         ssl_root_cert: None,
         application_name: "relay-test".into(),
         connect_timeout: Duration::from_secs(20),
+        ssl_client_cert: None,
+        require_auth: Default::default(),
+        channel_binding: Default::default(),
+        options: None,
+        keepalives: Default::default(),
     };
     let bounded = synapse_account_data_relay::postgres_sql::connect_sql_bounded(
         &cfg,
