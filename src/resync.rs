@@ -28,6 +28,7 @@ use crate::config::AppserviceSettings;
 use crate::model::AccountDataKey;
 use crate::routing::{AppserviceInterest, Router, RoutingError};
 use crate::state_store::{RelayMessage, StateStore, StoreError};
+use crate::synapse::current::checked_content;
 use crate::synapse::rows::{PUSH_RULES_EVENT_TYPE, TAG_EVENT_TYPE, assemble_tags};
 
 /// How long one statement of a backfill request may run (`SET LOCAL statement_timeout`), and
@@ -343,7 +344,12 @@ pub async fn read_backfill_page(
                         room_id: None,
                         data_type: r.get::<_, &str>(1).into(),
                     };
-                    page.entries.push((key, r.get::<_, &str>(2).into()));
+                    // Checked as the stream's values are: a row that is not JSON is skipped
+                    // (logged with its key), so it can neither stall the appservice nor add
+                    // entries to the body.
+                    if let Some(content) = checked_content("account_data", &key, r.get(2)) {
+                        page.entries.push((key, content));
+                    }
                 }
             }
             rows.last().map(|r| BackfillCursor {
@@ -367,7 +373,9 @@ pub async fn read_backfill_page(
                         room_id: Some(r.get::<_, &str>(1).into()),
                         data_type: r.get::<_, &str>(2).into(),
                     };
-                    page.entries.push((key, r.get::<_, &str>(3).into()));
+                    if let Some(content) = checked_content("room_account_data", &key, r.get(3)) {
+                        page.entries.push((key, content));
+                    }
                 }
             }
             rows.last().map(|r| BackfillCursor {

@@ -115,6 +115,7 @@ mod tests {
             values("SystemCallFilter"),
             vec!["@system-service", "~@privileged @resources"]
         );
+        assert_eq!(values("LimitNOFILE").len(), 1, "one LimitNOFILE= line");
         let nofile: u32 = values("LimitNOFILE")[0].parse().unwrap();
         assert!(nofile >= 4096, "{nofile}");
         // Synapse's group can read its signing key (Synapse writes it 0640): never given.

@@ -35,7 +35,7 @@ fn read_error(table: &'static str, e: &tokio_postgres::Error) -> ReadError {
 /// and an error naming the key, never the content. The content goes into the transaction body
 /// as it is: a row that is not JSON would make every attempt fail (the appservice refuses the
 /// body) or, like `1}, {"type": "…"`, add entries of its own.
-fn checked_content(table: &'static str, key: &AccountDataKey, raw: &str) -> Option<Arc<str>> {
+pub fn checked_content(table: &'static str, key: &AccountDataKey, raw: &str) -> Option<Arc<str>> {
     match serde_json::from_str::<&serde_json::value::RawValue>(raw) {
         Ok(_) => Some(Arc::from(raw)),
         Err(e) => {

@@ -407,6 +407,75 @@ async fn first_opt_in_backfills(server: &'static Server) {
     s.db.drop_slot().await;
 }
 
+/// A backfill checks what it reads as the stream's values are checked: a row whose content is
+/// not JSON is skipped and named in the log, and neither stalls the appservice (which would
+/// refuse every body carrying it) nor adds entries of its own.
+async fn backfill_skips_rows_that_are_not_json(server: &'static Server) {
+    let s = prepare(server).await;
+    let c = &s.db.client;
+    for (table, extra) in [("account_data", ""), ("room_account_data", "room_id, ")] {
+        let values = if extra.is_empty() { "" } else { "'!r:example.org', " };
+        c.execute(
+            &format!(
+                "INSERT INTO {table} (user_id, {extra}account_data_type, stream_id, content) \
+                 VALUES ('@a_bad:example.org', {values}'org.example.broken', 1, '1}}, {{\"type\": \"x\"')"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    w::set_global(c, "@a_good:example.org", "m.direct", "{\"before\":true}")
+        .await
+        .unwrap();
+    w::set_room(c, "@a_good:example.org", "!r:example.org", "m.fully_read", "{}")
+        .await
+        .unwrap();
+    // The rows predate the slot: only a backfill can deliver them.
+    recreate_slot(&s);
+    let relay = start_relay(&s).await;
+    let good = |st: &std::collections::BTreeMap<_, _>| {
+        st.contains_key(&("@a_good:example.org".to_string(), None, "m.direct".to_string()))
+            && st.contains_key(&(
+                "@a_good:example.org".to_string(),
+                Some("!r:example.org".to_string()),
+                "m.fully_read".to_string(),
+            ))
+    };
+    assert!(
+        s.a.wait_for(Duration::from_secs(30), good).await,
+        "{}",
+        relay.log_text()
+    );
+    // Live delivery goes on after it.
+    w::set_global(c, "@a_after:example.org", "m.direct", "{}")
+        .await
+        .unwrap();
+    let after = |st: &std::collections::BTreeMap<_, _>| {
+        st.contains_key(&("@a_after:example.org".to_string(), None, "m.direct".to_string()))
+    };
+    assert!(
+        s.a.wait_for(Duration::from_secs(30), after).await,
+        "{}",
+        relay.log_text()
+    );
+    assert!(
+        !s.a.state().keys().any(|k| k.0 == "@a_bad:example.org" || k.2 == "x"),
+        "{:?}",
+        s.a.state()
+    );
+    let log = relay.log_text();
+    assert!(!log.contains("did not accept the transaction"), "{log}");
+    for table in ["account_data row skipped", "room_account_data row skipped"] {
+        assert!(
+            log.contains(table) && log.contains("@a_bad:example.org"),
+            "{table}: {log}"
+        );
+    }
+    drop(relay);
+    s.db.drop_slot().await;
+}
+
 /// Two relays on one slot: the second waits calmly (logged once), takes over within seconds
 /// after the first is killed, and nothing is lost.
 async fn standby_takes_over(server: &'static Server) {
@@ -456,6 +525,7 @@ on_both_servers!(
     recorded_keys_survive_a_kill,
     backfill_thousands_of_users,
     first_opt_in_backfills,
+    backfill_skips_rows_that_are_not_json,
     standby_takes_over,
     backfill_respects_room_account_data_off,
     backfill_reads_use_the_indexes_in_order,
