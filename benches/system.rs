@@ -188,6 +188,11 @@ struct Receiver {
     record_seqs: std::sync::atomic::AtomicBool,
     /// (sequence number, receipt time in µs since the epoch)
     receipts: Mutex<Vec<(i64, i64)>>,
+    /// Keep each key's content (as hashes, see [`hash_of`]) and the time it last changed, to
+    /// check the final state against the table and time the last key's arrival (restart rows).
+    record_state: std::sync::atomic::AtomicBool,
+    state: Mutex<std::collections::HashMap<u64, u64>>,
+    last_change_at: Mutex<Option<Instant>>,
 }
 
 const MARKER: &[u8] = b"drain-end-";
@@ -214,6 +219,20 @@ async fn receive(State(r): State<Arc<Receiver>>, body: Bytes) -> &'static str {
         }
         r.receipts.lock().unwrap_or_else(|e| e.into_inner()).extend(found);
     }
+    if r.record_state.load(Ordering::Relaxed) {
+        let parsed: RawBody<'_> = serde_json::from_slice(&body).unwrap_or_default();
+        let mut state = r.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = false;
+        for (user, data) in &parsed.account_data {
+            for e in &data.events {
+                let content = hash_of(&[e.content.get()]);
+                changed |= state.insert(hash_of(&[user, e.data_type]), content) != Some(content);
+            }
+        }
+        if changed {
+            *r.last_change_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+    }
     let mut start = 0;
     while let Some(at) = find(&body[start..], MARKER) {
         let from = start + at + MARKER.len();
@@ -233,6 +252,28 @@ async fn receive(State(r): State<Arc<Receiver>>, body: Bytes) -> &'static str {
         start = end;
     }
     "{}"
+}
+
+/// A transaction body's global account data, contents left as raw JSON text (the relay never
+/// re-serialises them, so they compare equal to the table's text).
+#[derive(serde::Deserialize, Default)]
+struct RawBody<'a> {
+    #[serde(rename = "org.matrix.msc3682.account_data", borrow, default)]
+    account_data: std::collections::HashMap<&'a str, RawEvents<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawEvents<'a> {
+    #[serde(borrow)]
+    events: Vec<RawEvent<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    data_type: &'a str,
+    #[serde(borrow)]
+    content: &'a serde_json::value::RawValue,
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -267,6 +308,8 @@ impl Receiver {
         self.expected_markers.store(expected_markers, Ordering::Relaxed);
         self.transactions.store(0, Ordering::Relaxed);
         self.bytes.store(0, Ordering::Relaxed);
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.last_change_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     async fn wait_done(&self, timeout: Duration) -> Option<Instant> {
@@ -462,6 +505,8 @@ struct DrainRow {
     keys: u64,
     /// Rows inserted or updated in the relay's `pending_keys` during the relay's run.
     rows_written: i64,
+    /// Restart rows: whether the receiver ended with the table's state.
+    state_ok: bool,
 }
 
 /// Rows inserted or updated in `pending_keys` so far (a backend's statistics are flushed when it
@@ -592,13 +637,14 @@ async fn drain(
     copy_slot(&db.client, &db.name, &copy_b).await;
     use_slot(&files, &copy_b);
     receiver.reset(appservices as u64);
+    receiver.record_state.store(until_empty, Ordering::Relaxed);
     let writes_before = pending_keys_writes(&db.client).await;
     let t = Instant::now();
     let mut relay = spawn_relay(&files);
     let done = receiver.wait_done(Duration::from_secs(1800)).await;
     let pid = relay.pid().expect("relay pid");
-    let relay_cpu = cpu_seconds(pid);
-    let relay_rss = peak_rss_mib(pid);
+    let mut relay_cpu = cpu_seconds(pid);
+    let mut relay_rss = peak_rss_mib(pid);
     let Some(done) = done else {
         panic!(
             "the relay did not deliver the end markers; its log:\n{}",
@@ -622,6 +668,26 @@ async fn drain(
         }
         relay_wall = relay_wall.max(t.elapsed().as_secs_f64());
     }
+    let mut state_ok = true;
+    if until_empty {
+        // Wait until the receiver holds the table's state (it may already), and time the last
+        // key's arrival: the last receipt that changed what the receiver holds.
+        let expected = expected_state(&db.client).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            state_ok = *receiver.state.lock().unwrap_or_else(|e| e.into_inner()) == expected;
+            if state_ok || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Some(last) = *receiver.last_change_at.lock().unwrap_or_else(|e| e.into_inner()) {
+            relay_wall = relay_wall.max(last.duration_since(t).as_secs_f64());
+        }
+        receiver.record_state.store(false, Ordering::Relaxed);
+        relay_cpu = cpu_seconds(pid);
+        relay_rss = peak_rss_mib(pid);
+    }
     relay.terminate();
     // The relay's backends have exited: their statistics are in.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -635,6 +701,7 @@ async fn drain(
         changes,
         keys,
         rows_written,
+        state_ok,
         recvlogical_wall,
         recvlogical_cpu,
         relay_wall,
@@ -916,26 +983,7 @@ async fn receive_backfill(
         return "{}";
     };
     // The relay never re-serialises content: compare the raw text with the table's.
-    #[derive(serde::Deserialize)]
-    struct Event<'a> {
-        #[serde(rename = "type", borrow)]
-        data_type: &'a str,
-        #[serde(borrow)]
-        content: &'a serde_json::value::RawValue,
-    }
-    #[derive(serde::Deserialize)]
-    struct Events<'a> {
-        #[serde(borrow)]
-        events: Vec<Event<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Body<'a> {
-        #[serde(rename = "org.matrix.msc3682.account_data", borrow, default)]
-        account_data: std::collections::HashMap<&'a str, Events<'a>>,
-    }
-    let parsed: Body<'_> = serde_json::from_slice(&body).unwrap_or(Body {
-        account_data: Default::default(),
-    });
+    let parsed: RawBody<'_> = serde_json::from_slice(&body).unwrap_or_default();
     let mut state = r.states[i].lock().unwrap_or_else(|e| e.into_inner());
     for (user, data) in &parsed.account_data {
         for e in &data.events {
@@ -1260,11 +1308,11 @@ fn main() {
                 rows.push(r);
             }
             println!();
-            println!("| restart | changes | keys | pg_recvlogical wall | relay wall | relay / pg_recvlogical | relay CPU | relay peak RSS | rows written to the relay's schema |");
-            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("| restart | changes | keys | pg_recvlogical wall | relay wall | relay / pg_recvlogical | relay CPU | relay peak RSS | rows written to the relay's schema | final state |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
             for r in &rows {
                 println!(
-                    "| {} | {} | {} | {:.2} s | {:.2} s | {:.2} | {:.2} s | {:.1} MiB | {} |",
+                    "| {} | {} | {} | {:.2} s | {:.2} s | {:.2} | {:.2} s | {:.1} MiB | {} | {} |",
                     r.label,
                     r.changes,
                     r.keys,
@@ -1273,7 +1321,8 @@ fn main() {
                     r.relay_wall / r.recvlogical_wall,
                     r.relay_cpu,
                     r.relay_rss,
-                    r.rows_written
+                    r.rows_written,
+                    if r.state_ok { "matches the table" } else { "MISMATCH" }
                 );
             }
         }

@@ -702,7 +702,7 @@ impl Relay {
                 }
                 _ => {
                     if pending.contains(&h.settings.id) {
-                        tracing::info!(appservice = %h.settings.id, "keys recorded for resync (or a backfill) are waiting: resuming their delivery");
+                        tracing::info!(appservice = %h.settings.id, "keys recorded for resync are waiting (or a backfill is under way): resuming their delivery");
                     }
                     h.reset(DeliveryMode::Recording { switch_at: None });
                 }

@@ -550,9 +550,17 @@ mod tests {
             assert_eq!(s.push(change(user, lsn)), Pushed::Queued);
         }
         assert_eq!(s.queue.waiting_len(), 2, "coalesced per key");
-        assert_eq!(content_of(&s, "@a:x"), READ, "below the start: its current value is sent");
+        assert_eq!(
+            content_of(&s, "@a:x"),
+            READ,
+            "below the start: its current value is sent"
+        );
         assert_eq!(s.unrecorded_len(), 0, "nothing to write to the state store");
-        assert_eq!(s.oldest_undelivered(), Some(Lsn(10)), "they hold the slot until delivered");
+        assert_eq!(
+            s.oldest_undelivered(),
+            Some(Lsn(10)),
+            "they hold the slot until delivered"
+        );
         // At or past the start position, a change's own value is newer than anything sent before.
         s.push(change("@c:x", 100));
         assert_eq!(content_of(&s, "@c:x"), ChangeContent::Json("{}".into()));
@@ -575,7 +583,11 @@ mod tests {
         s.end_read(Some(Lsn(300)));
         assert_eq!(s.read_horizon(), Lsn(300));
         s.push(change("@c:x", 200));
-        assert_eq!(content_of(&s, "@c:x"), READ, "below the WAL position read after the read");
+        assert_eq!(
+            content_of(&s, "@c:x"),
+            READ,
+            "below the WAL position read after the read"
+        );
         s.push(change("@d:x", 300));
         assert_eq!(content_of(&s, "@d:x"), ChangeContent::Json("{}".into()));
         // A failed read (none happened) does not move the horizon, but ends the read.

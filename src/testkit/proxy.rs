@@ -148,11 +148,7 @@ impl ConnectionMode {
     }
 }
 
-async fn pump(
-    from: tokio::net::tcp::OwnedReadHalf,
-    to: tokio::net::tcp::OwnedWriteHalf,
-    mode: ConnectionMode,
-) {
+async fn pump(from: tokio::net::tcp::OwnedReadHalf, to: tokio::net::tcp::OwnedWriteHalf, mode: ConnectionMode) {
     watching_pump(from, to, mode, None).await
 }
 
@@ -233,8 +229,7 @@ impl FaultProxy {
                     let (mut sr, mut sw) = server.into_split();
                     let (mut cr, mut cw) = (cr, cw);
                     if !lag.is_zero()
-                        && startup_asks_for_replication(&mut cr, &mut cw, &mut sr, &mut sw).await
-                            == Some(true)
+                        && startup_asks_for_replication(&mut cr, &mut cw, &mut sr, &mut sw).await == Some(true)
                     {
                         let streaming = Arc::new(AtomicBool::new(false));
                         tokio::join!(

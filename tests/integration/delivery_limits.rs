@@ -286,6 +286,8 @@ async fn client_api_refusing_one_user_skips_only_that_user(server: &'static Serv
         .await;
     assert!(got, "requests: {:?}\n{}", api.requests(), relay.log_text());
     assert!(!s.a.state().contains_key(&push_rules_key("@a_1:example.org")));
+    // The relay's output reaches the test a moment after it is written.
+    wait_for_log(&relay, "refuses this user's push rules", WAIT).await;
     let log = relay.log_text();
     let line = log
         .lines()

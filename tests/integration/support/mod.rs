@@ -533,8 +533,8 @@ pub async fn wait_for_log(relay: &RelayProcess, needle: &str, timeout: Duration)
 }
 
 /// Whether the log shows appservice `id`'s first-opt-in backfill requested and the appservice
-/// back to live delivery after its last resync request (on a fresh database every appservice
-/// starts in recording mode, and its first-opt-in backfill follows a moment later).
+/// back to live delivery after its last resync request (on a fresh database every appservice's
+/// first-opt-in backfill follows a moment after the start, in recording mode).
 pub fn live_after_last_resync(log: &str, id: &str) -> bool {
     let opted_in = format!("first opt-in: backfill of its users' current account data requested appservice={id} ");
     if !log.contains(&opted_in) {
