@@ -685,6 +685,10 @@ async fn drain(
             relay_wall = relay_wall.max(last.duration_since(t).as_secs_f64());
         }
         receiver.record_state.store(false, Ordering::Relaxed);
+        // Why anything was written to the relay's schema, if it was.
+        for l in relay.log_text().lines().filter(|l| l.contains(" WARN ")).take(5) {
+            eprintln!("  relay: {l}");
+        }
         relay_cpu = cpu_seconds(pid);
         relay_rss = peak_rss_mib(pid);
     }

@@ -1137,6 +1137,16 @@ impl Relay {
                                 self.wakes.worker(i)
                             }
                             Pushed::Recorded => self.wakes.recorder = true,
+                            Pushed::Spilled => {
+                                tracing::warn!(
+                                    appservice = %h.settings.id,
+                                    max_queued_keys = self.settings.retention.max_queued_keys,
+                                    "more keys wait for this appservice than retention.max_queued_keys: they are recorded as keys \
+                                     and the slot moves on; they will be sent with their current values"
+                                );
+                                self.wakes.recorder = true;
+                                self.wakes.worker(i);
+                            }
                         }
                         tx.routed = true;
                     }

@@ -53,6 +53,9 @@ pub enum Pushed {
     Queued,
     /// Reduced to a key to record: wake the recorder.
     Recorded,
+    /// This change made the live queue outgrow `max_queued_keys`: the appservice switched to
+    /// recording mode, its waiting changes reduced to keys to record (wake the recorder).
+    Spilled,
 }
 
 /// Why an appservice was switched to recording mode.
@@ -221,7 +224,7 @@ impl AppserviceState {
         if self.queue.waiting_len() > self.queue_limit {
             // Memory stays bounded: from here on, keys only.
             self.spill();
-            return Pushed::Recorded;
+            return Pushed::Spilled;
         }
         Pushed::Queued
     }
@@ -432,7 +435,7 @@ mod tests {
         for i in 0..3 {
             assert_eq!(s.push(change(&format!("@u{i}:x"), 10 + i)), Pushed::Queued);
         }
-        assert_eq!(s.push(change("@u3:x", 20)), Pushed::Recorded);
+        assert_eq!(s.push(change("@u3:x", 20)), Pushed::Spilled);
         assert_eq!(s.mode(), DeliveryMode::Recording { switch_at: None });
         assert_eq!(s.unrecorded_len(), 4);
         assert_eq!(s.push(change("@u4:x", 21)), Pushed::Recorded);
@@ -606,7 +609,7 @@ mod tests {
         s.push(change("@a:x", 10));
         s.push(change("@b:x", 20));
         s.begin_read();
-        assert_eq!(s.push(change("@c:x", 30)), Pushed::Recorded);
+        assert_eq!(s.push(change("@c:x", 30)), Pushed::Spilled);
         assert_eq!(s.mode(), DeliveryMode::Recording { switch_at: None });
         assert_eq!(s.unrecorded_len(), 3);
         assert_eq!(s.read_horizon(), Lsn::ZERO, "recording mode needs no read horizon");

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 use crate::config::{AppserviceSettings, DeliverySettings};
-use crate::delivery::queue::Batch;
+use crate::delivery::queue::QueuedChange;
 use crate::delivery::response_body::{BodyError, MAX_RESPONSE_BODY, read_bounded};
 use crate::delivery::retry::{AttemptOutcome, RetryPolicy, RetrySchedule, classify_response};
 use crate::delivery::state::{AppserviceState, DeliveryMode};
@@ -411,12 +411,12 @@ pub async fn run_worker(handle: Arc<AppserviceHandle>, ctx: Arc<DeliveryContext>
 /// Resolve a live batch's contents: raw JSON as queued, or read from the tables (one query per
 /// table). Entries whose row is gone are dropped.
 async fn resolve(
-    batch: &Batch,
+    entries: &[QueuedChange],
     client: &tokio_postgres::Client,
 ) -> Result<Vec<(AccountDataKey, Arc<str>)>, StoreError> {
     let mut by_table: HashMap<SourceTable, Vec<&AccountDataKey>> = HashMap::new();
     let mut xids = Vec::new();
-    for e in &batch.entries {
+    for e in entries {
         if let ChangeContent::ReadCurrent(t) = &e.content {
             by_table.entry(*t).or_default().push(&e.key);
             xids.push(e.xid);
@@ -438,8 +438,7 @@ async fn resolve(
         })?;
         read.insert(table, values);
     }
-    Ok(batch
-        .entries
+    Ok(entries
         .iter()
         .filter_map(|e| match &e.content {
             ChangeContent::Json(j) => Some((e.key.clone(), j.clone())),
@@ -467,27 +466,38 @@ fn panic_if_told_to(entries: &[ResolvedEntry<'_>]) {
     }
 }
 
-/// How many transactions' worth of entries a live step takes from the queue at most (when
-/// that many wait: a backlog), so values read back are read in one query per table for all.
+/// Transactions' worth of entries whose values are read back in one query per table (when
+/// that many wait: a backlog).
 const TRANSACTIONS_PER_READ: usize = 10;
 
-/// One live step: up to [`TRANSACTIONS_PER_READ`] transactions. Returns false on shutdown.
+/// Reads per live step: while one group of entries is delivered, the next group's values are
+/// read, so the database and the appservice work at the same time.
+const READS_PER_STEP: usize = 4;
+
+/// Whether `e` is sent with a value read back because it was below the read horizon (or
+/// changed during a read; see [`crate::delivery::state`]).
+fn read_back(e: &QueuedChange) -> bool {
+    matches!(
+        e.content,
+        ChangeContent::ReadCurrent(SourceTable::AccountData | SourceTable::RoomAccountData)
+    )
+}
+
+/// One live step: take up to [`READS_PER_STEP`] × [`TRANSACTIONS_PER_READ`] transactions'
+/// worth of entries (one batch in flight), and deliver them group by group, reading each next
+/// group's values while the one before is delivered. Returns false on shutdown.
 async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> bool {
     let mut shutdown = ctx.shutdown.clone();
     let max = ctx.settings.max_entries_per_transaction.max(1);
-    // Several transactions' worth at once: their values are read in one query per table, then
-    // they go out one after another.
+    let group_len = max * TRANSACTIONS_PER_READ;
     let Some((batch, reads_back)) = handle.with_state(|s| {
         if s.mode() != DeliveryMode::Live {
             return None;
         }
-        let batch = s.queue.take_batch(max * TRANSACTIONS_PER_READ)?;
-        let reads_back = batch.entries.iter().any(|e| {
-            matches!(
-                e.content,
-                ChangeContent::ReadCurrent(SourceTable::AccountData | SourceTable::RoomAccountData)
-            )
-        });
+        let batch = s.queue.take_batch(group_len * READS_PER_STEP)?;
+        // Under the same lock as the take: changes from now on are read back too, until the
+        // reads are over and the horizon moved past them.
+        let reads_back = batch.entries.iter().any(read_back);
         if reads_back {
             s.begin_read();
         }
@@ -496,78 +506,38 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
         // Nothing to do: wait for changes or a mode change.
         return pause(Duration::from_secs(3600), Some(&handle.wake), &mut shutdown).await;
     };
-    let id = handle.settings.id.as_str();
-    let needs_read = batch
-        .entries
-        .iter()
-        .any(|e| matches!(e.content, ChangeContent::ReadCurrent(_)));
-    let resolved = if needs_read {
-        let read = with_db_retry(ctx, id, "building the next transaction", |c| {
-            let (batch, store) = (&batch, &ctx.store);
-            async move {
-                let values = resolve(batch, &c).await?;
-                // Read after the values: every commit they reflect lies below it.
-                let horizon = if reads_back {
-                    Some(store.current_wal_position(&*c).await?)
-                } else {
-                    None
-                };
-                Ok((values, horizon))
-            }
-        })
-        .await;
-        if reads_back {
-            handle.with_state(|s| s.end_read(read.as_ref().and_then(|(_, h)| *h)));
-        }
-        match read {
-            Some((r, _)) => r,
-            None => return false,
-        }
-    } else {
-        batch
-            .entries
-            .iter()
-            .filter_map(|e| match &e.content {
-                ChangeContent::Json(j) => Some((e.key.clone(), j.clone())),
-                ChangeContent::ReadCurrent(_) => None,
-            })
-            .collect()
-    };
-    let mut resolved = resolved;
-    let push_keys: Vec<&AccountDataKey> = batch
-        .entries
-        .iter()
-        .filter(|e| matches!(e.content, ChangeContent::ReadCurrent(SourceTable::PushRules)))
-        .map(|e| &e.key)
-        .collect();
+    let (first, last) = (batch.first_lsn(), batch.last_lsn());
+    let groups: Vec<&[QueuedChange]> = batch.entries.chunks(group_len).collect();
+    let mut horizon: Option<Lsn> = None;
     let mut outcome = Delivery::Delivered;
-    if !push_keys.is_empty() {
-        let mut left = push_keys;
-        if let Some(base) = ctx.client_url.as_deref() {
-            let (rules, again) = fetch_push_rules_pass(handle, ctx, base, &left).await;
-            resolved.extend(rules);
-            if !again.is_empty() {
-                // The client API fails: send the rest now, and keep trying these (the batch stays
-                // in flight, holding the checkpoint, as a failing delivery does).
-                outcome = deliver(handle, ctx, &resolved, batch.first_lsn(), batch.last_lsn(), true).await;
-                resolved.clear();
+    let mut current = match groups.first() {
+        Some(g) => read_group(handle, ctx, g).await,
+        None => Some((Vec::new(), None)),
+    };
+    for i in 0..groups.len().max(1) {
+        let Some((resolved, h)) = current.take() else {
+            outcome = Delivery::Shutdown;
+            break;
+        };
+        horizon = horizon.max(h);
+        let next = groups.get(i + 1).copied();
+        let (delivered, next_read) = tokio::join!(
+            deliver_group(handle, ctx, groups.get(i).copied().unwrap_or_default(), resolved, first, last),
+            async {
+                match next {
+                    Some(g) => read_group(handle, ctx, g).await,
+                    None => None,
+                }
             }
-            left = again;
-        }
-        if outcome == Delivery::Delivered && !left.is_empty() {
-            match fetch_push_rules_until_done(handle, ctx, &left, true).await {
-                Ok(rules) => resolved.extend(rules),
-                Err(o) => outcome = o,
-            }
+        );
+        outcome = delivered;
+        current = next_read;
+        if outcome != Delivery::Delivered {
+            break;
         }
     }
-    if outcome == Delivery::Delivered {
-        for part in resolved.chunks(max) {
-            outcome = deliver(handle, ctx, part, batch.first_lsn(), batch.last_lsn(), true).await;
-            if outcome != Delivery::Delivered {
-                break;
-            }
-        }
+    if reads_back {
+        handle.with_state(|s| s.end_read(horizon));
     }
     if outcome == Delivery::Delivered {
         // Before completing: the batch's commits still hold the checkpoint, so their times are known.
@@ -581,6 +551,91 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
     }
     ctx.progress.notify_one();
     outcome != Delivery::Shutdown
+}
+
+/// The values of a group of live entries: raw JSON as queued, or read from the tables (one
+/// query per table); for entries read back below the read horizon, also the WAL position read
+/// after the values (every commit they reflect lies below it). `None` on shutdown.
+async fn read_group(
+    handle: &AppserviceHandle,
+    ctx: &DeliveryContext,
+    entries: &[QueuedChange],
+) -> Option<(Vec<(AccountDataKey, Arc<str>)>, Option<Lsn>)> {
+    if !entries.iter().any(|e| matches!(e.content, ChangeContent::ReadCurrent(_))) {
+        let values = entries
+            .iter()
+            .filter_map(|e| match &e.content {
+                ChangeContent::Json(j) => Some((e.key.clone(), j.clone())),
+                ChangeContent::ReadCurrent(_) => None,
+            })
+            .collect();
+        return Some((values, None));
+    }
+    let reads_back = entries.iter().any(read_back);
+    with_db_retry(ctx, handle.settings.id.as_str(), "building the next transaction", |c| {
+        let store = &ctx.store;
+        async move {
+            let values = resolve(entries, &c).await?;
+            let horizon = if reads_back {
+                Some(store.current_wal_position(&*c).await?)
+            } else {
+                None
+            };
+            Ok((values, horizon))
+        }
+    })
+    .await
+}
+
+/// Deliver a group of live entries whose values were read (`resolved`): their push rules are
+/// fetched, then they go out in transactions of at most `max_entries_per_transaction`.
+async fn deliver_group(
+    handle: &AppserviceHandle,
+    ctx: &DeliveryContext,
+    entries: &[QueuedChange],
+    mut resolved: Vec<(AccountDataKey, Arc<str>)>,
+    first: Lsn,
+    last: Lsn,
+) -> Delivery {
+    let max = ctx.settings.max_entries_per_transaction.max(1);
+    let push_keys: Vec<&AccountDataKey> = entries
+        .iter()
+        .filter(|e| matches!(e.content, ChangeContent::ReadCurrent(SourceTable::PushRules)))
+        .map(|e| &e.key)
+        .collect();
+    let mut outcome = Delivery::Delivered;
+    if !push_keys.is_empty() {
+        let mut left = push_keys;
+        if let Some(base) = ctx.client_url.as_deref() {
+            let (rules, again) = fetch_push_rules_pass(handle, ctx, base, &left).await;
+            resolved.extend(rules);
+            if !again.is_empty() {
+                // The client API fails: send the rest now, and keep trying these (the batch stays
+                // in flight, holding the checkpoint, as a failing delivery does).
+                for part in resolved.chunks(max) {
+                    outcome = deliver(handle, ctx, part, first, last, true).await;
+                    if outcome != Delivery::Delivered {
+                        return outcome;
+                    }
+                }
+                resolved.clear();
+            }
+            left = again;
+        }
+        if !left.is_empty() {
+            match fetch_push_rules_until_done(handle, ctx, &left, true).await {
+                Ok(rules) => resolved.extend(rules),
+                Err(o) => return o,
+            }
+        }
+    }
+    for part in resolved.chunks(max) {
+        outcome = deliver(handle, ctx, part, first, last, true).await;
+        if outcome != Delivery::Delivered {
+            break;
+        }
+    }
+    outcome
 }
 
 /// One page of recorded keys. Returns false on shutdown.
