@@ -465,8 +465,11 @@ fn use_slot(files: &RelayFiles, slot: &str) {
     std::fs::write(&path, out).expect("relay.toml");
 }
 
+/// The relay logs warnings only (`RELAY_BENCH_LOG` sets another `RUST_LOG` filter, e.g.
+/// `synapse_account_data_relay::delivery=debug` to see each live step's timings).
 fn spawn_relay(files: &RelayFiles) -> RelayProcess {
-    files.spawn_run_with(&[("RUST_LOG", "warn")], &[])
+    let filter = std::env::var("RELAY_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned());
+    files.spawn_run_with(&[("RUST_LOG", &filter)], &[])
 }
 
 /// Files for one opted-in appservice at `url` interested in every user, after `setup`.
@@ -688,6 +691,9 @@ async fn drain(
         // Why anything was written to the relay's schema, if it was.
         for l in relay.log_text().lines().filter(|l| l.contains(" WARN ")).take(5) {
             eprintln!("  relay: {l}");
+        }
+        if let Ok(path) = std::env::var("RELAY_BENCH_LOG_COPY") {
+            let _ = std::fs::write(&path, relay.log_text());
         }
         relay_cpu = cpu_seconds(pid);
         relay_rss = peak_rss_mib(pid);

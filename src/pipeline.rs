@@ -125,6 +125,10 @@ struct OpenTx {
     timed: bool,
 }
 
+/// How long the stream waits at most for an appservice whose live queue is full before its keys
+/// are recorded instead (see [`Relay::wait_for_room`]).
+pub const QUEUE_FULL_WAIT: Duration = Duration::from_secs(1);
+
 /// Wake-ups owed after the messages being handled (see [`Relay::flush_wakes`]).
 #[derive(Debug, Default)]
 struct PendingWakes {
@@ -203,6 +207,11 @@ pub struct Relay {
     store: StateStore,
     health: Arc<Health>,
     recorder_wake: Arc<Notify>,
+    /// Signalled by the workers after each delivered transaction.
+    progress: Arc<Notify>,
+    /// Appservices whose live queue outgrew `max_queued_keys` while they accept what they are
+    /// sent: the stream waits for them (see [`Relay::wait_for_room`]) before reading on.
+    full: Vec<usize>,
     metrics: Arc<Metrics>,
     served: Arc<ServedAppservices>,
     slot_status: Arc<SlotStatus>,
@@ -277,6 +286,8 @@ impl Relay {
             store,
             health: Arc::new(Health::new()),
             recorder_wake: Arc::new(Notify::new()),
+            progress: Arc::new(Notify::new()),
+            full: Vec::new(),
             metrics,
             served,
             slot_status: Arc::new(SlotStatus::default()),
@@ -404,7 +415,7 @@ impl Relay {
         }
         let db = Arc::new(SynapseDb::new(self.settings.postgres.clone()));
         let http = http_client(&self.settings.delivery)?;
-        let progress = Arc::new(Notify::new());
+        let progress = self.progress.clone();
         let (poll_stop, poll_stop_rx) = watch::channel(false);
         tokio::spawn(crate::ops::metrics::poll_slot(
             db.clone(),
@@ -511,6 +522,7 @@ impl Relay {
         self.metrics.commit_times.clear();
         self.tracker = CheckpointTracker::new(Lsn::ZERO);
         self.last_status = None;
+        self.full.clear();
     }
 
     /// Connect and start replication, waiting while another process holds the slot. Handles a
@@ -925,6 +937,9 @@ impl Relay {
             if !stream.has_buffered_message() {
                 self.flush_wakes();
             }
+            if !self.full.is_empty() {
+                self.wait_for_room().await;
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -1003,6 +1018,44 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Some appservices' live queues outgrew `retention.max_queued_keys` while they accept what
+    /// they are sent (a backlog streams in faster than they take it): stop reading the stream
+    /// until each is down to half of the limit, for [`QUEUE_FULL_WAIT`] at most; one still over
+    /// the limit then has its keys recorded (recording mode), so a slow appservice holds the
+    /// others back for that long at most, and memory stays bounded either way.
+    async fn wait_for_room(&mut self) {
+        self.flush_wakes();
+        let started = Instant::now();
+        loop {
+            let handles = &self.handles;
+            self.full.retain(|&i| handles.get(i).is_some_and(|h| !h.with_state(|s| s.has_room())));
+            if self.full.is_empty() {
+                tracing::trace!(waited = ?started.elapsed(), "appservice queues have room again");
+                return;
+            }
+            let left = QUEUE_FULL_WAIT.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), self.progress.notified()).await;
+        }
+        for i in std::mem::take(&mut self.full) {
+            let Some(h) = self.handles.get(i) else { continue };
+            if h.with_state(|s| s.spill_if_full()) {
+                tracing::warn!(
+                    appservice = %h.settings.id,
+                    max_queued_keys = self.settings.retention.max_queued_keys,
+                    waited = ?QUEUE_FULL_WAIT,
+                    "more keys wait for this appservice than retention.max_queued_keys, and it did not take them fast enough: \
+                     they are recorded as keys and the slot moves on; they will be sent with their current values"
+                );
+                self.wakes.recorder = true;
+                self.wakes.worker(i);
+            }
+        }
+        self.flush_wakes();
     }
 
     fn flush_wakes(&mut self) {
@@ -1137,6 +1190,12 @@ impl Relay {
                                 self.wakes.worker(i)
                             }
                             Pushed::Recorded => self.wakes.recorder = true,
+                            Pushed::Full => {
+                                self.wakes.worker(i);
+                                if !self.full.contains(&i) {
+                                    self.full.push(i);
+                                }
+                            }
                             Pushed::Spilled => {
                                 tracing::warn!(
                                     appservice = %h.settings.id,

@@ -56,6 +56,10 @@ pub enum Pushed {
     /// This change made the live queue outgrow `max_queued_keys`: the appservice switched to
     /// recording mode, its waiting changes reduced to keys to record (wake the recorder).
     Spilled,
+    /// Queued, but the queue outgrew `max_queued_keys` while the appservice is accepting what it
+    /// is sent: the stream should wait a moment for it (see [`AppserviceState::has_room`])
+    /// before recording its keys instead ([`AppserviceState::spill_if_full`]).
+    Full,
 }
 
 /// Why an appservice was switched to recording mode.
@@ -222,6 +226,11 @@ impl AppserviceState {
         }
         self.queue.push(change);
         if self.queue.waiting_len() > self.queue_limit {
+            if self.failing_since.is_none() {
+                // Busy, not failing: worth a short wait (a backlog streams in faster than any
+                // appservice takes it; recording its keys would cost Synapse's database writes).
+                return Pushed::Full;
+            }
             // Memory stays bounded: from here on, keys only.
             self.spill();
             return Pushed::Spilled;
@@ -243,6 +252,25 @@ impl AppserviceState {
             && position >= l
         {
             self.mode = DeliveryMode::Live;
+            return true;
+        }
+        false
+    }
+
+    /// Whether the stream may go on after [`Pushed::Full`]: the queue is down to half of
+    /// `max_queued_keys`, or the appservice left live mode or started failing (its next change
+    /// over the limit is then recorded).
+    pub fn has_room(&self) -> bool {
+        self.mode != DeliveryMode::Live
+            || self.failing_since.is_some()
+            || self.queue.waiting_len() <= self.queue_limit / 2
+    }
+
+    /// After [`Pushed::Full`] and a wait that did not make room: switch to recording mode if
+    /// the queue is still over `max_queued_keys`. Returns whether it did.
+    pub fn spill_if_full(&mut self) -> bool {
+        if self.mode == DeliveryMode::Live && self.queue.waiting_len() > self.queue_limit {
+            self.spill();
             return true;
         }
         false
@@ -435,7 +463,12 @@ mod tests {
         for i in 0..3 {
             assert_eq!(s.push(change(&format!("@u{i}:x"), 10 + i)), Pushed::Queued);
         }
-        assert_eq!(s.push(change("@u3:x", 20)), Pushed::Spilled);
+        // Accepting what it is sent: the stream waits a moment for it.
+        assert_eq!(s.push(change("@u3:x", 20)), Pushed::Full);
+        assert!(!s.has_room());
+        assert_eq!(s.mode(), DeliveryMode::Live);
+        // It did not make room in time: keys only from here on.
+        assert!(s.spill_if_full());
         assert_eq!(s.mode(), DeliveryMode::Recording { switch_at: None });
         assert_eq!(s.unrecorded_len(), 4);
         assert_eq!(s.push(change("@u4:x", 21)), Pushed::Recorded);
@@ -609,6 +642,8 @@ mod tests {
         s.push(change("@a:x", 10));
         s.push(change("@b:x", 20));
         s.begin_read();
+        // Failing: recorded at once, no wait.
+        s.delivery_failed(Instant::now());
         assert_eq!(s.push(change("@c:x", 30)), Pushed::Spilled);
         assert_eq!(s.mode(), DeliveryMode::Recording { switch_at: None });
         assert_eq!(s.unrecorded_len(), 3);

@@ -507,6 +507,7 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
         return pause(Duration::from_secs(3600), Some(&handle.wake), &mut shutdown).await;
     };
     let (first, last) = (batch.first_lsn(), batch.last_lsn());
+    let started = Instant::now();
     let groups: Vec<&[QueuedChange]> = batch.entries.chunks(group_len).collect();
     let mut horizon: Option<Lsn> = None;
     let mut outcome = Delivery::Delivered;
@@ -539,6 +540,14 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
     if reads_back {
         handle.with_state(|s| s.end_read(horizon));
     }
+    tracing::debug!(
+        appservice = %handle.settings.id,
+        entries = batch.entries.len(),
+        read_back = reads_back,
+        waiting = handle.with_state(|s| s.queue.waiting_len()),
+        took = ?started.elapsed(),
+        "live step"
+    );
     if outcome == Delivery::Delivered {
         // Before completing: the batch's commits still hold the checkpoint, so their times are known.
         handle
