@@ -722,6 +722,7 @@ impl Relay {
             h.notify();
         }
         self.tracker = CheckpointTracker::new(Lsn::ZERO);
+        self.full.clear();
         self.epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -1030,7 +1031,8 @@ impl Relay {
         let started = Instant::now();
         loop {
             let handles = &self.handles;
-            self.full.retain(|&i| handles.get(i).is_some_and(|h| !h.with_state(|s| s.has_room())));
+            self.full
+                .retain(|&i| handles.get(i).is_some_and(|h| !h.with_state(|s| s.has_room())));
             if self.full.is_empty() {
                 tracing::trace!(waited = ?started.elapsed(), "appservice queues have room again");
                 return;

@@ -137,13 +137,15 @@ impl StateStore {
         ]
     }
 
-    /// Record `keys` for `appservice` (one statement; a key already recorded gets a new version).
-    /// Returns how many were not recorded before (rows inserted, not updated).
+    /// Record `keys` for `appservice` (one statement). A key already recorded gets a new version
+    /// if `renew` (so a drain that read the old one does not delete it), and is left as it is
+    /// otherwise (no write). Returns how many were not recorded before (rows inserted).
     pub async fn record_keys(
         &self,
         c: &impl GenericClient,
         appservice: &str,
         keys: &[AccountDataKey],
+        renew: bool,
     ) -> Result<u64, StoreError> {
         if keys.is_empty() {
             return Ok(0);
@@ -152,13 +154,18 @@ impl StateStore {
         let rooms: Vec<&str> = keys.iter().map(|k| k.room_id.as_deref().unwrap_or("")).collect();
         let types: Vec<&str> = keys.iter().map(|k| &*k.data_type).collect();
         let (s, seq) = (&self.schema, self.sequence());
+        let on_conflict = if renew {
+            "(appservice_id, user_id, room_id, data_type) DO UPDATE SET version = EXCLUDED.version"
+        } else {
+            "DO NOTHING"
+        };
         // `xmax = 0`: the row version was inserted by this statement, not updated by it.
         let row = c
             .query_one(
                 &format!(
                     "WITH written AS (INSERT INTO {s}.pending_keys (appservice_id, user_id, room_id, data_type, version) \
                      SELECT $1, u, r, t, nextval({seq}) FROM unnest($2::text[], $3::text[], $4::text[]) AS k(u, r, t) \
-                     ON CONFLICT (appservice_id, user_id, room_id, data_type) DO UPDATE SET version = EXCLUDED.version \
+                     ON CONFLICT {on_conflict} \
                      RETURNING xmax = 0 AS inserted) \
                      SELECT count(*) FILTER (WHERE inserted) FROM written"
                 ),

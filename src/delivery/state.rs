@@ -46,6 +46,33 @@ pub enum DeliveryMode {
     },
 }
 
+/// Which recorded keys the worker's drain has read in its current pass over the table (keys are
+/// read in key order), as the recorder must know it: a key recorded again that the drain has
+/// read (or may be reading) needs a new version, so the drain's delete leaves it for the next
+/// pass; one it has not read yet will be read with a newer snapshot anyway, so the row written
+/// before is enough (one write per key and recovery, not one per change).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DrainRead {
+    /// A pass is starting, or none runs: nothing read yet.
+    #[default]
+    Nothing,
+    /// Every key up to this one (in key order).
+    UpTo(AccountDataKey),
+    /// A page is being read: any key may be.
+    Everything,
+}
+
+impl DrainRead {
+    /// Whether the drain may have read `key` in its current pass.
+    pub fn covers(&self, key: &AccountDataKey) -> bool {
+        match self {
+            DrainRead::Nothing => false,
+            DrainRead::UpTo(last) => key <= last,
+            DrainRead::Everything => true,
+        }
+    }
+}
+
 /// What the replication task should do after [`AppserviceState::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -112,6 +139,8 @@ pub struct AppserviceState {
     reads_in_progress: u32,
     /// Backfill requests to look up in the relay's table (see [`AppserviceState::backfill_lookup`]).
     backfill_requests: BackfillRequests,
+    /// See [`DrainRead`].
+    drain_read: DrainRead,
 }
 
 /// Resync requests seen in the stream, and how far the worker has looked them up in the relay's
@@ -143,6 +172,7 @@ impl AppserviceState {
             },
             read_below: Lsn::ZERO,
             reads_in_progress: 0,
+            drain_read: DrainRead::Nothing,
         }
     }
 
@@ -360,6 +390,18 @@ impl AppserviceState {
         }
         self.recording_oldest = self.unrecorded_oldest.take();
         Some(self.unrecorded.drain().collect())
+    }
+
+    /// What the drain has read in its current pass (set by the worker; see [`DrainRead`]).
+    pub fn set_drain_read(&mut self, read: DrainRead) {
+        self.drain_read = read;
+    }
+
+    /// Split keys to record into those whose existing row needs a new version (the drain may
+    /// have read it) and those whose existing row may stay as it is (see [`DrainRead`]). Call it
+    /// after their changes are visible, right before writing them.
+    pub fn split_for_recording(&self, keys: Vec<AccountDataKey>) -> (Vec<AccountDataKey>, Vec<AccountDataKey>) {
+        keys.into_iter().partition(|k| self.drain_read.covers(k))
     }
 
     /// The keys from [`AppserviceState::take_unrecorded`] are durably written.
@@ -655,6 +697,28 @@ mod tests {
         assert!(s.observe_position(Lsn(500)));
         s.push(change("@d:x", 600));
         assert_eq!(content_of(&s, "@d:x"), ChangeContent::Json("{}".into()));
+    }
+
+    #[test]
+    fn keys_the_drain_has_not_read_are_written_once() {
+        let key = |u: &str| AccountDataKey {
+            user_id: u.into(),
+            room_id: None,
+            data_type: "t".into(),
+        };
+        let mut s = AppserviceState::new(DeliveryMode::Recording { switch_at: None });
+        let keys = || vec![key("@a:x"), key("@m:x"), key("@z:x")];
+        // No pass has read anything: rows already written stay as they are.
+        assert_eq!(s.split_for_recording(keys()), (vec![], keys()));
+        // A page is being read: every row needs a new version (it may be in the page).
+        s.set_drain_read(DrainRead::Everything);
+        assert_eq!(s.split_for_recording(keys()), (keys(), vec![]));
+        // The pass has read up to @m:x: those need a new version, @z:x will be read later.
+        s.set_drain_read(DrainRead::UpTo(key("@m:x")));
+        assert_eq!(
+            s.split_for_recording(keys()),
+            (vec![key("@a:x"), key("@m:x")], vec![key("@z:x")])
+        );
     }
 
     #[test]

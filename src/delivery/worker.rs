@@ -25,7 +25,7 @@ use crate::config::{AppserviceSettings, DeliverySettings};
 use crate::delivery::queue::QueuedChange;
 use crate::delivery::response_body::{BodyError, MAX_RESPONSE_BODY, read_bounded};
 use crate::delivery::retry::{AttemptOutcome, RetryPolicy, RetrySchedule, classify_response};
-use crate::delivery::state::{AppserviceState, DeliveryMode};
+use crate::delivery::state::{AppserviceState, DeliveryMode, DrainRead};
 use crate::delivery::transaction::{ResolvedEntry, build_body, split_by_size, transaction_id};
 use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
 use crate::ops::metrics::AppserviceMetrics;
@@ -523,7 +523,14 @@ async fn live_step(handle: &Arc<AppserviceHandle>, ctx: &DeliveryContext) -> boo
         horizon = horizon.max(h);
         let next = groups.get(i + 1).copied();
         let (delivered, next_read) = tokio::join!(
-            deliver_group(handle, ctx, groups.get(i).copied().unwrap_or_default(), resolved, first, last),
+            deliver_group(
+                handle,
+                ctx,
+                groups.get(i).copied().unwrap_or_default(),
+                resolved,
+                first,
+                last
+            ),
             async {
                 match next {
                     Some(g) => read_group(handle, ctx, g).await,
@@ -570,7 +577,10 @@ async fn read_group(
     ctx: &DeliveryContext,
     entries: &[QueuedChange],
 ) -> Option<(Vec<(AccountDataKey, Arc<str>)>, Option<Lsn>)> {
-    if !entries.iter().any(|e| matches!(e.content, ChangeContent::ReadCurrent(_))) {
+    if !entries
+        .iter()
+        .any(|e| matches!(e.content, ChangeContent::ReadCurrent(_)))
+    {
         let values = entries
             .iter()
             .filter_map(|e| match &e.content {
@@ -674,6 +684,8 @@ async fn drain_step(
         return go_on;
     }
     let limit = ctx.settings.max_entries_per_transaction as i64;
+    // Any key may be in the page: the recorder renews what it writes meanwhile.
+    handle.with_state(|s| s.set_drain_read(DrainRead::Everything));
     let Some(page) = with_db_retry(ctx, &id, "reading keys to resync", |c| {
         let (store, id, after) = (&ctx.store, &id, cursor.as_ref());
         async move { store.read_page(&*c, id, after, limit).await }
@@ -682,6 +694,13 @@ async fn drain_step(
     else {
         return false;
     };
+    handle.with_state(|s| {
+        s.set_drain_read(match page.keys.last() {
+            Some((last, _)) => DrainRead::UpTo(last.clone()),
+            // The pass is over (every page delivered and deleted): the next starts afresh.
+            None => DrainRead::Nothing,
+        })
+    });
     if page.keys.is_empty() && cursor.take().is_some() {
         // The end of a pass: start the next one from the smallest key.
         return true;
@@ -858,7 +877,7 @@ async fn fetch_push_rules_retrying(
         "recording the keys whose push rules could not be fetched",
         |c| {
             let (store, keys) = (&ctx.store, &again);
-            async move { store.record_keys(&*c, id, keys).await }
+            async move { store.record_keys(&*c, id, keys, true).await }
         },
     )
     .await?;
@@ -1106,9 +1125,16 @@ pub async fn run_recorder(handles: Vec<Arc<AppserviceHandle>>, ctx: Arc<Delivery
                     Ok(c) => {
                         bounded(async {
                             match wait_until_visible(&*c, &xids).await {
-                                Ok(()) => ctx.store.record_keys(&*c, id, &keys).await.map(|inserted| {
+                                Ok(()) => {
+                                    // Read after the wait: see `DrainRead`.
+                                    let (renew, keep) = h.with_state(|s| s.split_for_recording(keys.clone()));
+                                    let mut inserted = 0;
+                                    for (keys, renew) in [(renew, true), (keep, false)] {
+                                        inserted += ctx.store.record_keys(&*c, id, &keys, renew).await?;
+                                    }
                                     h.adjust_recorded_keys(inserted as i64);
-                                }),
+                                    Ok(())
+                                }
                                 Err(e) => Err(StoreError {
                                     what: "waiting for recorded changes to become visible",
                                     message: e.to_string(),
