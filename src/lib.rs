@@ -20,6 +20,7 @@ pub mod delivery;
 pub mod model;
 pub mod ops;
 pub mod pgconfig;
+pub mod pghosts;
 pub mod pipeline;
 pub mod postgres_sql;
 pub mod privileges;

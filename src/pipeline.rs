@@ -1220,7 +1220,7 @@ async fn next_reload(reloads: &mut Option<tokio::sync::mpsc::Receiver<Reload>>) 
 fn is_fatal(e: &ReplicationError) -> bool {
     match e {
         ReplicationError::Auth { .. } | ReplicationError::Tls { .. } => true,
-        ReplicationError::Server(_) => !e.is_transient(),
+        ReplicationError::Server(_) | ReplicationError::NoHostAccepted { .. } => !e.is_transient(),
         ReplicationError::Io { .. } | ReplicationError::Timeout { .. } | ReplicationError::Protocol { .. } => false,
     }
 }
