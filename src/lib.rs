@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod cmd;
 pub mod config;
 pub mod delivery;
+pub mod failover;
 pub mod model;
 pub mod ops;
 pub mod pgconfig;
