@@ -57,6 +57,8 @@ pub struct StatusReport {
     pub relay: Option<RelayStatus>,
     pub relay_error: Option<String>,
     pub healthy: bool,
+    /// With `replication.failover`: whether a promotion now keeps the slot.
+    pub failover: Option<crate::failover::slots::Readiness>,
 }
 
 const SLOT_FACTS_SQL: &str = "SELECT s.active, s.active_pid, s.wal_status, s.restart_lsn::text, \
@@ -205,6 +207,9 @@ pub fn render(r: &StatusReport) -> String {
         }
         (None, None) => {}
     }
+    for l in r.failover.iter().flat_map(crate::failover::slots::readiness_lines) {
+        line(&mut out, l);
+    }
     match (&r.relay, &r.relay_error, &r.endpoint) {
         (Some(rel), _, Some(ep)) => {
             let state = if rel.replication_connected {
@@ -319,9 +324,18 @@ pub async fn status(args: &StatusArgs) -> u8 {
         relay: None,
         relay_error: None,
         healthy: false,
+        failover: None,
     };
     match crate::postgres_sql::connect_sql(&settings.postgres).await {
         Ok(c) => {
+            if settings.failover_slot {
+                match crate::failover::inspect::report(&c, &settings.postgres, &settings.slot_name, true).await {
+                    Ok((_, verdict)) => report.failover = verdict,
+                    Err(e) => {
+                        report.database_error = Some(format!("cannot read whether the failover slot is safe: {e}"))
+                    }
+                }
+            }
             match read_slot(&c, &settings.slot_name).await {
                 Ok(s) => report.slot = Some(s),
                 Err(e) => report.database_error = Some(format!("cannot read the replication slot: {e}")),
@@ -395,6 +409,7 @@ mod tests {
             relay: None,
             relay_error: None,
             healthy: false,
+            failover: None,
         };
         let t = render(&r);
         assert!(t.contains("does not exist") && t.contains("run `setup`"), "{t}");

@@ -235,6 +235,11 @@ impl SynapseDb {
         Ok(c)
     }
 
+    /// Forget the connection (it went to a server that is no longer the primary).
+    pub async fn forget(&self) {
+        *self.client.lock().await = None;
+    }
+
     /// Forget the connection after an error that says it is gone.
     pub async fn forget_if_lost(&self, e: &StoreError) {
         if e.connection_lost {

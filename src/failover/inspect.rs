@@ -217,6 +217,22 @@ pub async fn read_standbys_with(
     out
 }
 
+/// What `check`, `setup` and `status` say about failover: the missing settings (with their
+/// statements) and, with `replication.failover`, whether the slot is safe now. `client` is
+/// connected to the primary; the standbys are the other hosts of `cfg`.
+pub async fn report(
+    client: &tokio_postgres::Client,
+    cfg: &PgConnectionConfig,
+    slot: &str,
+    failover_wanted: bool,
+) -> Result<(Vec<crate::provision::Problem>, Option<Readiness>), InspectError> {
+    let primary = read_primary(client, slot).await?;
+    let standbys = read_standbys(cfg, slot).await;
+    let problems = super::slots::setting_problems(failover_wanted, slot, &primary, &standbys);
+    let verdict = failover_wanted.then(|| readiness(slot, &primary, &standbys));
+    Ok((problems, verdict))
+}
+
 /// The `standby` label: a physical slot named in `synchronized_standby_slots`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StandbyLabel {

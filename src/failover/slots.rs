@@ -348,7 +348,7 @@ impl fmt::Display for CopyState {
 }
 
 /// One standby in [`Readiness`].
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StandbyReadiness {
     /// Its physical slot on the primary (as in `synchronized_standby_slots`).
     pub standby_slot: String,
@@ -365,7 +365,7 @@ pub struct StandbyReadiness {
 }
 
 /// Whether the failover slot is safe now.
-#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Readiness {
     /// Every standby named in `synchronized_standby_slots` holds a synchronised, persisted copy
     /// (and there is at least one).
@@ -480,6 +480,74 @@ pub fn readiness(slot_name: &str, primary: &PrimaryFacts, standbys: &[StandbyRea
         standbys: standbys_out,
         reasons,
     }
+}
+
+/// Lines for people (`status`, `check`): the verdict, then each standby with its copy's state
+/// and lag. Pure.
+pub fn readiness_lines(r: &Readiness) -> Vec<String> {
+    let mut out = vec![if r.safe {
+        "failover slot: safe (every standby in synchronized_standby_slots holds a synchronised, persisted copy)"
+            .to_owned()
+    } else {
+        "failover slot: NOT SAFE YET (a promotion now would cost a resync)".to_owned()
+    }];
+    for s in &r.standbys {
+        out.push(format!(
+            "  standby {}{}: copy {}{}{}",
+            s.standby_slot,
+            s.server.as_deref().map(|x| format!(" at {x}")).unwrap_or_default(),
+            s.state,
+            s.lag_bytes.map(|l| format!(", {l} bytes behind")).unwrap_or_default(),
+            if s.named {
+                ""
+            } else {
+                " (not in synchronized_standby_slots)"
+            }
+        ));
+    }
+    for reason in &r.reasons {
+        out.push(format!("  - {reason}"));
+    }
+    out
+}
+
+/// The one log line of a lost slot: what happened (`what`: the server's error), why PostgreSQL
+/// invalidated it (`invalidation_reason`), or that it did not survive a promotion (`promotion`:
+/// what the relay noticed about the new server), and what the relay does. Pure.
+pub fn lost_slot_line(
+    slot: &str,
+    what: &str,
+    invalidation_reason: Option<&str>,
+    promotion: Option<&str>,
+    resync: bool,
+) -> String {
+    let cause = match (invalidation_reason, promotion) {
+        (Some(reason), _) => {
+            let why = match reason {
+                "idle_timeout" => {
+                    " (it was unused for longer than idle_replication_slot_timeout, PostgreSQL 18: the relay was \
+                     stopped or disconnected that long)"
+                }
+                "wal_removed" => " (the WAL it needed was removed: max_slot_wal_keep_size)",
+                "rows_removed" => " (it conflicted with recovery: rows it needed were removed)",
+                "wal_level_insufficient" => " (wal_level is no longer logical)",
+                _ => "",
+            };
+            format!("PostgreSQL invalidated replication slot {slot:?}: invalidation_reason = {reason}{why}")
+        }
+        (None, Some(change)) => format!(
+            "replication slot {slot:?} does not exist on the new server after a failover ({change}): no synchronised \
+             copy survived the promotion (PostgreSQL older than 17, replication.failover off, a standby not \
+             synchronising slots, or its copy still temporary)"
+        ),
+        (None, None) => format!("replication slot {slot:?} was lost"),
+    };
+    let then = if resync {
+        "re-creating it and resyncing every appservice (nothing is lost: each gets its users' current account data)"
+    } else {
+        "replication.on_slot_lost = \"fail\": stopping"
+    };
+    format!("{cause}; changes since its last confirmed position are gone from the stream; {then} [{what}]")
 }
 
 #[cfg(test)]
@@ -628,6 +696,23 @@ mod tests {
                 .message
                 .contains("name one host")
         );
+    }
+
+    #[test]
+    fn a_lost_slot_says_why_in_one_line() {
+        let l = lost_slot_line("relay", "ERROR 55000 …", Some("idle_timeout"), None, true);
+        assert!(
+            l.contains("invalidation_reason = idle_timeout") && l.contains("idle_replication_slot_timeout"),
+            "{l}"
+        );
+        assert!(l.contains("resyncing every appservice") && !l.contains('\n'), "{l}");
+        let l = lost_slot_line("relay", "does not exist", None, Some("timeline 2 now"), true);
+        assert!(
+            l.contains("after a failover (timeline 2 now)") && l.contains("no synchronised copy"),
+            "{l}"
+        );
+        let l = lost_slot_line("relay", "x", None, None, false);
+        assert!(l.contains("was lost") && l.contains("stopping"), "{l}");
     }
 
     #[test]
