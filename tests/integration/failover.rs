@@ -175,6 +175,7 @@ async fn failover_slot_safety_is_reported() {
         "the standby's copy was never persisted:\n{}",
         ha.logs(1)
     );
+    synapse_account_data_relay::delivery::worker::install_crypto_provider();
     let base = format!("http://127.0.0.1:{port}");
     let scraped = eventually(Duration::from_secs(60), || async {
         let client = reqwest::Client::new();

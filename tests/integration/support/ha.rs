@@ -142,15 +142,18 @@ impl HaCluster {
         }
         if cluster.options.slot_sync && standbys > 0 {
             let names: Vec<String> = (1..=standbys).map(|i| cluster.nodes[i].slot.clone()).collect();
-            cluster.psql(
-                0,
-                &format!(
-                    "ALTER SYSTEM SET synchronized_standby_slots = '{}'; SELECT pg_reload_conf();",
-                    names.join(",")
-                ),
-            )?;
+            cluster.set_synchronized_standby_slots(0, &names)?;
         }
         Ok(cluster)
+    }
+
+    /// `synchronized_standby_slots` on node `i` (a primary), reloaded.
+    pub fn set_synchronized_standby_slots(&self, i: usize, slots: &[String]) -> Result<(), String> {
+        self.psql(
+            i,
+            &format!("ALTER SYSTEM SET synchronized_standby_slots = '{}'", slots.join(",")),
+        )?;
+        self.psql(i, "SELECT pg_reload_conf()").map(|_| ())
     }
 
     fn bin(&self) -> String {
@@ -316,14 +319,8 @@ impl HaCluster {
                 .filter(|(j, _)| *j != of)
                 .map(|(_, n)| n.slot.clone())
                 .collect();
-            self.psql(
-                of,
-                &format!(
-                    "ALTER SYSTEM SET synchronized_standby_slots = '{}'; SELECT pg_reload_conf();",
-                    slots.join(",")
-                ),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            self.set_synchronized_standby_slots(of, &slots)
+                .unwrap_or_else(|e| panic!("{e}"));
         }
     }
 
