@@ -240,22 +240,27 @@ impl NoHostAccepted {
     }
 }
 
+impl NoHostAccepted {
+    /// Each host tried and why it was refused: `pg1:5432: …; pg2:5432: …`.
+    pub fn reasons(&self) -> String {
+        self.attempts
+            .iter()
+            .map(|a| format!("{}: {}", a.endpoint, a.outcome.reason()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 impl fmt::Display for NoHostAccepted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.attempts.len();
         write!(
             f,
-            "no server accepted (target_session_attrs={}); tried {n} host{}: ",
+            "no server accepted (target_session_attrs={}); tried {n} host{}: {}",
             self.wanted,
-            if n == 1 { "" } else { "s" }
-        )?;
-        for (i, a) in self.attempts.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{}: {}", a.endpoint, a.outcome.reason())?;
-        }
-        Ok(())
+            if n == 1 { "" } else { "s" },
+            self.reasons()
+        )
     }
 }
 
@@ -275,16 +280,25 @@ pub enum TryError<E> {
     All(NoHostAccepted),
 }
 
+/// A connection [`try_in_order`] found: the index of its endpoint, and the hosts tried before
+/// it with why each was refused.
+#[derive(Debug)]
+pub struct Found<C> {
+    pub conn: C,
+    pub index: usize,
+    pub skipped: NoHostAccepted,
+}
+
 /// Tries `endpoints` in order with `connect_one` (which connects to one host, bounded by its
-/// `connect_timeout`) and returns the first connection whose server `wanted` accepts, with the
-/// index of its endpoint. A connection to a refused server is handed to `close` (so it ends
-/// politely) before the next host is tried. No I/O of its own.
+/// `connect_timeout`) and returns the first connection whose server `wanted` accepts. A
+/// connection to a refused server is handed to `close` (so it ends politely) before the next
+/// host is tried. No I/O of its own.
 pub async fn try_in_order<C, E, F, Fut, Close, CloseFut>(
     endpoints: &[PgEndpoint],
     wanted: TargetSessionAttrs,
     mut connect_one: F,
     mut close: Close,
-) -> Result<(C, usize), TryError<E>>
+) -> Result<Found<C>, TryError<E>>
 where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = OneHost<C, E>>,
@@ -296,7 +310,13 @@ where
     for (i, endpoint) in endpoints.iter().enumerate() {
         match connect_one(i).await {
             Ok((conn, role)) => match wanted.refusal(role) {
-                None => return Ok((conn, i)),
+                None => {
+                    return Ok(Found {
+                        conn,
+                        index: i,
+                        skipped: NoHostAccepted { attempts, wanted },
+                    });
+                }
                 Some(reason) => {
                     close(conn).await;
                     attempts.push(HostAttempt {
@@ -472,7 +492,14 @@ mod tests {
                 async {}
             },
         ));
-        assert_eq!(result.unwrap(), ("new", 2));
+        let found = result.unwrap();
+        assert_eq!((found.conn, found.index), ("new", 2));
+        assert_eq!(found.skipped.attempts.len(), 2);
+        assert!(
+            found.skipped.reasons().starts_with("old:5432: it is a standby"),
+            "{}",
+            found.skipped
+        );
         assert_eq!(closed, vec!["old"]);
 
         let result = block_on(try_in_order(
@@ -497,7 +524,7 @@ mod tests {
         assert!(all.is_transient() && all.any_refused());
 
         // One host that fails to connect: its own error, as before multi-host settings.
-        let result: Result<(&str, usize), _> = block_on(try_in_order(
+        let result: Result<Found<&str>, _> = block_on(try_in_order(
             &endpoints[..1],
             TargetSessionAttrs::Primary,
             |_| async {

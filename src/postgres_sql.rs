@@ -170,7 +170,12 @@ pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Cli
     )
     .await;
     match result {
-        Ok((client, _)) => Ok(client),
+        Ok(found) => {
+            if found.index > 0 {
+                tracing::debug!(skipped = %found.skipped.reasons(), "SQL connection: earlier hosts of the list were refused");
+            }
+            Ok(found.conn)
+        }
         Err(TryError::Single(e)) => Err(e),
         Err(TryError::All(all)) => Err(SqlConnectError {
             target: cfg.describe(),

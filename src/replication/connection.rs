@@ -694,11 +694,11 @@ impl ReplicationConnection {
         )
         .await;
         match result {
-            Ok((conn, i)) => {
-                if i > 0 {
-                    tracing::info!(server = %conn.target(), skipped = i, "connected to a later host of the list");
+            Ok(found) => {
+                if found.index > 0 {
+                    tracing::info!(server = %found.conn.target(), skipped = %found.skipped.reasons(), "replication connection: earlier hosts of the list were refused");
                 }
-                Ok(conn)
+                Ok(found.conn)
             }
             Err(TryError::Single(e)) => Err(e),
             Err(TryError::All(all)) => Err(ReplicationError::NoHostAccepted {
