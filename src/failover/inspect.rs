@@ -240,11 +240,24 @@ pub struct StandbyLabel {
 }
 
 /// The failover-slot metrics (registered with the others, `ops::metrics`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FailoverMetrics {
+    /// 1 safe, 0 not safe, -1 not watched (`replication.failover` off).
     pub safe: Gauge,
     pub standby_synced: Family<StandbyLabel, Gauge>,
     pub standby_lag: Family<StandbyLabel, Gauge>,
+}
+
+impl Default for FailoverMetrics {
+    fn default() -> Self {
+        let safe = Gauge::default();
+        safe.set(-1);
+        FailoverMetrics {
+            safe,
+            standby_synced: Family::default(),
+            standby_lag: Family::default(),
+        }
+    }
 }
 
 impl FailoverMetrics {
@@ -252,7 +265,8 @@ impl FailoverMetrics {
         r.register(
             "failover_slot_safe",
             "1 when every standby named in synchronized_standby_slots holds a synchronised, persisted copy of the \
-             slot (a promotion keeps it), 0 when a promotion now would cost a resync; only with replication.failover",
+             slot (a promotion keeps it), 0 when a promotion now would cost a resync, -1 when not watched \
+             (replication.failover off)",
             self.safe.clone(),
         );
         r.register(

@@ -97,10 +97,14 @@ async fn check(env: &mut Env, s: &mut Summary, history: &History) {
 /// Scenarios 4, 1 and 3 on one pair (the short form on PostgreSQL 18 runs scenario 1 only).
 pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
     let mut rows = Vec::new();
+    let started = Instant::now();
+    let phase = |what: &str| eprintln!("   {what} at {:.1}s", started.elapsed().as_secs_f64());
     let ha = HaCluster::start(&format!("fo{version}"), HaOptions::new(version, true), 1);
+    phase("pair started");
     let mut env = env_on(&ha, &[0, 1], true).await;
     let slot = env.db.name.clone();
     let mut relay = env.start_relay().await;
+    phase("relay streaming");
     let mut history = History::default();
     let all_phases = version == 17 || form.long;
     let mut seed = 100 + u64::from(version);
@@ -111,6 +115,7 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
     let (n, h) = work.finish().await;
     history.extend(h);
     let mut written = n;
+    phase("the standby's copy persisted");
     if !synced {
         let mut s = row("failover slot: setup", version);
         s.problems.push(format!(
@@ -176,6 +181,7 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
             }
         }
         ha.unpause(1);
+        phase("standby confirming again");
         let arrived = env
             .a
             .wait_for(Duration::from_secs(60), |st| st.get(&marker) == Some(&value))
@@ -192,6 +198,7 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
         check(&mut env, &mut s, &history).await;
         set_row(&mut s, None, resyncs(&relay) > before);
         rows.push(s);
+        phase("scenario 4 checked");
     }
 
     // 1. Kill the primary under load, promote the standby.
@@ -204,11 +211,13 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
     let work = Workload::start(env.server, &env.db.name, 3, form.pick(150, 400), seed);
     tokio::time::sleep(Duration::from_secs(form.pick(2, 10))).await;
     let before = (streaming_from(&relay, &ha.nodes[1].ip), resyncs(&relay));
+    phase("killing the primary");
     let killed = Instant::now();
     ha.kill(0);
     ha.promote(1);
     let again = streaming_again(&relay, &ha.nodes[1].ip, before.0, Duration::from_secs(120)).await;
     let streaming = killed.elapsed();
+    phase("streaming from the new primary");
     if !again {
         s.problems.push(format!(
             "the relay did not stream from the promoted standby:\n{}",
@@ -221,6 +230,7 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
     written += n;
     s.changes = written;
     check(&mut env, &mut s, &history).await;
+    phase("scenario 1 checked");
     let resync = resyncs(&relay) > before.1;
     if resync {
         s.problems
@@ -236,6 +246,7 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
         // 3. The old primary comes back at its address, as a standby of the new primary.
         let mut s = row("old primary back as a standby: refused", version);
         ha.rejoin_as_standby(0, 1);
+        phase("old primary back as a standby");
         seed += 1;
         let work = Workload::start(env.server, &env.db.name, 2, form.pick(100, 300), seed);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -289,6 +300,7 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
         let resync = resyncs(&relay) > before.1;
         set_row(&mut s, again.then_some(streaming), resync);
         rows.push(s);
+        phase("scenario 3 checked");
     }
     drop(relay);
     rows

@@ -227,7 +227,7 @@ impl HaCluster {
         let script = format!(
             "set -e; export PATH={bin}:$PATH; \
              until pg_isready -q -h {p} -p 5432; do sleep 0.2; done; \
-             pg_basebackup -h {p} -p 5432 -U postgres -D /tmp/pgdata -X stream -R -C -S {slot} --no-sync >/dev/null; \
+             pg_basebackup -h {p} -p 5432 -U postgres -D /tmp/pgdata -X stream -R -C -S {slot} --checkpoint=fast --no-sync >/dev/null; \
              exec postgres -D /tmp/pgdata{common}{sync} \
                -c \"primary_conninfo=host={p} port=5432 user=postgres dbname=postgres application_name={slot}\"",
             bin = self.bin(),
