@@ -6,6 +6,7 @@
 //! cargo test --test faults                       # short form (seconds per scenario; run by `cargo test`)
 //! cargo test --test faults -- --long             # long form: many kills, long outages, higher rates
 //! cargo test --test faults -- --only kill9,pg_restarts
+//! cargo test --test faults -- --only failover_17,failover_no_slot_17,failover_18   # the PostgreSQL failovers (failover.rs)
 //! ```
 //! Each scenario prints one summary row; the run fails if any key was lost or regressed or a
 //! scenario's own check failed. Every scenario gets a PostgreSQL cluster of its own (from this
