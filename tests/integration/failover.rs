@@ -136,6 +136,48 @@ async fn multi_host_connections_and_missing_failover_settings() {
     );
 }
 
+/// Synapse's own multi-host form with a port per host (the report: `setup` refused
+/// `port: "55601,55602"`): the first host does not answer, the second is used, by `setup` and
+/// `run` alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synapses_multi_host_form_with_a_port_per_host() {
+    let server = crate::support::pg15();
+    let s = prepare(server).await;
+    let closed = free_port().unwrap();
+    let hs = s.files.path().join("homeserver.yaml");
+    let t = std::fs::read_to_string(&hs).unwrap();
+    let t = t.replace(
+        &format!("    host: \"127.0.0.1\"\n    port: {}\n", server.port),
+        &format!(
+            "    host: \"127.0.0.1,127.0.0.1\"\n    port: \"{closed},{}\"\n    target_session_attrs: read-write\n",
+            server.port
+        ),
+    );
+    assert!(t.contains(&format!("{closed},")), "{t}");
+    std::fs::write(&hs, t).unwrap();
+    let out = s.files.command("setup", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let relay = start_relay(&s).await;
+    let c = s.db.connect().await;
+    w::set_global(&c, "@a_1:example.org", "org.example.multi", "{\"n\":1}")
+        .await
+        .unwrap();
+    let want = s.db.final_state(interested_a).await;
+    assert!(
+        s.a.wait_for(WAIT, |got| want.iter().all(|(k, v)| got.get(k) == Some(v)))
+            .await,
+        "{}",
+        relay.log_text()
+    );
+    assert!(
+        relay
+            .log_text()
+            .contains("replication connection: earlier hosts of the list were refused"),
+        "{}",
+        relay.log_text()
+    );
+}
+
 /// With everything in place, `check` right after `setup` says the failover slot is not safe yet
 /// (the standby's copy is missing or temporary until the slot moves on the primary); once the
 /// relay streamed and the copy was persisted, `check`, `status`, `/status.json`, `/readyz` and
