@@ -679,7 +679,17 @@ impl Relay {
         };
         let history = match &self.server {
             Some(last) if last.system_id == now.system_id && now.timeline > last.timeline => {
-                match conn.simple_query(&format!("TIMELINE_HISTORY {}", now.timeline)).await {
+                let command = format!("TIMELINE_HISTORY {}", now.timeline);
+                let query = conn.simple_query(&command);
+                match tokio::time::timeout(Duration::from_secs(10), query)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ReplicationError::Timeout {
+                            action: "reading the timeline history",
+                            target: now.server.clone(),
+                            after: Duration::from_secs(10),
+                        })
+                    }) {
                     Ok(rows) => rows
                         .first()
                         .and_then(|r| r.get(1).cloned().flatten())

@@ -681,7 +681,21 @@ impl ReplicationConnection {
                     if wanted == TargetSessionAttrs::Any {
                         return Ok((conn, ServerRole::default()));
                     }
-                    match conn.server_role().await {
+                    // Bounded like the connection (an older server is asked with a query).
+                    let role = if one.connect_timeout.is_zero() {
+                        conn.server_role().await
+                    } else {
+                        tokio::time::timeout(one.connect_timeout, conn.server_role())
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(ReplicationError::Timeout {
+                                    action: "asking whether the server is a standby",
+                                    target: one.describe(),
+                                    after: one.connect_timeout,
+                                })
+                            })
+                    };
+                    match role {
                         Ok(role) => Ok((conn, role)),
                         Err(e) => {
                             let outcome = attempt_outcome(&e);

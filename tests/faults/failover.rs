@@ -236,8 +236,12 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
         s.problems
             .push("the relay resynced although the failover slot was synchronised".into());
     }
-    if !relay.log_text().contains("a standby was promoted") {
-        s.problems.push("no log line about the promotion".into());
+    if !relay
+        .log_text()
+        .contains("a standby was promoted (timeline 1 ended at ")
+    {
+        s.problems
+            .push("no log line about the promotion with the switch point (TIMELINE_HISTORY)".into());
     }
     set_row(&mut s, again.then_some(streaming), resync);
     rows.push(s);
