@@ -540,14 +540,16 @@ pub fn lost_slot_line(
              copy survived the promotion (PostgreSQL older than 17, replication.failover off, a standby not \
              synchronising slots, or its copy still temporary)"
         ),
-        (None, None) => format!("replication slot {slot:?} was lost"),
+        (None, None) => format!("replication slot {slot:?} is missing or unusable"),
     };
     let then = if resync {
         "re-creating it and resyncing every appservice (nothing is lost: each gets its users' current account data)"
     } else {
         "replication.on_slot_lost = \"fail\": stopping"
     };
-    format!("{cause}; changes since its last confirmed position are gone from the stream; {then} [{what}]")
+    format!(
+        "the replication slot was lost: {cause}; changes since its last confirmed position are gone from the stream; {then} [{what}]"
+    )
 }
 
 #[cfg(test)]
@@ -712,7 +714,10 @@ mod tests {
             "{l}"
         );
         let l = lost_slot_line("relay", "x", None, None, false);
-        assert!(l.contains("was lost") && l.contains("stopping"), "{l}");
+        assert!(
+            l.starts_with("the replication slot was lost: ") && l.contains("stopping"),
+            "{l}"
+        );
     }
 
     #[test]

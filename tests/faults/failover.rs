@@ -202,49 +202,26 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
     }
 
     // 1. Kill the primary under load, promote the standby.
-    let mut s = row("promotion with a failover slot", version);
-    if !ha.wait_for_synced_copy(1, &slot, Duration::from_secs(120)) {
-        s.problems
-            .push("the standby's copy is not persisted before the kill".into());
-    }
     seed += 1;
-    let work = Workload::start(env.server, &env.db.name, 3, form.pick(150, 400), seed);
-    tokio::time::sleep(Duration::from_secs(form.pick(2, 10))).await;
-    let before = (streaming_from(&relay, &ha.nodes[1].ip), resyncs(&relay));
     phase("killing the primary");
-    let killed = Instant::now();
-    ha.kill(0);
-    ha.promote(1);
-    let again = streaming_again(&relay, &ha.nodes[1].ip, before.0, Duration::from_secs(120)).await;
-    let streaming = killed.elapsed();
-    phase("streaming from the new primary");
-    if !again {
-        s.problems.push(format!(
-            "the relay did not stream from the promoted standby:\n{}",
-            relay.log_text()
-        ));
-    }
-    tokio::time::sleep(Duration::from_secs(form.pick(2, 10))).await;
-    let (n, h) = work.finish().await;
-    history.extend(h);
-    written += n;
-    s.changes = written;
-    check(&mut env, &mut s, &history).await;
+    let pair = Pair {
+        ha: &ha,
+        relay: &relay,
+        slot: &slot,
+        form,
+        version,
+    };
+    rows.push(
+        promote_under_load(
+            &pair,
+            "promotion with a failover slot",
+            (&mut env, &mut history, &mut written),
+            seed,
+            (0, 1, 1),
+        )
+        .await,
+    );
     phase("scenario 1 checked");
-    let resync = resyncs(&relay) > before.1;
-    if resync {
-        s.problems
-            .push("the relay resynced although the failover slot was synchronised".into());
-    }
-    if !relay
-        .log_text()
-        .contains("a standby was promoted (timeline 1 ended at ")
-    {
-        s.problems
-            .push("no log line about the promotion with the switch point (TIMELINE_HISTORY)".into());
-    }
-    set_row(&mut s, again.then_some(streaming), resync);
-    rows.push(s);
 
     if all_phases {
         // 3. The old primary comes back at its address, as a standby of the new primary.
@@ -305,9 +282,90 @@ pub async fn with_failover_slot(form: Form, version: u32) -> Vec<Summary> {
         set_row(&mut s, again.then_some(streaming), resync);
         rows.push(s);
         phase("scenario 3 checked");
+        if form.long {
+            // And back: the new primary dies, the old one (a standby now) is promoted.
+            seed += 1;
+            let pair = Pair {
+                ha: &ha,
+                relay: &relay,
+                slot: &slot,
+                form,
+                version,
+            };
+            rows.push(
+                promote_under_load(
+                    &pair,
+                    "promotion back to the first address",
+                    (&mut env, &mut history, &mut written),
+                    seed,
+                    (1, 0, 2),
+                )
+                .await,
+            );
+        }
     }
     drop(relay);
     rows
+}
+
+/// What a promotion phase works on.
+struct Pair<'a> {
+    ha: &'a HaCluster,
+    relay: &'a RelayProcess,
+    slot: &'a str,
+    form: Form,
+    version: u32,
+}
+
+/// Scenario 1: the standby's copy persisted, kill node `from` under load, promote node `to`
+/// (which leaves timeline `timeline`); the relay must stream from it without a resync.
+async fn promote_under_load(
+    p: &Pair<'_>,
+    name: &'static str,
+    (env, history, written): (&mut Env, &mut History, &mut u64),
+    seed: u64,
+    (from, to, timeline): (usize, usize, u32),
+) -> Summary {
+    let (ha, relay, form) = (p.ha, p.relay, p.form);
+    let mut s = row(name, p.version);
+    if !ha.wait_for_synced_copy(to, p.slot, Duration::from_secs(120)) {
+        s.problems
+            .push("the standby's copy is not persisted before the kill".into());
+    }
+    let work = Workload::start(env.server, &env.db.name, 3, form.pick(150, 400), seed);
+    tokio::time::sleep(Duration::from_secs(form.pick(2, 10))).await;
+    let before = (streaming_from(relay, &ha.nodes[to].ip), resyncs(relay));
+    let killed = Instant::now();
+    ha.kill(from);
+    ha.promote(to);
+    let again = streaming_again(relay, &ha.nodes[to].ip, before.0, Duration::from_secs(120)).await;
+    let streaming = killed.elapsed();
+    if !again {
+        s.problems.push(format!(
+            "the relay did not stream from the promoted standby:\n{}",
+            relay.log_text()
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(form.pick(2, 10))).await;
+    let (n, h) = work.finish().await;
+    history.extend(h);
+    *written += n;
+    s.changes = *written;
+    check(env, &mut s, history).await;
+    let resync = resyncs(relay) > before.1;
+    if resync {
+        s.problems
+            .push("the relay resynced although the failover slot was synchronised".into());
+    }
+    if !relay
+        .log_text()
+        .contains(&format!("a standby was promoted (timeline {timeline} ended at "))
+    {
+        s.problems
+            .push("no log line about the promotion with the switch point (TIMELINE_HISTORY)".into());
+    }
+    set_row(&mut s, again.then_some(streaming), resync);
+    s
 }
 
 /// Scenario 2: a promotion without a failover slot (PostgreSQL 18 in the long form only).
