@@ -679,26 +679,7 @@ impl Relay {
         };
         let history = match &self.server {
             Some(last) if last.system_id == now.system_id && now.timeline > last.timeline => {
-                let command = format!("TIMELINE_HISTORY {}", now.timeline);
-                let query = conn.simple_query(&command);
-                match tokio::time::timeout(Duration::from_secs(10), query)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ReplicationError::Timeout {
-                            action: "reading the timeline history",
-                            target: now.server.clone(),
-                            after: Duration::from_secs(10),
-                        })
-                    }) {
-                    Ok(rows) => rows
-                        .first()
-                        .and_then(|r| r.get(1).cloned().flatten())
-                        .map(|content| crate::failover::timeline::parse_timeline_history(&content)),
-                    Err(e) => {
-                        tracing::warn!(server = %now.server, error = %e, "cannot read the new timeline's history (TIMELINE_HISTORY)");
-                        None
-                    }
-                }
+                crate::failover::inspect::timeline_history(conn, &now).await
             }
             _ => None,
         };

@@ -217,6 +217,29 @@ pub async fn read_standbys_with(
     out
 }
 
+/// The history of `now`'s timeline (`TIMELINE_HISTORY`, bounded by [`QUERY_TIMEOUT`]), read on
+/// the replication connection before streaming; `None` (logged) when it cannot be read.
+pub async fn timeline_history(
+    conn: &mut crate::replication::connection::ReplicationConnection,
+    now: &super::timeline::ServerIdentity,
+) -> Option<Vec<super::timeline::HistoryEntry>> {
+    let command = format!("TIMELINE_HISTORY {}", now.timeline);
+    let rows = match tokio::time::timeout(QUERY_TIMEOUT, conn.simple_query(&command)).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            tracing::warn!(server = %now.server, error = %e, "cannot read the new timeline's history (TIMELINE_HISTORY)");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(server = %now.server, "cannot read the new timeline's history: no answer within {QUERY_TIMEOUT:?}");
+            return None;
+        }
+    };
+    rows.first()
+        .and_then(|r| r.get(1).cloned().flatten())
+        .map(|content| super::timeline::parse_timeline_history(&content))
+}
+
 /// What `check`, `setup` and `status` say about failover: the missing settings (with their
 /// statements) and, with `replication.failover`, whether the slot is safe now. `client` is
 /// connected to the primary; the standbys are the other hosts of `cfg`.
