@@ -71,8 +71,12 @@ impl<'de> Deserialize<'de> for ConfigDuration {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSection {
+    /// One host, or several tried in order (`"pg1,pg2"`, as libpq).
     pub host: Option<String>,
-    pub port: Option<u16>,
+    /// A port, or one per host (`"5432,5433"`).
+    pub port: Option<IntOrString>,
+    /// libpq's `target_session_attrs`: `any` (read as `primary`), `read-write` or `primary`.
+    pub target_session_attrs: Option<String>,
     pub user: Option<String>,
     pub password: Option<Secret>,
     /// A file holding the password; wins over `password`. Refused if others have any access to
@@ -854,42 +858,53 @@ pub fn resolve_postgres(
 ) -> Result<PgConnectionConfig, ConfigError> {
     let args = &hs.database.args;
     let db_file = hs.files.last().cloned().unwrap_or_default();
-    let host_text = over
+    let host_set = over
         .host
         .clone()
-        .or_else(|| args.host.clone())
-        .or_else(|| env("PGHOST"));
-    if let Some(h) = &host_text
-        && h.contains(',')
-    {
-        return Err(ConfigError::Other {
-            message: format!(
-                "database host {h:?} names several hosts: multi-host connection strings are not supported yet; name the primary"
-            ),
-        });
-    }
-    let host = match host_text {
-        Some(h) if h.starts_with('/') => PgHost::UnixSocketDir(h.into()),
-        Some(h) if !h.is_empty() => PgHost::Tcp(h),
-        _ => {
-            // libpq's default: the Unix socket directory it was built with (Debian's).
-            if Path::new("/var/run/postgresql").is_dir() {
-                PgHost::UnixSocketDir("/var/run/postgresql".into())
-            } else {
-                PgHost::Tcp("localhost".into())
-            }
+        .map(|h| (h, from_relay_key(relay_path, "host")))
+        .or_else(|| args.host.clone().map(|h| (h, from_synapse_key(&db_file, "host"))))
+        .or_else(|| env("PGHOST").map(|h| (h, "the environment variable PGHOST".to_owned())));
+    let port_set = over
+        .port
+        .as_ref()
+        .map(|p| (p.as_text(), from_relay_key(relay_path, "port")))
+        .or_else(|| {
+            args.port
+                .as_ref()
+                .map(|p| (p.as_text(), from_synapse_key(&db_file, "port")))
+        })
+        .or_else(|| env("PGPORT").map(|p| (p, "the environment variable PGPORT".to_owned())));
+    // libpq's default host: the Unix socket directory it was built with (Debian's).
+    let default_host = || {
+        if Path::new("/var/run/postgresql").is_dir() {
+            PgHost::UnixSocketDir("/var/run/postgresql".into())
+        } else {
+            PgHost::Tcp("localhost".into())
         }
     };
-    let port = match over.port {
-        Some(p) => p,
-        None => match args.port.as_ref().map(|p| p.as_text()).or_else(|| env("PGPORT")) {
-            Some(p) => p.trim().parse().map_err(|_| SynapseFileError::Invalid {
-                path: db_file.clone(),
-                message: format!("database.args.port {p:?} is not a port number"),
-            })?,
-            None => 5432,
-        },
+    let mut endpoints = crate::pghosts::parse_endpoints(
+        host_set.as_ref().map(|(h, _)| h.as_str()),
+        port_set.as_ref().map(|(p, _)| p.as_str()),
+        &default_host,
+    )
+    .map_err(|message| {
+        let origin = match (&host_set, &port_set) {
+            (Some((h, ho)), Some((p, po))) => format!("{po} ({p:?}) with {ho} ({h:?})"),
+            (None, Some((p, po))) => format!("{po} ({p:?})"),
+            (Some((h, ho)), None) => format!("{ho} ({h:?})"),
+            (None, None) => "the default host and port".to_owned(),
+        };
+        ConfigError::Other {
+            message: format!("{origin}: {message}"),
+        }
+    })?
+    .into_iter();
+    let Some(first) = endpoints.next() else {
+        return Err(ConfigError::Other {
+            message: "no database host".into(),
+        });
     };
+    let (host, port, more_hosts) = (first.host, first.port, endpoints.collect::<Vec<_>>());
     let user = over
         .user
         .clone()
@@ -948,6 +963,17 @@ pub fn resolve_postgres(
     };
     let bad = |origin: &str, message: String| ConfigError::Other {
         message: format!("{origin}: {message}"),
+    };
+    let target_session_attrs = match pick(
+        over.target_session_attrs.clone(),
+        "target_session_attrs",
+        args.target_session_attrs.clone(),
+        "PGTARGETSESSIONATTRS",
+    ) {
+        Some((text, origin)) => {
+            crate::pghosts::TargetSessionAttrs::for_relay(Some(&text)).map_err(|m| bad(&origin, m))?
+        }
+        None => crate::pghosts::TargetSessionAttrs::for_relay(None).map_err(|m| bad("the default", m))?,
     };
     let sslmode_set = pick(over.sslmode.clone(), "sslmode", args.sslmode.clone(), "PGSSLMODE");
     let rootcert_set = pick(
@@ -1139,7 +1165,19 @@ pub fn resolve_postgres(
         connect_timeout,
         options: over.options.clone().or_else(|| args.options.clone()),
         keepalives,
+        more_hosts,
+        target_session_attrs,
     })
+}
+
+/// Where a `[postgres]` key came from, for error messages.
+fn from_relay_key(relay_path: &Path, key: &str) -> String {
+    format!("`[postgres] {key}` in {}", relay_path.display())
+}
+
+/// Where a `database.args` key came from, for error messages.
+fn from_synapse_key(file: &Path, key: &str) -> String {
+    format!("database.args.{key} in {}", file.display())
 }
 
 #[cfg(test)]
@@ -1631,15 +1669,16 @@ mod tests {
                 "passfile: this libpq setting is not supported",
             ),
             (
-                "    target_session_attrs: read-write\n",
-                "target_session_attrs: only \"any\" is supported",
+                "    target_session_attrs: standby\n",
+                "database.args.target_session_attrs in ",
             ),
+            ("    load_balance_hosts: random\n", "load_balance_hosts: only"),
             ("    sslcrl: /x.crl\n", "sslcrl: this libpq setting is not supported"),
             ("    gssencmode: require\n", "gssencmode: only"),
             ("    sslmod: require\n", "sslmod: not a libpq connection setting"),
             (
-                "    host: a.internal,b.internal\n",
-                "multi-host connection strings are not supported yet",
+                "    host: a.internal,b.internal\n    port: 1,2,3\n",
+                "3 ports for 2 hosts",
             ),
             ("    keepalives_idle: soon\n", "database.args.keepalives_idle in "),
             ("    connect_timeout: soon\n", "database.args.connect_timeout in "),
@@ -1648,9 +1687,84 @@ mod tests {
             assert!(text.contains(expected), "{args}: {text}");
             assert!(text.contains("homeserver.yaml"), "{args}: {text}");
         }
-        let text = error_text(resolve_with_args("", "[postgres]\nhost = \"a,b\"\n", &[]));
+        let text = error_text(resolve_with_args(
+            "",
+            "[postgres]\nhost = \"a,b\"\nport = \"1,2,3\"\n",
+            &[],
+        ));
+        assert!(text.contains("`[postgres] port` in relay.toml (\"1,2,3\")"), "{text}");
+    }
+
+    #[test]
+    fn several_hosts_and_target_session_attrs_as_libpq() {
+        use crate::pghosts::{PgEndpoint, TargetSessionAttrs};
+        // Synapse's own multi-host form (the example).
+        let s = resolve_with_args(
+            "    host: \"127.0.0.1,127.0.0.1\"\n    port: \"55601,55602\"\n    target_session_attrs: read-write\n",
+            "",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            s.postgres.endpoints(),
+            vec![
+                PgEndpoint {
+                    host: PgHost::Tcp("127.0.0.1".into()),
+                    port: 55601
+                },
+                PgEndpoint {
+                    host: PgHost::Tcp("127.0.0.1".into()),
+                    port: 55602
+                }
+            ]
+        );
+        assert_eq!(s.postgres.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert_eq!(s.postgres.describe(), "u@127.0.0.1:55601,127.0.0.1:55602/u");
+        // One port for all hosts; `any` (and nothing) is read as `primary`.
+        let s = resolve_with_args(
+            "    host: pg1,pg2\n    port: 5433\n    target_session_attrs: any\n",
+            "",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.postgres.more_hosts.len(), 1);
+        assert_eq!((s.postgres.port, s.postgres.more_hosts[0].port), (5433, 5433));
+        assert_eq!(s.postgres.target_session_attrs, TargetSessionAttrs::Primary);
+        // The relay's [postgres] wins, with a port list; the environment comes last.
+        let s = resolve_with_args(
+            "",
+            "[postgres]\nhost = \"a,b,/run/pg\"\nport = \"1,2,3\"\ntarget_session_attrs = \"primary\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.postgres.endpoints().len(), 3);
+        assert_eq!(s.postgres.more_hosts[1].host, PgHost::UnixSocketDir("/run/pg".into()));
+        let s = resolve_with_args("", "[postgres]\nport = 6000\n", &[]).unwrap();
+        assert_eq!(s.postgres.port, 6000);
+        let s = resolve_with_args(
+            "    host: null\n    port: null\n",
+            "",
+            &[
+                ("PGHOST", "e1,e2".into()),
+                ("PGPORT", "7,8".into()),
+                ("PGTARGETSESSIONATTRS", "read-write".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.postgres.describe(), "u@e1:7,e2:8/u");
+        assert_eq!(s.postgres.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        let text = error_text(resolve_with_args("    port: \"55601,x\"\n", "", &[]));
         assert!(
-            text.contains("multi-host connection strings are not supported yet"),
+            text.contains("is not a port number") && text.contains("database.args.port in "),
+            "{text}"
+        );
+        let text = error_text(resolve_with_args(
+            "",
+            "[postgres]\ntarget_session_attrs = \"prefer-standby\"\n",
+            &[],
+        ));
+        assert!(
+            text.contains("`[postgres] target_session_attrs`") && text.contains("needs the primary"),
             "{text}"
         );
     }

@@ -1,11 +1,13 @@
 //! How to reach PostgreSQL: the resolved connection settings shared by the replication connection
 //! and the ordinary SQL connection. Built from Synapse's `database.args` (see `synapse::config`),
-//! optionally overridden by the relay's own config. Pure data; no I/O.
+//! optionally overridden by the relay's own config. Pure data; no I/O. Several hosts (libpq's
+//! `host=pg1,pg2`) and `target_session_attrs` are in [`crate::pghosts`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::model::Secret;
+use crate::pghosts::{PgEndpoint, TargetSessionAttrs};
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +95,11 @@ pub struct PgConnectionConfig {
     pub options: Option<String>,
     /// TCP keepalives (libpq's `keepalives*`).
     pub keepalives: Keepalives,
+    /// The hosts after `host`/`port`, tried in order when the one before is not reachable or
+    /// not the wanted kind of server (libpq's `host=pg1,pg2`); empty for one host.
+    pub more_hosts: Vec<PgEndpoint>,
+    /// Which server a connection accepts (see [`TargetSessionAttrs::for_relay`]).
+    pub target_session_attrs: TargetSessionAttrs,
 }
 
 /// libpq's `keepalives`, `keepalives_idle`, `keepalives_interval` and `keepalives_count`: on by
@@ -321,11 +328,46 @@ impl PgConnectionConfig {
             connect_timeout: Duration::from_secs(10),
             options: None,
             keepalives: Keepalives::default(),
+            more_hosts: Vec::new(),
+            target_session_attrs: TargetSessionAttrs::default(),
         }
     }
 
-    /// Where this connects, for error messages and logs (never includes the password).
+    /// Every host, in the order they are tried.
+    pub fn endpoints(&self) -> Vec<PgEndpoint> {
+        let mut out = vec![PgEndpoint {
+            host: self.host.clone(),
+            port: self.port,
+        }];
+        out.extend(self.more_hosts.iter().cloned());
+        out
+    }
+
+    /// These settings for one of the hosts only.
+    pub fn at(&self, endpoint: &PgEndpoint) -> PgConnectionConfig {
+        PgConnectionConfig {
+            host: endpoint.host.clone(),
+            port: endpoint.port,
+            more_hosts: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// The same hosts, accepting the server `attrs` wants.
+    pub fn with_target(&self, attrs: TargetSessionAttrs) -> PgConnectionConfig {
+        PgConnectionConfig {
+            target_session_attrs: attrs,
+            ..self.clone()
+        }
+    }
+
+    /// Where this connects, for error messages and logs (never includes the password). Several
+    /// hosts are listed in order: `user@pg1:5432,pg2:5432/synapse`.
     pub fn describe(&self) -> String {
+        if !self.more_hosts.is_empty() {
+            let hosts: Vec<String> = self.endpoints().iter().map(|e| e.to_string()).collect();
+            return format!("{}@{}/{}", self.user, hosts.join(","), self.dbname);
+        }
         match &self.host {
             PgHost::Tcp(h) => format!("{}@{}:{}/{}", self.user, h, self.port, self.dbname),
             PgHost::UnixSocketDir(d) => {

@@ -31,6 +31,8 @@ use crate::config::{Settings, SlotLostPolicy};
 use crate::delivery::retry::RetryPolicy;
 use crate::delivery::state::{DeliveryMode, Pushed};
 use crate::delivery::worker::{AppserviceHandle, DeliveryContext, DeliveryError, SynapseDb, http_client};
+use crate::failover::inspect::FailoverWatch;
+use crate::failover::timeline::{ServerChange, ServerIdentity};
 use crate::model::{ChangeContent, Lsn, SourceTable};
 use crate::ops::health::Health;
 use crate::ops::metrics::{DECODE_MESSAGE, DECODE_ROW, KindLabel, Metrics, ServedAppservices, SlotStatus};
@@ -156,6 +158,12 @@ enum SessionEnd {
     SlotTaken,
     /// The slot is gone or invalidated.
     SlotLost(String),
+    /// The server is another timeline's or cluster's (see [`crate::failover::timeline`]): what is
+    /// in memory is dropped, and streaming starts again from the slot's confirmed position;
+    /// `resync`: the old primary had sent changes the new one never had.
+    ServerChanged {
+        resync: bool,
+    },
 }
 
 /// Errors inside a session, with what to do about them.
@@ -180,6 +188,12 @@ enum SessionError {
          undelivered changes): releasing the connection so it can go on; the unconfirmed changes will be streamed again"
     )]
     ServerWaiting,
+    /// A reconnect reached another timeline or cluster (see [`SessionEnd::ServerChanged`]).
+    #[error("the server changed (promotion or another cluster)")]
+    ServerChanged { resync: bool },
+    /// A former primary (an older timeline): not streamed from.
+    #[error("{0}")]
+    FormerPrimary(String),
 }
 
 /// Say at start which namespaces need the fallback regex engine.
@@ -230,6 +244,13 @@ pub struct Relay {
     own_walsenders: Vec<i32>,
     /// A reload changed the publications to stream: the session restarts the stream.
     restream: bool,
+    /// The server last streamed from (see [`crate::failover::timeline`]).
+    server: Option<ServerIdentity>,
+    /// What changed about the server since the last stream started (a promotion), for the
+    /// lost-slot log line; cleared once streaming starts.
+    server_change: Option<String>,
+    /// Whether the failover slot is safe (with `replication.failover`).
+    failover: Arc<FailoverWatch>,
 }
 
 /// How many of our replication connections' PIDs are remembered.
@@ -298,6 +319,9 @@ impl Relay {
             backtrack_limit_log: (None, 0),
             own_walsenders: Vec::new(),
             restream: false,
+            server: None,
+            server_change: None,
+            failover: Arc::new(FailoverWatch::default()),
         })
     }
 
@@ -314,6 +338,11 @@ impl Relay {
     /// The slot as last read from PostgreSQL (every few seconds while running).
     pub fn slot_status(&self) -> Arc<SlotStatus> {
         self.slot_status.clone()
+    }
+
+    /// Whether the failover slot is safe (read every few seconds with `replication.failover`).
+    pub fn failover(&self) -> Arc<FailoverWatch> {
+        self.failover.clone()
     }
 
     /// Apply the validated configurations received on `reloads` (see [`crate::ops::reload`]).
@@ -426,6 +455,16 @@ impl Relay {
             self.served.clone(),
             poll_stop_rx,
         ));
+        if self.settings.failover_slot {
+            tokio::spawn(crate::failover::inspect::watch(
+                db.clone(),
+                self.settings.postgres.clone(),
+                self.settings.slot_name.clone(),
+                self.metrics.clone(),
+                self.failover.clone(),
+                poll_stop.subscribe(),
+            ));
+        }
         let _poll_stop = poll_stop;
         let mut activation_retry = RetryPolicy {
             initial: Duration::from_millis(500),
@@ -500,6 +539,19 @@ impl Relay {
                 SessionEnd::SlotTaken => {
                     tracing::warn!(slot = %self.settings.slot_name, "another process took the replication slot over; dropping what was in memory (it is not confirmed, so the slot still has it) and waiting as a standby");
                     self.deactivate();
+                }
+                SessionEnd::ServerChanged { resync } => {
+                    // Nothing in memory is confirmed: the new server's slot still has it all (or
+                    // it never had it). The shared SQL connection went to the old server.
+                    self.deactivate();
+                    db.forget().await;
+                    if resync
+                        && let Err(e) = self
+                            .resync_all("the old primary had sent changes the new one never had")
+                            .await
+                    {
+                        tracing::error!(error = %e, "requesting the resync of every appservice failed; run `backfill` for each");
+                    }
                 }
                 SessionEnd::SlotLost(what) => {
                     self.deactivate();
@@ -602,6 +654,10 @@ impl Relay {
             self.own_walsenders.push(pid);
         }
         let ident = conn.identify_system().await?;
+        if let Err(e) = self.note_server(&mut conn, &ident).await {
+            conn.close().await;
+            return Err(e);
+        }
         let stream = conn
             .start_logical_replication_of(&self.settings.slot_name, resume_at, &self.publications())
             .await?;
@@ -612,27 +668,110 @@ impl Relay {
             server = %stream.target(),
             server_wal = %ident.xlogpos,
             resume_after = %resume_at,
+            timeline = ident.timeline,
             "streaming account-data changes"
         );
+        self.server_change = None;
         Ok(stream)
     }
 
-    /// The slot is gone: by policy, stop, or re-create it and resync every appservice.
+    /// Compares the server `conn` reached with the last one streamed from (see
+    /// [`crate::failover::timeline`]) and logs what changed. A promotion or another cluster
+    /// while something received from the old server is held (a reconnect) ends the session, so
+    /// that no position of the old server's history is confirmed to the new one; a former
+    /// primary (an older timeline) is not streamed from.
+    async fn note_server(
+        &mut self,
+        conn: &mut ReplicationConnection,
+        ident: &crate::replication::connection::SystemIdentity,
+    ) -> Result<(), SessionError> {
+        let now = ServerIdentity {
+            system_id: ident.system_id.clone(),
+            timeline: ident.timeline,
+            server: conn.target().to_owned(),
+        };
+        let history = match &self.server {
+            Some(last) if last.system_id == now.system_id && now.timeline > last.timeline => {
+                crate::failover::inspect::timeline_history(conn, &now).await
+            }
+            _ => None,
+        };
+        let change = crate::failover::timeline::assess(
+            self.server.as_ref(),
+            &now,
+            history.as_deref(),
+            self.tracker.last_commit_end(),
+        );
+        let line = change.describe(&now);
+        match &change {
+            ServerChange::First | ServerChange::Same => {
+                self.server = Some(now);
+                Ok(())
+            }
+            ServerChange::FormerPrimary { .. } => {
+                let line = line.unwrap_or_default();
+                tracing::error!(server = %now.server, "{line}");
+                Err(SessionError::FormerPrimary(line))
+            }
+            ServerChange::Promoted { .. } | ServerChange::OtherCluster { .. } => {
+                let line = line.unwrap_or_default();
+                tracing::warn!(server = %now.server, system_id = %now.system_id, timeline = now.timeline, "{line}");
+                self.server_change = Some(line);
+                self.server = Some(now);
+                let resync = matches!(
+                    change,
+                    ServerChange::Promoted {
+                        received_past_switch: Some(_),
+                        ..
+                    }
+                );
+                if self.tracker.received() == Lsn::ZERO && !resync {
+                    // Nothing received from the old server (not even a keepalive's position):
+                    // stream from the slot's position right away.
+                    return Ok(());
+                }
+                Err(SessionError::ServerChanged { resync })
+            }
+        }
+    }
+
+    /// The slot is gone: by policy, stop, or re-create it and resync every appservice. One log
+    /// line says what happened: why PostgreSQL invalidated it (`invalidation_reason`, e.g.
+    /// `idle_timeout` on PostgreSQL 18), or that no synchronised copy survived a promotion.
     async fn recover_slot(&mut self, what: &str) -> Result<(), RunError> {
         let slot = self.settings.slot_name.clone();
-        tracing::error!(slot = %slot, problem = %what, "the replication slot was lost: changes since its last confirmed position are gone from the stream");
-        if self.settings.on_slot_lost == SlotLostPolicy::Fail {
-            return Err(RunError::SlotLost {
-                slot,
-                what: what.to_owned(),
-            });
-        }
-        let mut client = crate::postgres_sql::connect_sql(&self.settings.postgres)
+        let connected = crate::postgres_sql::connect_sql(&self.settings.postgres).await;
+        let reason = match &connected {
+            Ok(c) => tokio::time::timeout(
+                Duration::from_secs(10),
+                c.query_opt(
+                    "SELECT to_jsonb(s) ->> 'invalidation_reason' FROM pg_catalog.pg_replication_slots s \
+                     WHERE s.slot_name = $1",
+                    &[&slot],
+                ),
+            )
             .await
-            .map_err(|e| RunError::Connect {
-                target: self.settings.postgres.describe(),
-                message: e.to_string(),
-            })?;
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .and_then(|r| r.get::<_, Option<String>>(0)),
+            Err(_) => None,
+        };
+        let line = crate::failover::slots::lost_slot_line(
+            &slot,
+            what,
+            reason.as_deref(),
+            self.server_change.as_deref(),
+            self.settings.on_slot_lost == SlotLostPolicy::Resync,
+        );
+        tracing::error!(slot = %slot, "{line}");
+        if self.settings.on_slot_lost == SlotLostPolicy::Fail {
+            return Err(RunError::SlotLost { slot, what: line });
+        }
+        let mut client = connected.map_err(|e| RunError::Connect {
+            target: self.settings.postgres.describe(),
+            message: e.to_string(),
+        })?;
         let sql_err = |what: &'static str| {
             move |e: tokio_postgres::Error| StoreError {
                 what,
@@ -669,16 +808,35 @@ impl Relay {
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => return Ok(()),
             Err(e) => return Err(sql_err("re-creating the replication slot")(e).into()),
         }
+        self.request_resyncs(&mut client, "resync requested after the slot was lost")
+            .await
+    }
+
+    /// Request a resync of every appservice (a backfill each, written into the stream).
+    async fn request_resyncs(&self, client: &mut tokio_postgres::Client, log: &str) -> Result<(), RunError> {
         for a in &self.settings.appservices {
-            let request = request_backfill(&mut client, &self.store, a, None)
+            let request = request_backfill(client, &self.store, a, None)
                 .await
                 .map_err(|e| match e {
                     crate::resync::ResyncError::Store(s) => RunError::Store(s),
                     crate::resync::ResyncError::Routing(r) => RunError::Routing(r),
                 })?;
-            tracing::warn!(appservice = %a.id, backfill = request, "resync requested after the slot was lost");
+            tracing::warn!(appservice = %a.id, backfill = request, "{log}");
         }
         Ok(())
+    }
+
+    /// After a promotion that lost changes the relay had received (see
+    /// [`crate::failover::timeline::ServerChange::Promoted`]): resync every appservice.
+    async fn resync_all(&self, why: &str) -> Result<(), RunError> {
+        let mut client = crate::postgres_sql::connect_sql(&self.settings.postgres)
+            .await
+            .map_err(|e| RunError::Connect {
+                target: self.settings.postgres.describe(),
+                message: e.to_string(),
+            })?;
+        self.request_resyncs(&mut client, &format!("resync requested: {why}"))
+            .await
     }
 
     /// Decide each appservice's mode from the state store.
@@ -825,6 +983,7 @@ impl Relay {
                 SessionError::Replication(r) if r.is_slot_missing() || r.is_slot_invalidated() => {
                     return Ok(SessionEnd::SlotLost(r.to_string()));
                 }
+                SessionError::ServerChanged { resync } => return Ok(SessionEnd::ServerChanged { resync }),
                 SessionError::Replication(r) if is_fatal(&r) => return Err(RunError::Replication(r)),
                 SessionError::Mapping(m @ MappingError::MissingColumn { .. }) => return Err(RunError::Mapping(m)),
                 SessionError::Restream => {
@@ -1317,7 +1476,7 @@ async fn next_reload(reloads: &mut Option<tokio::sync::mpsc::Receiver<Reload>>) 
 fn is_fatal(e: &ReplicationError) -> bool {
     match e {
         ReplicationError::Auth { .. } | ReplicationError::Tls { .. } => true,
-        ReplicationError::Server(_) => !e.is_transient(),
+        ReplicationError::Server(_) | ReplicationError::NoHostAccepted { .. } => !e.is_transient(),
         ReplicationError::Io { .. } | ReplicationError::Timeout { .. } | ReplicationError::Protocol { .. } => false,
     }
 }

@@ -25,6 +25,7 @@ use tokio_postgres::config::{ChannelBinding as PgChannelBinding, SslMode as PgSs
 use tokio_postgres::tls::{ChannelBinding, NoTls, TlsConnect, TlsStream};
 
 use crate::pgconfig::{AuthRequest, ChannelBindingMode, PgConnectionConfig, PgHost, RequireAuth, SslMode};
+use crate::pghosts::{AttemptOutcome, ServerRole, TargetSessionAttrs, TryError, try_in_order};
 use crate::tls::{self, TlsConfigError};
 
 /// Why [`connect_sql`] failed.
@@ -53,6 +54,9 @@ pub enum SqlConnectErrorSource {
     /// The server asked for an authentication method `require_auth` forbids.
     #[error("{0}")]
     AuthRefused(String),
+    /// No host was the server wanted (see [`crate::pghosts`]): every host tried, and why.
+    #[error("{0}")]
+    NoHostAccepted(crate::pghosts::NoHostAccepted),
 }
 
 /// tokio-postgres's error with its cause (its `Display` shows only the kind).
@@ -68,6 +72,30 @@ impl SqlConnectError {
     /// The SQLSTATE, when the server sent one.
     pub fn sqlstate(&self) -> Option<&str> {
         self.sqlstate.as_deref()
+    }
+
+    /// How this failure on one host counts when several are tried: unreachable, timed out, or
+    /// not accepting connections now (starting up, shutting down, too many connections) is
+    /// worth trying again; anything else (authentication, TLS) is not.
+    pub fn attempt_outcome(&self) -> AttemptOutcome {
+        let text = self.source.to_string();
+        let transient = match &self.source {
+            SqlConnectErrorSource::Io(_) | SqlConnectErrorSource::Timeout(_) => true,
+            SqlConnectErrorSource::Postgres(e) => match e.code() {
+                Some(code) => {
+                    let c = code.code();
+                    c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "53300")
+                }
+                None => true,
+            },
+            SqlConnectErrorSource::NoHostAccepted(all) => all.is_transient(),
+            SqlConnectErrorSource::Tls(_) | SqlConnectErrorSource::AuthRefused(_) => false,
+        };
+        if transient {
+            AttemptOutcome::Unreachable(text)
+        } else {
+            AttemptOutcome::Failed(text)
+        }
     }
 }
 
@@ -114,8 +142,11 @@ pub fn tokio_postgres_config(cfg: &PgConnectionConfig) -> tokio_postgres::Config
 pub const SESSION_SETUP_SQL: &str = "SET synchronous_commit = on";
 
 /// Opens an SQL connection, spawns its connection task (which logs its error, if any, when it
-/// ends), sets the session up ([`SESSION_SETUP_SQL`]) and returns the client. The whole is bounded
-/// by `cfg.connect_timeout` (zero: no bound).
+/// ends), sets the session up ([`SESSION_SETUP_SQL`]) and returns the client. Each host of `cfg`
+/// is tried in order, each attempt bounded by `cfg.connect_timeout` (zero: no bound), until one
+/// is the server `cfg.target_session_attrs` wants (the primary); when none is, the error names
+/// every host tried and why it was refused. With one host, a failure to connect is that host's
+/// own error.
 pub async fn connect_sql(cfg: &PgConnectionConfig) -> Result<tokio_postgres::Client, SqlConnectError> {
     connect_sql_with(cfg, None).await
 }
@@ -134,6 +165,50 @@ async fn connect_sql_with(
     cfg: &PgConnectionConfig,
     statement_timeout: Option<std::time::Duration>,
 ) -> Result<tokio_postgres::Client, SqlConnectError> {
+    let endpoints = cfg.endpoints();
+    let wanted = cfg.target_session_attrs;
+    let result = try_in_order(
+        &endpoints,
+        wanted,
+        |i| {
+            let one = cfg.at(&endpoints[i]);
+            async move {
+                match connect_one(&one, wanted, statement_timeout).await {
+                    Ok(x) => Ok(x),
+                    Err(e) => {
+                        let outcome = e.attempt_outcome();
+                        Err((e, outcome))
+                    }
+                }
+            }
+        },
+        // Dropping the client ends its connection (Terminate).
+        |client: tokio_postgres::Client| async move { drop(client) },
+    )
+    .await;
+    match result {
+        Ok(found) => {
+            if found.index > 0 {
+                tracing::debug!(skipped = %found.skipped.reasons(), "SQL connection: earlier hosts of the list were refused");
+            }
+            Ok(found.conn)
+        }
+        Err(TryError::Single(e)) => Err(e),
+        Err(TryError::All(all)) => Err(SqlConnectError {
+            target: cfg.describe(),
+            sqlstate: None,
+            source: SqlConnectErrorSource::NoHostAccepted(all),
+        }),
+    }
+}
+
+/// Connects to `cfg`'s first host only and tells what kind of server it is (when `wanted` is
+/// not `any`).
+async fn connect_one(
+    cfg: &PgConnectionConfig,
+    wanted: TargetSessionAttrs,
+    statement_timeout: Option<std::time::Duration>,
+) -> Result<(tokio_postgres::Client, ServerRole), SqlConnectError> {
     let target = cfg.describe();
     let error = |source: SqlConnectErrorSource| {
         let sqlstate = match &source {
@@ -146,10 +221,31 @@ async fn connect_sql_with(
             source,
         }
     };
+    let attempt = async {
+        let (client, reported) = connect_unbounded(cfg, &target, statement_timeout).await?;
+        let role = match reported {
+            Some(role) => role,
+            None if wanted == TargetSessionAttrs::Any => ServerRole::default(),
+            None => {
+                let row = client
+                    .query_one(
+                        "SELECT pg_catalog.pg_is_in_recovery(), \
+                         pg_catalog.current_setting('default_transaction_read_only') = 'on'",
+                        &[],
+                    )
+                    .await?;
+                ServerRole {
+                    in_recovery: row.try_get(0)?,
+                    default_read_only: row.try_get(1)?,
+                }
+            }
+        };
+        Ok::<_, SqlConnectErrorSource>((client, role))
+    };
     let result = if cfg.connect_timeout.is_zero() {
-        connect_unbounded(cfg, &target, statement_timeout).await
+        attempt.await
     } else {
-        tokio::time::timeout(cfg.connect_timeout, connect_unbounded(cfg, &target, statement_timeout))
+        tokio::time::timeout(cfg.connect_timeout, attempt)
             .await
             .unwrap_or(Err(SqlConnectErrorSource::Timeout(cfg.connect_timeout)))
     };
@@ -160,7 +256,7 @@ async fn connect_unbounded(
     cfg: &PgConnectionConfig,
     target: &str,
     statement_timeout: Option<std::time::Duration>,
-) -> Result<tokio_postgres::Client, SqlConnectErrorSource> {
+) -> Result<(tokio_postgres::Client, Option<ServerRole>), SqlConnectErrorSource> {
     let mut config = tokio_postgres_config(cfg);
     if let Some(limit) = statement_timeout {
         // Appended to the user's own `options` (libpq's), if any.
@@ -210,7 +306,7 @@ async fn handshake<S, T>(
     tls: T,
     target: &str,
     refusal: &Mutex<Option<String>>,
-) -> Result<tokio_postgres::Client, SqlConnectErrorSource>
+) -> Result<(tokio_postgres::Client, Option<ServerRole>), SqlConnectErrorSource>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: TlsConnect<S>,
@@ -218,9 +314,15 @@ where
 {
     match config.connect_raw(stream, tls).await {
         Ok((client, connection)) => {
+            // What the server reported at start (PostgreSQL 14+), before the connection task
+            // takes the connection.
+            let role = ServerRole::from_parameters(
+                connection.parameter("in_hot_standby"),
+                connection.parameter("default_transaction_read_only"),
+            );
             spawn_connection(connection, target.to_owned());
             client.batch_execute(SESSION_SETUP_SQL).await?;
-            Ok(client)
+            Ok((client, role))
         }
         Err(e) => match refusal.lock().ok().and_then(|mut r| r.take()) {
             Some(reason) => Err(SqlConnectErrorSource::AuthRefused(reason)),

@@ -165,6 +165,30 @@ pub async fn check(args: &CheckArgs) -> u8 {
                 }
                 Err(e) => r.fail(e),
             }
+            match crate::failover::inspect::report(&client, &pg, slot, names.failover_slot).await {
+                Ok((found, verdict)) => {
+                    for p in &found {
+                        match p.severity {
+                            Severity::Warning => r.warn(&p.message),
+                            _ => r.fail(&p.message),
+                        }
+                    }
+                    if names.failover_slot && found.iter().all(|p| p.severity == Severity::Warning) {
+                        r.ok("failover: the settings a promotion without a resync needs are in place on the primary and the standbys reached");
+                    }
+                    // Not safe *yet* is a window (after setup, after a re-created slot), not a
+                    // misconfiguration: a warning.
+                    if let Some(v) = verdict {
+                        let lines = crate::failover::slots::readiness_lines(&v);
+                        if v.safe {
+                            lines.iter().for_each(|l| r.ok(l));
+                        } else {
+                            lines.iter().for_each(|l| r.warn(l));
+                        }
+                    }
+                }
+                Err(e) => r.fail(format!("cannot read the failover settings: {e}")),
+            }
             match crate::privileges::inspect_run_role(&client, names).await {
                 Ok(role) => {
                     let found = crate::privileges::run_role_problems(&role, names);

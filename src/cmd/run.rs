@@ -128,6 +128,7 @@ pub async fn run(args: &RunArgs) -> u8 {
                 served: relay.served(),
                 slot: relay.slot_status(),
                 slot_name: settings.slot_name.clone(),
+                failover: relay.failover(),
             },
             settings.http_limits,
         );

@@ -63,6 +63,7 @@ pub async fn setup(args: &SetupArgs) -> u8 {
         }
     };
     if args.dry_run {
+        print_failover(&client, &settings, "-- ").await;
         if let Some(g) = &grants {
             // After the setup steps: the state schema they create is granted on.
             let mut all = plan.clone();
@@ -124,6 +125,7 @@ pub async fn setup(args: &SetupArgs) -> u8 {
         }
         print_grant_notes(g, "");
     }
+    print_failover(&client, &settings, "").await;
     match inspect(&client, names).await {
         Ok(after) => {
             let left: Vec<_> = problems(&after, names).into_iter().collect();
@@ -140,6 +142,27 @@ pub async fn setup(args: &SetupArgs) -> u8 {
         }
     }
     0
+}
+
+/// What a promotion without a resync still needs, on the primary and the standbys among the
+/// relay's hosts, with the statements (setup changes none of these server settings itself), and
+/// whether the slot is safe yet. Does not change the exit status.
+async fn print_failover(client: &tokio_postgres::Client, settings: &crate::config::Settings, lead: &str) {
+    let names = settings.names();
+    match crate::failover::inspect::report(client, &settings.postgres, names.slot, names.failover_slot).await {
+        Ok((found, verdict)) => {
+            if !found.is_empty() {
+                println!("{lead}failover: what a promotion without a resync still needs (run these yourself):");
+                for p in &found {
+                    println!("{lead}  {p}");
+                }
+            }
+            for l in verdict.iter().flat_map(crate::failover::slots::readiness_lines) {
+                println!("{lead}{l}");
+            }
+        }
+        Err(e) => eprintln!("{lead}warning: cannot read the failover settings: {e}"),
+    }
 }
 
 fn print_dry_run(database: &str, plan: &[crate::provision::PlanStep]) {

@@ -57,6 +57,8 @@ pub struct StatusReport {
     pub relay: Option<RelayStatus>,
     pub relay_error: Option<String>,
     pub healthy: bool,
+    /// With `replication.failover`: whether a promotion now keeps the slot.
+    pub failover: Option<crate::failover::slots::Readiness>,
 }
 
 /// How long each of `status`'s database reads may take.
@@ -208,6 +210,9 @@ pub fn render(r: &StatusReport) -> String {
         }
         (None, None) => {}
     }
+    for l in r.failover.iter().flat_map(crate::failover::slots::readiness_lines) {
+        line(&mut out, l);
+    }
     match (&r.relay, &r.relay_error, &r.endpoint) {
         (Some(rel), _, Some(ep)) => {
             let state = if rel.replication_connected {
@@ -322,10 +327,25 @@ pub async fn status(args: &StatusArgs) -> u8 {
         relay: None,
         relay_error: None,
         healthy: false,
+        failover: None,
     };
     // Every statement is bounded on the server (statement_timeout) and here (a partition).
     match crate::postgres_sql::connect_sql_bounded(&settings.postgres, STATUS_SQL_TIMEOUT).await {
         Ok(c) => {
+            if settings.failover_slot {
+                let inspect = crate::failover::inspect::report(&c, &settings.postgres, &settings.slot_name, true);
+                match tokio::time::timeout(STATUS_SQL_TIMEOUT, inspect).await {
+                    Ok(Ok((_, verdict))) => report.failover = verdict,
+                    Ok(Err(e)) => {
+                        report.database_error = Some(format!("cannot read whether the failover slot is safe: {e}"))
+                    }
+                    Err(_) => {
+                        report.database_error = Some(format!(
+                            "cannot read whether the failover slot is safe: no answer within {STATUS_SQL_TIMEOUT:?}"
+                        ))
+                    }
+                }
+            }
             match tokio::time::timeout(STATUS_SQL_TIMEOUT, read_slot(&c, &settings.slot_name)).await {
                 Ok(Ok(s)) => report.slot = Some(s),
                 Ok(Err(e)) => report.database_error = Some(format!("cannot read the replication slot: {e}")),
@@ -405,6 +425,7 @@ mod tests {
             relay: None,
             relay_error: None,
             healthy: false,
+            failover: None,
         };
         let t = render(&r);
         assert!(t.contains("does not exist") && t.contains("run `setup`"), "{t}");

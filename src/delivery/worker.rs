@@ -281,7 +281,8 @@ impl SynapseDb {
         Ok(c)
     }
 
-    /// Forget the connection (it did not answer in time): the next use connects again.
+    /// Forget the connection (it did not answer in time, or it went to a server that is no
+    /// longer the primary): the next use connects again.
     pub async fn forget(&self) {
         *self.client.lock().await = None;
     }

@@ -4,7 +4,9 @@
 //!   (`Accept: application/openmetrics-text`);
 //! - `GET /healthz`: 200 while the process answers;
 //! - `GET /readyz`: 200 while the pipeline makes progress (streaming, looping, and, with work
-//!   pending, confirming), else 503 with the reasons;
+//!   pending, confirming), else 503 with the reasons; either way followed by notes on the
+//!   failover slot when a promotion now would cost a resync (`- note: failover slot not safe
+//!   yet: …`);
 //! - `GET /status.json`: what `status` shows of a running relay.
 //!
 //! Connections are bounded ([`serve`], `[http]` `header_read_timeout`, `idle_timeout`,
@@ -40,6 +42,8 @@ pub struct Endpoint {
     pub served: Arc<ServedAppservices>,
     pub slot: Arc<SlotStatus>,
     pub slot_name: String,
+    /// Whether the failover slot is safe (with `replication.failover`).
+    pub failover: Arc<crate::failover::inspect::FailoverWatch>,
 }
 
 /// `/status.json`.
@@ -56,6 +60,10 @@ pub struct RelayStatus {
     /// The slot as last read from `pg_replication_slots` (every few seconds).
     pub slot: Option<SlotJson>,
     pub appservices: Vec<AppserviceJson>,
+    /// Whether a promotion now keeps the slot (with `replication.failover`; read every few
+    /// seconds from the primary and the standbys among the relay's hosts).
+    #[serde(default)]
+    pub failover: Option<crate::failover::slots::Readiness>,
 }
 
 /// The slot part of [`RelayStatus`].
@@ -131,6 +139,7 @@ impl Endpoint {
                 read_seconds_ago: round3(now.duration_since(at).unwrap_or_default().as_secs_f64()),
             }),
             appservices,
+            failover: self.failover.get().map(|(r, _)| r),
         }
     }
 }
@@ -173,19 +182,27 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Ready or not with the reasons; then, either way, notes that do not make the relay unready
+/// (a failover slot that is not safe yet: the relay delivers all the same).
 async fn readyz(State(e): State<Endpoint>) -> Response {
     let report = e.health.report(&e.limits);
-    if report.ready {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        let mut body = String::from("not ready:\n");
-        for r in &report.reasons {
-            body.push_str("- ");
-            body.push_str(r);
-            body.push('\n');
-        }
-        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    let mut body = String::from(if report.ready { "ready\n" } else { "not ready:\n" });
+    for r in &report.reasons {
+        body.push_str("- ");
+        body.push_str(r);
+        body.push('\n');
     }
+    for n in e.failover.notes() {
+        body.push_str("- note: ");
+        body.push_str(&n);
+        body.push('\n');
+    }
+    let code = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body).into_response()
 }
 
 async fn status_json(State(e): State<Endpoint>) -> Response {

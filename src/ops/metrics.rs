@@ -253,6 +253,8 @@ pub struct Metrics {
     oversized: Family<AppserviceLabel, Counter>,
     push_rules_failed: Family<AppserviceLabel, Counter>,
     worker_restarts: Family<AppserviceLabel, Counter>,
+    /// Whether the failover slot is safe (see `crate::failover::inspect`).
+    pub failover: crate::failover::inspect::FailoverMetrics,
 }
 
 impl Default for Metrics {
@@ -302,8 +304,10 @@ impl Metrics {
             oversized: Family::default(),
             push_rules_failed: Family::default(),
             worker_restarts: Family::default(),
+            failover: Default::default(),
         };
         let r = &mut root;
+        m.failover.register(r);
         r.register_with_unit(
             "slot_retained_wal",
             "WAL the server keeps for the replication slot (current WAL position minus the slot's restart_lsn), read from pg_replication_slots every few seconds",

@@ -267,6 +267,8 @@ mod tests {
                 channel_binding: Default::default(),
                 options: None,
                 keepalives: Default::default(),
+                more_hosts: Vec::new(),
+                target_session_attrs: Default::default(),
             },
             slot_name: "s".into(),
             publication_name: "p".into(),

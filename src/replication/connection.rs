@@ -38,6 +38,7 @@ use tokio_rustls::client::TlsStream;
 use super::error::{ReplicationError, ServerError};
 use crate::model::{Lsn, Secret};
 use crate::pgconfig::{AuthRequest, ChannelBindingMode, Keepalives, PgConnectionConfig, PgHost, SslMode};
+use crate::pghosts::{AttemptOutcome, ServerRole, TargetSessionAttrs, TryError, try_in_order};
 use crate::tls;
 
 /// Length of a backend message header: the tag byte and the big-endian `i32` length (which counts
@@ -656,8 +657,103 @@ impl fmt::Debug for ReplicationConnection {
 
 impl ReplicationConnection {
     /// Connects, sets up TLS as `cfg.ssl_mode` says, authenticates and waits for the server to be
-    /// ready. The whole is bounded by `cfg.connect_timeout` (zero: no bound, as libpq).
+    /// ready. Each host of `cfg` is tried in order (libpq's `host=pg1,pg2`), each attempt bounded
+    /// by `cfg.connect_timeout` (zero: no bound, as libpq), until one is the server
+    /// `cfg.target_session_attrs` wants (the primary); when none is, the error names every host
+    /// tried and why it was refused ([`ReplicationError::NoHostAccepted`]). With one host, a
+    /// failure to connect is that host's own error.
     pub async fn connect(cfg: &PgConnectionConfig) -> Result<ReplicationConnection, ReplicationError> {
+        let endpoints = cfg.endpoints();
+        let wanted = cfg.target_session_attrs;
+        let result = try_in_order(
+            &endpoints,
+            wanted,
+            |i| {
+                let one = cfg.at(&endpoints[i]);
+                async move {
+                    let mut conn = match Self::connect_one(&one).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let outcome = attempt_outcome(&e);
+                            return Err((e, outcome));
+                        }
+                    };
+                    if wanted == TargetSessionAttrs::Any {
+                        return Ok((conn, ServerRole::default()));
+                    }
+                    // Bounded like the connection (an older server is asked with a query).
+                    let role = if one.connect_timeout.is_zero() {
+                        conn.server_role().await
+                    } else {
+                        tokio::time::timeout(one.connect_timeout, conn.server_role())
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(ReplicationError::Timeout {
+                                    action: "asking whether the server is a standby",
+                                    target: one.describe(),
+                                    after: one.connect_timeout,
+                                })
+                            })
+                    };
+                    match role {
+                        Ok(role) => Ok((conn, role)),
+                        Err(e) => {
+                            let outcome = attempt_outcome(&e);
+                            Err((e, outcome))
+                        }
+                    }
+                }
+            },
+            |conn: ReplicationConnection| conn.close(),
+        )
+        .await;
+        match result {
+            Ok(found) => {
+                if found.index > 0 {
+                    tracing::info!(server = %found.conn.target(), skipped = %found.skipped.reasons(), "replication connection: earlier hosts of the list were refused");
+                }
+                Ok(found.conn)
+            }
+            Err(TryError::Single(e)) => Err(e),
+            Err(TryError::All(all)) => Err(ReplicationError::NoHostAccepted {
+                target: cfg.describe(),
+                hosts: all,
+            }),
+        }
+    }
+
+    /// Whether the server is a standby and read-only by default: from what it reported at
+    /// connection start (PostgreSQL 14+), else asked.
+    pub async fn server_role(&mut self) -> Result<ServerRole, ReplicationError> {
+        if let Some(role) = ServerRole::from_parameters(
+            self.parameter("in_hot_standby"),
+            self.parameter("default_transaction_read_only"),
+        ) {
+            return Ok(role);
+        }
+        let rows = self
+            .simple_query(
+                "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.current_setting('default_transaction_read_only')",
+            )
+            .await?;
+        let cell = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i).cloned().flatten())
+                .and_then(|v| crate::pghosts::parse_bool(&v))
+        };
+        match (cell(0), cell(1)) {
+            (Some(in_recovery), Some(default_read_only)) => Ok(ServerRole {
+                in_recovery,
+                default_read_only,
+            }),
+            _ => Err(self
+                .io
+                .protocol_error("asking whether the server is a standby", "unreadable answer")),
+        }
+    }
+
+    /// Connects to `cfg`'s first host only (see [`ReplicationConnection::connect`]).
+    async fn connect_one(cfg: &PgConnectionConfig) -> Result<ReplicationConnection, ReplicationError> {
         let target = cfg.describe();
         if cfg.connect_timeout.is_zero() {
             return Self::connect_unbounded(cfg, target).await;
@@ -889,6 +985,16 @@ pub fn parse_identify_system(rows: &[Vec<Option<String>>]) -> Result<SystemIdent
         xlogpos: xlogpos.parse().map_err(|e| format!("IDENTIFY_SYSTEM xlogpos: {e}"))?,
         dbname: dbname.clone(),
     })
+}
+
+/// How a failed attempt on one host counts in a multi-host error (see [`crate::pghosts`]).
+fn attempt_outcome(e: &ReplicationError) -> AttemptOutcome {
+    let text = e.to_string();
+    if e.is_transient() {
+        AttemptOutcome::Unreachable(text)
+    } else {
+        AttemptOutcome::Failed(text)
+    }
 }
 
 /// Opens the socket and, on TCP, negotiates TLS. Returns the stream and, under TLS, the

@@ -85,6 +85,13 @@ pub enum ReplicationError {
         target: String,
         after: Duration,
     },
+    /// No host of a multi-host setting (or the one host, being a standby) was the server
+    /// wanted: every host tried, and why it was refused.
+    #[error("cannot connect to {target}: {hosts}")]
+    NoHostAccepted {
+        target: String,
+        hosts: crate::pghosts::NoHostAccepted,
+    },
 }
 
 /// SQLSTATE `55006` object_in_use: `replication slot "…" is active for PID …`.
@@ -172,6 +179,7 @@ impl ReplicationError {
             ReplicationError::Server(e) => {
                 e.code.starts_with("08") || matches!(e.code.as_str(), "57P01" | "57P02" | "57P03" | "53300")
             }
+            ReplicationError::NoHostAccepted { hosts, .. } => hosts.is_transient(),
             ReplicationError::Tls { .. } | ReplicationError::Auth { .. } | ReplicationError::Protocol { .. } => false,
         }
     }

@@ -126,6 +126,8 @@ pub struct DatabaseArgs {
     pub keepalives_idle: Option<IntOrString>,
     pub keepalives_interval: Option<IntOrString>,
     pub keepalives_count: Option<IntOrString>,
+    /// libpq's `target_session_attrs` (`any`, `read-write`, `primary`; see `crate::pghosts`).
+    pub target_session_attrs: Option<String>,
     /// Every other key with its value.
     pub other: BTreeMap<String, ArgValue>,
 }
@@ -169,6 +171,7 @@ impl<'de> Deserialize<'de> for DatabaseArgs {
             keepalives_idle: take::<D::Error>(m, "keepalives_idle")?.map(IntOrString::String),
             keepalives_interval: take::<D::Error>(m, "keepalives_interval")?.map(IntOrString::String),
             keepalives_count: take::<D::Error>(m, "keepalives_count")?.map(IntOrString::String),
+            target_session_attrs: take::<D::Error>(m, "target_session_attrs")?,
             other: map,
         })
     }
@@ -256,11 +259,10 @@ const NO_OP_ARGS: &[(&str, &[&str], &str)] = &[
         "the relay's connections always use UTF8",
     ),
     (
-        "target_session_attrs",
-        &["any"],
-        "the relay connects to one server as is",
+        "load_balance_hosts",
+        &["disable"],
+        "the relay tries the hosts in the order given, as libpq's default",
     ),
-    ("load_balance_hosts", &["disable"], "there is one host"),
     (
         "ssl_min_protocol_version",
         &["tlsv1", "tlsv1.1", "tlsv1.2"],
@@ -273,18 +275,6 @@ impl DatabaseArgs {
     /// honoured (or are pool settings of Synapse, [`POOL_ONLY_ARGS`]).
     pub fn unsupported(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if let Some(host) = &self.host
-            && host.contains(',')
-        {
-            out.push(format!(
-                "host {host:?} names several hosts: multi-host connection strings are not supported yet; name the primary"
-            ));
-        }
-        if let Some(port) = &self.port
-            && port.as_text().contains(',')
-        {
-            out.push("port lists several ports: multi-host connection strings are not supported yet".to_owned());
-        }
         for (key, value) in &self.other {
             if POOL_ONLY_ARGS.contains(&key.as_str()) {
                 continue;

@@ -524,6 +524,8 @@ impl LocalCluster {
             channel_binding: Default::default(),
             options: None,
             keepalives: Default::default(),
+            more_hosts: Vec::new(),
+            target_session_attrs: Default::default(),
         }
     }
 

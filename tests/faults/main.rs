@@ -6,6 +6,7 @@
 //! cargo test --test faults                       # short form (seconds per scenario; run by `cargo test`)
 //! cargo test --test faults -- --long             # long form: many kills, long outages, higher rates
 //! cargo test --test faults -- --only kill9,pg_restarts
+//! cargo test --test faults -- --only failover_17,failover_no_slot_17,failover_18   # the PostgreSQL failovers (failover.rs)
 //! ```
 //! Each scenario prints one summary row; the run fails if any key was lost or regressed or a
 //! scenario's own check failed. Every scenario gets a PostgreSQL cluster of its own (from this
@@ -28,6 +29,8 @@ use synapse_account_data_relay::testkit::proxy::{FaultProxy, ProxyMode};
 use synapse_account_data_relay::testkit::receiver::{ReceivedKey, ReceiverMode, RecordingAppservice, events_of};
 use synapse_account_data_relay::testkit::synapse_writes as w;
 use tokio_postgres::Client;
+
+mod failover;
 
 /// Short or long form.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +56,16 @@ struct Summary {
     max_retained_wal: u64,
     recover: Option<Duration>,
     problems: Vec<String>,
+    /// Failover scenarios: the PostgreSQL version, the time from the primary's death (or the
+    /// forced reconnect) to streaming again, and whether the relay resynced.
+    failover: Option<FailoverRow>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct FailoverRow {
+    version: u32,
+    streaming_again: Option<Duration>,
+    resync: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -72,11 +85,29 @@ struct History {
     per_key: HashMap<ReceivedKey, Vec<String>>,
 }
 
+impl History {
+    /// Append a later workload's history (workloads on the same keys run one after another).
+    fn extend(&mut self, later: History) {
+        for (k, v) in later.per_key {
+            self.per_key.entry(k).or_default().extend(v);
+        }
+    }
+}
+
 struct Workload {
     stop: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
     history: Arc<Mutex<History>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A write, bounded: one to a primary that died without a word would hang. `Err` when it failed
+/// or timed out (it may have committed all the same).
+async fn bounded_write(f: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>) -> Result<(), ()> {
+    match tokio::time::timeout(Duration::from_secs(5), f).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
 }
 
 fn users_of(writer: usize) -> Vec<String> {
@@ -128,14 +159,15 @@ impl Workload {
                     let user = &users[rng.random_range(0..users.len())];
                     let room = ROOMS[rng.random_range(0..2)];
                     let tag = TAGS[rng.random_range(0..2)];
-                    let value = format!("{{\"w\":{wi},\"n\":{seq}}}");
+                    // The seed tells workloads apart that write the same keys one after another.
+                    let value = format!("{{\"w\":{wi},\"n\":{seq},\"s\":{seed}}}");
                     let (key, written, result) = match rng.random_range(0..10) {
                         0..=3 => {
                             let t = GLOBAL_TYPES[rng.random_range(0..3)];
                             (
                                 (user.clone(), None, t.to_owned()),
                                 value.clone(),
-                                w::set_global(c, user, t, &value).await,
+                                bounded_write(w::set_global(c, user, t, &value)).await,
                             )
                         }
                         4 => {
@@ -143,7 +175,7 @@ impl Workload {
                             (
                                 (user.clone(), None, t.to_owned()),
                                 "{}".to_owned(),
-                                w::delete_global(c, user, t).await,
+                                bounded_write(w::delete_global(c, user, t)).await,
                             )
                         }
                         5..=6 => {
@@ -151,18 +183,18 @@ impl Workload {
                             (
                                 (user.clone(), Some(room.to_owned()), t.to_owned()),
                                 value.clone(),
-                                w::set_room(c, user, room, t, &value).await,
+                                bounded_write(w::set_room(c, user, room, t, &value)).await,
                             )
                         }
                         7..=8 => (
                             (user.clone(), Some(room.to_owned()), "m.tag".to_owned()),
                             String::new(),
-                            w::add_tag(c, user, room, tag, &value).await,
+                            bounded_write(w::add_tag(c, user, room, tag, &value)).await,
                         ),
                         _ => (
                             (user.clone(), Some(room.to_owned()), "m.tag".to_owned()),
                             String::new(),
-                            w::remove_tag(c, user, room, tag).await,
+                            bounded_write(w::remove_tag(c, user, room, tag)).await,
                         ),
                     };
                     if !written.is_empty() {
@@ -231,6 +263,8 @@ struct EnvOptions {
     pg_port: Option<u16>,
     /// Route appservice A through this URL.
     a_url: Option<String>,
+    /// Lines for relay.toml's `[replication]` table (before `setup` runs).
+    replication_toml: String,
 }
 
 impl Env {
@@ -280,6 +314,19 @@ impl Env {
                 options.extra_toml
             ),
         );
+        if !options.replication_toml.is_empty() {
+            let toml = files.path().join("relay.toml");
+            let text = std::fs::read_to_string(&toml).unwrap();
+            std::fs::write(
+                &toml,
+                text.replacen(
+                    "[replication]\n",
+                    &format!("[replication]\n{}", options.replication_toml),
+                    1,
+                ),
+            )
+            .unwrap();
+        }
         let out = files.command("setup", &[]);
         assert!(out.status.success(), "setup: {}", support::text(&out));
         if let Some(port) = options.pg_port {
@@ -898,19 +945,34 @@ async fn start_while_down(form: Form) -> Summary {
 
 // ---------------------------------------------------------------------------------------------
 
-type ScenarioFn = fn(Form) -> std::pin::Pin<Box<dyn std::future::Future<Output = Summary>>>;
+type ScenarioFn = fn(Form) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Summary>>>>;
 
 fn scenarios() -> Vec<(&'static str, ScenarioFn)> {
     vec![
-        ("kill9", |f| Box::pin(kill9(f))),
-        ("pg_restarts", |f| Box::pin(pg_restarts(f))),
-        ("appservice_faults", |f| Box::pin(appservice_faults(f))),
-        ("network_cuts", |f| Box::pin(network_cuts(f))),
-        ("idle_slot", |f| Box::pin(idle_slot_heavy_unrelated(f))),
-        ("add_column", |f| Box::pin(add_column(f))),
-        ("bad_rows", |f| Box::pin(bad_rows(f))),
-        ("bulk_import", |f| Box::pin(bulk_import(f))),
-        ("start_while_down", |f| Box::pin(start_while_down(f))),
+        ("kill9", |f| Box::pin(async move { vec![kill9(f).await] })),
+        ("pg_restarts", |f| Box::pin(async move { vec![pg_restarts(f).await] })),
+        ("appservice_faults", |f| {
+            Box::pin(async move { vec![appservice_faults(f).await] })
+        }),
+        ("network_cuts", |f| Box::pin(async move { vec![network_cuts(f).await] })),
+        ("idle_slot", |f| {
+            Box::pin(async move { vec![idle_slot_heavy_unrelated(f).await] })
+        }),
+        ("add_column", |f| Box::pin(async move { vec![add_column(f).await] })),
+        ("bad_rows", |f| Box::pin(async move { vec![bad_rows(f).await] })),
+        ("bulk_import", |f| Box::pin(async move { vec![bulk_import(f).await] })),
+        ("start_while_down", |f| {
+            Box::pin(async move { vec![start_while_down(f).await] })
+        }),
+        // PostgreSQL failovers (primary + physical standby containers): see failover.rs.
+        ("failover_17", |f| Box::pin(failover::with_failover_slot(f, 17))),
+        ("failover_no_slot_17", |f| {
+            Box::pin(failover::without_failover_slot(f, 17))
+        }),
+        ("failover_18", |f| Box::pin(failover::with_failover_slot(f, 18))),
+        ("failover_no_slot_18", |f| {
+            Box::pin(failover::without_failover_slot(f, 18))
+        }),
     ]
 }
 
@@ -944,23 +1006,25 @@ fn main() {
         eprintln!("== scenario {name} ({})", if form.long { "long" } else { "short" });
         let t = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(run(form))));
-        let mut summary = result.unwrap_or_else(|p| {
+        let summaries = result.unwrap_or_else(|p| {
             let msg = p
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Summary {
+            vec![Summary {
                 name,
                 problems: vec![format!("panicked: {msg}")],
                 ..Default::default()
-            }
+            }]
         });
-        if summary.name.is_empty() {
-            summary.name = name;
-        }
         eprintln!("   took {:?}", t.elapsed());
-        rows.push(summary);
+        for mut summary in summaries {
+            if summary.name.is_empty() {
+                summary.name = name;
+            }
+            rows.push(summary);
+        }
     }
     println!();
     println!(
@@ -968,7 +1032,7 @@ fn main() {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut failed = false;
-    for r in &rows {
+    for r in rows.iter().filter(|r| r.failover.is_none()) {
         println!(
             "| {} | {} | {} | {} | {} | {} | {:.1} MiB | {} |",
             r.name,
@@ -981,6 +1045,33 @@ fn main() {
             r.recover
                 .map(|d| format!("{:.1} s", d.as_secs_f64()))
                 .unwrap_or_else(|| "-".into())
+        );
+        if r.keys_lost > 0 || r.keys_regressed > 0 || !r.problems.is_empty() {
+            failed = true;
+        }
+    }
+    if rows.iter().any(|r| r.failover.is_some()) {
+        println!();
+        println!(
+            "| failover scenario | PostgreSQL | changes written | keys checked | keys lost | keys regressed | duplicates | kill to streaming again | resync |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    }
+    for r in &rows {
+        let Some(f) = &r.failover else { continue };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            f.version,
+            r.changes,
+            r.keys_checked,
+            r.keys_lost,
+            r.keys_regressed,
+            r.duplicates,
+            f.streaming_again
+                .map(|d| format!("{:.1} s", d.as_secs_f64()))
+                .unwrap_or_else(|| "-".into()),
+            if f.resync { "yes" } else { "no" }
         );
         if r.keys_lost > 0 || r.keys_regressed > 0 || !r.problems.is_empty() {
             failed = true;

@@ -15,7 +15,7 @@ use crate::support::{Server, diff, wait_for_log, wait_until_live};
 
 /// Random writes the way Synapse makes them, for two appservices with different namespaces, a
 /// user of neither, and an appservice that did not opt in.
-async fn end_to_end_random_writes(server: &'static Server) {
+pub(crate) async fn end_to_end_random_writes(server: &'static Server) {
     let s = prepare(server).await;
     let mut relay = start_relay(&s).await;
     // The relay streams as the least-privileged role, not as the owner of Synapse's tables.
@@ -56,7 +56,7 @@ async fn end_to_end_random_writes(server: &'static Server) {
 
 /// `kill -9` of the relay in the middle of a stream of writes; the restarted relay delivers
 /// everything that was not confirmed.
-async fn restart_after_kill_loses_nothing(server: &'static Server) {
+pub(crate) async fn restart_after_kill_loses_nothing(server: &'static Server) {
     let s = prepare(server).await;
     let mut relay = start_relay(&s).await;
     let seed = rand::random::<u64>();

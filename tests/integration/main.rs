@@ -7,6 +7,7 @@ mod support;
 mod delivery_limits;
 mod delivery_tls;
 mod end_to_end;
+mod failover;
 mod mautrix_python;
 mod operations;
 mod provisioning;

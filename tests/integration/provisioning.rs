@@ -61,7 +61,7 @@ async fn synapse_writes_succeed(db: &TestDb) -> Result<(), tokio_postgres::Error
 
 /// The landmine is real: a publication over a table without replica identity fails Synapse's
 /// upserts. After `setup`, every kind of Synapse write succeeds.
-async fn setup_defuses_the_replica_identity_landmine(server: &'static Server) {
+pub(crate) async fn setup_defuses_the_replica_identity_landmine(server: &'static Server) {
     let db = TestDb::new(server).await;
     // First show the failure the relay must never cause, on a throw-away publication.
     db.client

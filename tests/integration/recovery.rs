@@ -279,6 +279,8 @@ async fn recorded_key_counts_cost_no_scans(server: &'static Server) {
         channel_binding: Default::default(),
         options: None,
         keepalives: Default::default(),
+        more_hosts: Vec::new(),
+        target_session_attrs: Default::default(),
     };
     let bounded = synapse_account_data_relay::postgres_sql::connect_sql_bounded(
         &cfg,

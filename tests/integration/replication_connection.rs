@@ -139,6 +139,8 @@ fn config(server: &Server, dbname: &str, user: &str, password: Option<&str>, ssl
         channel_binding: Default::default(),
         options: None,
         keepalives: Default::default(),
+        more_hosts: Vec::new(),
+        target_session_attrs: Default::default(),
     }
 }
 
@@ -1079,6 +1081,8 @@ async fn connect_timeout_is_enforced() {
         channel_binding: Default::default(),
         options: None,
         keepalives: Default::default(),
+        more_hosts: Vec::new(),
+        target_session_attrs: Default::default(),
     };
     let started = Instant::now();
     let err = ReplicationConnection::connect(&cfg).await.unwrap_err();

@@ -10,6 +10,7 @@
 pub mod scenario;
 
 pub mod certs;
+pub mod ha;
 pub mod setup;
 pub mod synapse;
 pub mod tls_proxy;
@@ -27,6 +28,8 @@ use tokio_postgres::{Client, NoTls};
 
 /// The image `.ci/build-pg17-image.sh` builds.
 pub const DEFAULT_PG17_IMAGE: &str = "synapse-relay-test-postgres:17";
+/// The PostgreSQL 18 image (`.ci/build-pg-image.sh 18 testing …`).
+pub const DEFAULT_PG18_IMAGE: &str = "synapse-relay-test-postgres:18";
 
 /// A running PostgreSQL server the tests share.
 pub struct Server {
@@ -37,16 +40,31 @@ pub struct Server {
 }
 
 impl Server {
+    /// A libpq-style connection string; several hosts (a primary and its standbys, see
+    /// [`ha`]) follow the primary (`target_session_attrs=read-write`) with a short timeout per
+    /// host, as Synapse would be configured.
     pub fn connection_string(&self, db: &str) -> String {
+        if self.is_multi_host() {
+            return format!(
+                "host={} port={} user=postgres dbname={db} connect_timeout=3 target_session_attrs=read-write",
+                self.host, self.port
+            );
+        }
         format!(
             "host={} port={} user=postgres dbname={db} connect_timeout=10",
             self.host, self.port
         )
     }
+
+    /// Several hosts (a primary and standbys).
+    pub fn is_multi_host(&self) -> bool {
+        self.host.contains(',')
+    }
 }
 
 static PG15: OnceLock<Result<Server, String>> = OnceLock::new();
 static PG17: OnceLock<Result<Server, String>> = OnceLock::new();
+static PG18: OnceLock<Result<Server, String>> = OnceLock::new();
 
 /// PostgreSQL from this machine's binaries (15 here), shared by the whole test binary.
 pub fn pg15() -> &'static Server {
@@ -90,14 +108,36 @@ pub fn pg17() -> &'static Server {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// PostgreSQL 18 in a container (image from `RELAY_TEST_PG18_IMAGE`, built from Debian testing
+/// on first use), shared by the whole test binary. The whole suite does not run on it: the
+/// tests that differ on 18 (idle slot timeout, failover) and a few end-to-end ones do.
+pub fn pg18() -> &'static Server {
+    PG18.get_or_init(|| {
+        std::thread::spawn(|| start_container_of(setup::PgTestImage::pg18(), &[]))
+            .join()
+            .unwrap_or_else(|_| Err("container start panicked".into()))
+    })
+    .as_ref()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// PostgreSQL 17 in a container of the test's own, with extra `postgres -c` settings; removed
 /// when the process exits.
 pub fn own_pg17(settings: &[(&str, &str)]) -> &'static Server {
+    own_container(setup::PgTestImage::pg17(), settings)
+}
+
+/// PostgreSQL 18 in a container of the test's own, with extra `postgres -c` settings.
+pub fn own_pg18(settings: &[(&str, &str)]) -> &'static Server {
+    own_container(setup::PgTestImage::pg18(), settings)
+}
+
+fn own_container(spec: setup::PgTestImage, settings: &[(&str, &str)]) -> &'static Server {
     let settings: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let borrowed: Vec<(String, String)> = settings.clone();
     let server = std::thread::spawn(move || {
         let s: Vec<(&str, &str)> = borrowed.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        start_container(&s)
+        start_container_of(spec, &s)
     })
     .join()
     .unwrap_or_else(|_| Err("container start panicked".into()))
@@ -106,16 +146,20 @@ pub fn own_pg17(settings: &[(&str, &str)]) -> &'static Server {
 }
 
 fn start_container(settings: &[(&str, &str)]) -> Result<Server, String> {
+    start_container_of(setup::PgTestImage::pg17(), settings)
+}
+
+fn start_container_of(spec: setup::PgTestImage, settings: &[(&str, &str)]) -> Result<Server, String> {
     use testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers::runners::SyncRunner;
     use testcontainers::{GenericImage, ImageExt};
-    let spec = setup::PgTestImage::pg17();
     setup::ensure_pg_image(&spec)?;
+    let version = spec.version;
     let image = spec.image;
     let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
     let extra: String = settings.iter().map(|(k, v)| format!(" -c {k}={v}")).collect();
     let script = format!(
-        "set -e; export PATH=/usr/lib/postgresql/17/bin:$PATH; \
+        "set -e; export PATH=/usr/lib/postgresql/{version}/bin:$PATH; \
         initdb -D /tmp/pgdata -U postgres --auth=trust --no-sync >/dev/null; \
         echo 'host all all all trust' >> /tmp/pgdata/pg_hba.conf; \
         echo 'host replication all all trust' >> /tmp/pgdata/pg_hba.conf; \
@@ -130,7 +174,7 @@ fn start_container(settings: &[(&str, &str)]) -> Result<Server, String> {
         .with_user("postgres")
         .with_cmd(["sh", "-c", script.as_str()])
         .start()
-        .map_err(|e| format!("cannot start the PostgreSQL 17 container from {image:?}: {e}"))?;
+        .map_err(|e| format!("cannot start the PostgreSQL {version} container from {image:?}: {e}"))?;
     let port = container.get_host_port_ipv4(5432).map_err(|e| e.to_string())?;
     let id = container.id().to_owned();
     // The container must outlive every test of the binary: remove it when this process exits.
@@ -338,8 +382,16 @@ impl RelayFiles {
             dir.path().join("homeserver.yaml"),
             format!(
                 "server_name: {SERVER_NAME}\ndatabase:\n  name: psycopg2\n  args:\n    user: postgres\n    dbname: {}\n    \
-                 host: {}\n    port: {}\n    cp_min: 5\n    cp_max: 10\napp_service_config_files:\n{list}",
-                db.name, db.server.host, db.server.port
+                 host: \"{}\"\n    port: {}\n    cp_min: 5\n    cp_max: 10\n{}app_service_config_files:\n{list}",
+                db.name,
+                db.server.host,
+                db.server.port,
+                // Synapse's own multi-host form: follow the primary.
+                if db.server.is_multi_host() {
+                    "    target_session_attrs: read-write\n    connect_timeout: 3\n"
+                } else {
+                    ""
+                }
             ),
         )
         .unwrap();

@@ -39,6 +39,16 @@ impl PgTestImage {
             image: std::env::var("RELAY_TEST_PG_IMAGE").unwrap_or_else(|_| super::DEFAULT_PG17_IMAGE.into()),
         }
     }
+
+    /// PostgreSQL 18 from Debian testing (which carries `postgresql-18`), named by
+    /// `RELAY_TEST_PG18_IMAGE` (default [`super::DEFAULT_PG18_IMAGE`]), built the same way.
+    pub fn pg18() -> PgTestImage {
+        PgTestImage {
+            version: 18,
+            suite: "testing",
+            image: std::env::var("RELAY_TEST_PG18_IMAGE").unwrap_or_else(|_| super::DEFAULT_PG18_IMAGE.into()),
+        }
+    }
 }
 
 fn script(name: &str) -> PathBuf {

@@ -1,0 +1,16 @@
+//! Surviving a PostgreSQL failover.
+//!
+//! - [`timeline`] (pure): which server a replication connection reached compared with the last
+//!   one (a promotion, a former primary, another cluster), so the relay never confirms a
+//!   position from another timeline's history;
+//! - [`slots`] (pure): what a PostgreSQL 17+ failover slot needs on the primary and the
+//!   standbys (with the statements that set it), and whether a promotion *now* keeps the slot;
+//! - [`inspect`]: reading those facts (the standbys are the other hosts of the relay's own
+//!   connection settings), and the running relay's periodic look ([`inspect::watch`]).
+//!
+//! Connecting to the right server after a failover is `crate::pghosts` (libpq's multi-host
+//! settings and `target_session_attrs`).
+
+pub mod inspect;
+pub mod slots;
+pub mod timeline;
