@@ -100,6 +100,23 @@ async fn supervise_worker(handle: Arc<AppserviceHandle>, ctx: Arc<DeliveryContex
     }
 }
 
+/// Run the recorder; if it dies (a panic: a bug), the relay exits with a failure, for systemd
+/// (`Restart=always`) to start it again. Restarting the recorder in-process would not do: the
+/// keys it was writing died with it, and they hold the checkpoint until written. Nothing is lost
+/// by exiting (the slot is confirmed only past keys written). A background request that panics
+/// (a first-opt-in backfill request) is only logged: the request is made again at the next start.
+async fn supervise_recorder(handles: Vec<Arc<AppserviceHandle>>, ctx: Arc<DeliveryContext>) {
+    let run = std::panic::AssertUnwindSafe(run_recorder(handles, ctx));
+    if let Err(panic) = run.catch_unwind().await {
+        tracing::error!(
+            panic = %panic_message(&*panic),
+            "the recorder died; exiting so that the service manager starts the relay again \
+             (nothing is lost: the slot is confirmed only past keys written)"
+        );
+        std::process::exit(crate::cmd::EXIT_FAILURE.into());
+    }
+}
+
 impl Workers {
     /// Start a worker for each handle, and the recorder.
     pub fn start(base: &DeliveryContext, handles: &[Arc<AppserviceHandle>]) -> Workers {
@@ -165,9 +182,15 @@ impl Workers {
             let _ = both_tx.send(true);
         });
         self.others
-            .spawn(run_recorder(handles, context_with(&self.ctx, both_rx)));
+            .spawn(supervise_recorder(handles, context_with(&self.ctx, both_rx)));
         // Reap what has finished.
-        while self.others.try_join_next().is_some() {}
+        while let Some(r) = self.others.try_join_next() {
+            if let Err(e) = r
+                && e.is_panic()
+            {
+                tracing::error!(error = %e, "a background request of the relay died (a bug); it is made again at the next start");
+            }
+        }
     }
 
     /// Stop everything: workers finish the request in flight (or give up at their next wait),

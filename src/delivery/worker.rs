@@ -1,8 +1,10 @@
 //! The I/O shell of delivery.
 //!
 //! - One **worker** task per appservice. In live mode it takes a batch from the appservice's
-//!   queue, builds the transaction once, and PUTs it until the appservice accepts it; while it is
-//!   in flight, new changes coalesce in the queue, and the next transaction leaves as soon as this
+//!   queue (up to 40 transactions' worth when that many wait), reads the values that must be
+//!   read back (a group of 10 transactions' worth per query, the next group read while the one
+//!   before is delivered), builds each transaction once, and PUTs it until the appservice accepts
+//!   it; meanwhile new changes coalesce in the queue, and the next batch leaves as soon as this
 //!   one is accepted (no fixed wait). In recording mode it drains the recorded keys in pages,
 //!   reading their current values, and deletes each page once delivered. Failures are retried
 //!   forever with the appservice's own backoff, so a slow or failing appservice delays nobody
@@ -60,8 +62,7 @@ pub struct AppserviceHandle {
     queue_limit: usize,
     /// Shared with a handle that replaces this one on a reload ([`AppserviceHandle::replacing`]).
     state: Arc<Mutex<AppserviceState>>,
-    /// The position at which the state would switch back to live or end its start-up hold
-    /// (`u64::MAX`: none), kept
+    /// The position at which the state would switch back to live (`u64::MAX`: none), kept
     /// beside the state so the replication task, which reports every commit's position, takes
     /// the lock only when that can change something.
     switch_at: Arc<AtomicU64>,
