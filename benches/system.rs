@@ -878,6 +878,8 @@ struct OutageRow {
     relay_cpu: f64,
     max_retained_mib: f64,
     recorded_keys: i64,
+    /// Rows inserted or updated in `pending_keys` (each key once, however often it changed).
+    rows_written: i64,
 }
 
 async fn outage(o: &Options, server: &'static Server) -> OutageRow {
@@ -887,6 +889,7 @@ async fn outage(o: &Options, server: &'static Server) -> OutageRow {
     let url = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
     let files = one_appservice(&db, &url);
+    let writes_before = pending_keys_writes(&db.client).await;
     let mut relay = spawn_relay(&files);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let keys = o.keys();
@@ -947,6 +950,9 @@ async fn outage(o: &Options, server: &'static Server) -> OutageRow {
         .map(|r| r.get(0))
         .unwrap_or(-1);
     relay.terminate();
+    // The relay's backends have exited: their statistics are in.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rows_written = pending_keys_writes(&db.client).await - writes_before;
     OutageRow {
         changes: o.changes,
         keys,
@@ -955,6 +961,7 @@ async fn outage(o: &Options, server: &'static Server) -> OutageRow {
         relay_cpu,
         max_retained_mib: max_retained.load(Ordering::Relaxed) as f64 / (1u64 << 20) as f64,
         recorded_keys,
+        rows_written,
     }
 }
 
@@ -1354,11 +1361,11 @@ fn main() {
         if o.wants("outage") {
             let r = outage(&o, server).await;
             println!();
-            println!("| outage | changes | keys | time to stream them | relay peak RSS | relay CPU | max retained WAL | keys recorded |");
-            println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+            println!("| outage | changes | keys | time to stream them | relay peak RSS | relay CPU | max retained WAL | keys recorded | rows written to the relay's schema |");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
             println!(
-                "| one appservice refusing connections | {} | {} | {:.1} s | {:.1} MiB | {:.2} s | {:.1} MiB | {} |",
-                r.changes, r.keys, r.seconds, r.relay_rss, r.relay_cpu, r.max_retained_mib, r.recorded_keys
+                "| one appservice refusing connections | {} | {} | {:.1} s | {:.1} MiB | {:.2} s | {:.1} MiB | {} | {} |",
+                r.changes, r.keys, r.seconds, r.relay_rss, r.relay_cpu, r.max_retained_mib, r.recorded_keys, r.rows_written
             );
         }
         if o.wants("backfill") {
