@@ -2,14 +2,18 @@
 # Builds the relay's container image offline: `FROM scratch` with the release binary (debug info
 # stripped), exactly the shared libraries it links (ldd) and the machine's CA certificates.
 # No registry is needed. Image: $RELAY_IMAGE (default synapse-account-data-relay:latest), also
-# tagged with the crate's version. Prints the image's size.
+# tagged with the crate's version. Prints the image's size. RELAY_IMAGE_USE_BUILT_BINARY=1 takes
+# target/release/synapse-account-data-relay as it is instead of building it (.ci/run: the binary
+# the benchmarks just built and measured, which saves a second release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image="${RELAY_IMAGE:-synapse-account-data-relay:latest}"
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
 [ -f /etc/ssl/certs/ca-certificates.crt ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q ca-certificates >/dev/null
-cargo build --release --locked --quiet
 bin=target/release/synapse-account-data-relay
+if [ "${RELAY_IMAGE_USE_BUILT_BINARY:-0}" != 1 ] || [ ! -x "$bin" ]; then
+  cargo build --release --locked --quiet
+fi
 ctx=target/relay-image
 rm -rf "$ctx"
 mkdir -p "$ctx/rootfs/usr/bin" "$ctx/rootfs/etc/ssl/certs"
