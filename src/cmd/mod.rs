@@ -13,7 +13,7 @@ pub mod teardown;
 use std::path::PathBuf;
 
 use crate::config::{ConfigError, DEFAULT_SYNAPSE_CONFIG, RelayConfig, Settings, process_env};
-use crate::provision::{DatabaseState, inspect};
+use crate::setup::plan::{DatabaseState, inspect};
 
 /// Exit status: a check found problems, or the relay failed at run time.
 pub const EXIT_FAILURE: u8 = 1;
@@ -79,7 +79,7 @@ pub async fn connect_and_inspect(config: &ConfigArgs) -> Result<(Settings, tokio
         eprintln!("error: {e}");
         EXIT_CONFIG
     })?;
-    let client = crate::postgres_sql::connect_sql(&settings.postgres)
+    let client = crate::postgres::sql::connect_sql(&settings.postgres)
         .await
         .map_err(|e| {
             eprintln!("error: cannot connect to PostgreSQL: {e}");

@@ -31,9 +31,9 @@ use crate::delivery::state::{AppserviceState, DeliveryMode, DrainRead};
 use crate::delivery::transaction::{ResolvedEntry, build_body, split_by_size, transaction_id};
 use crate::model::{AccountDataKey, ChangeContent, Lsn, SourceTable};
 use crate::ops::metrics::AppserviceMetrics;
-use crate::pgconfig::PgConnectionConfig;
-use crate::state_store::source_of;
-use crate::state_store::{RelayMessage, StateStore, StoreError};
+use crate::postgres::config::PgConnectionConfig;
+use crate::resync::store::source_of;
+use crate::resync::store::{RelayMessage, StateStore, StoreError};
 use crate::synapse::client_api::fetch_push_rules;
 use crate::synapse::current::{read_current, wait_until_visible};
 
@@ -269,7 +269,7 @@ impl SynapseDb {
         {
             return Ok(c.clone());
         }
-        let c = crate::postgres_sql::connect_sql_bounded(&self.config, SQL_TIMEOUT)
+        let c = crate::postgres::sql::connect_sql_bounded(&self.config, SQL_TIMEOUT)
             .await
             .map_err(|e| StoreError {
                 what: "connecting to Synapse's database",
@@ -311,7 +311,7 @@ pub struct DeliveryContext {
     /// Wakes the recorder.
     pub recorder_wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
-    /// Where a worker that died is reported (see [`crate::supervisor`]).
+    /// Where a worker that died is reported (see [`crate::pipeline::supervisor`]).
     pub health: Arc<crate::ops::health::Health>,
 }
 

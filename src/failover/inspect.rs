@@ -21,9 +21,9 @@ use super::slots::{
 };
 use crate::delivery::worker::SynapseDb;
 use crate::model::Lsn;
-use crate::pgconfig::PgConnectionConfig;
-use crate::pghosts::TargetSessionAttrs;
-use crate::postgres_sql::{SqlConnectErrorSource, connect_sql};
+use crate::postgres::config::PgConnectionConfig;
+use crate::postgres::hosts::TargetSessionAttrs;
+use crate::postgres::sql::{SqlConnectErrorSource, connect_sql};
 
 /// How long one of these queries may take.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -248,7 +248,7 @@ pub async fn report(
     cfg: &PgConnectionConfig,
     slot: &str,
     failover_wanted: bool,
-) -> Result<(Vec<crate::provision::Problem>, Option<Readiness>), InspectError> {
+) -> Result<(Vec<crate::setup::plan::Problem>, Option<Readiness>), InspectError> {
     let primary = read_primary(client, slot).await?;
     let standbys = read_standbys(cfg, slot).await;
     let problems = super::slots::setting_problems(failover_wanted, slot, &primary, &standbys);

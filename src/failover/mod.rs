@@ -8,7 +8,7 @@
 //! - [`inspect`]: reading those facts (the standbys are the other hosts of the relay's own
 //!   connection settings), and the running relay's periodic look ([`inspect::watch`]).
 //!
-//! Connecting to the right server after a failover is `crate::pghosts` (libpq's multi-host
+//! Connecting to the right server after a failover is `crate::postgres::hosts` (libpq's multi-host
 //! settings and `target_session_attrs`).
 
 pub mod inspect;

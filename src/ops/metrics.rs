@@ -38,7 +38,7 @@ use crate::delivery::state::DeliveryMode;
 use crate::delivery::worker::{AppserviceHandle, SQL_TIMEOUT, SynapseDb};
 use crate::model::Lsn;
 use crate::replication::wire::pg_micros_to_system_time;
-use crate::state_store::StateStore;
+use crate::resync::store::StateStore;
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "synapse_account_data_relay";

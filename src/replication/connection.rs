@@ -37,9 +37,9 @@ use tokio_rustls::client::TlsStream;
 
 use super::error::{ReplicationError, ServerError};
 use crate::model::{Lsn, Secret};
-use crate::pgconfig::{AuthRequest, ChannelBindingMode, Keepalives, PgConnectionConfig, PgHost, SslMode};
-use crate::pghosts::{AttemptOutcome, ServerRole, TargetSessionAttrs, TryError, try_in_order};
-use crate::tls;
+use crate::postgres::config::{AuthRequest, ChannelBindingMode, Keepalives, PgConnectionConfig, PgHost, SslMode};
+use crate::postgres::hosts::{AttemptOutcome, ServerRole, TargetSessionAttrs, TryError, try_in_order};
+use crate::postgres::tls;
 
 /// Length of a backend message header: the tag byte and the big-endian `i32` length (which counts
 /// itself but not the tag).
@@ -739,7 +739,7 @@ impl ReplicationConnection {
         let cell = |i: usize| {
             rows.first()
                 .and_then(|r| r.get(i).cloned().flatten())
-                .and_then(|v| crate::pghosts::parse_bool(&v))
+                .and_then(|v| crate::postgres::hosts::parse_bool(&v))
         };
         match (cell(0), cell(1)) {
             (Some(in_recovery), Some(default_read_only)) => Ok(ServerRole {
@@ -987,7 +987,7 @@ pub fn parse_identify_system(rows: &[Vec<Option<String>>]) -> Result<SystemIdent
     })
 }
 
-/// How a failed attempt on one host counts in a multi-host error (see [`crate::pghosts`]).
+/// How a failed attempt on one host counts in a multi-host error (see [`crate::postgres::hosts`]).
 fn attempt_outcome(e: &ReplicationError) -> AttemptOutcome {
     let text = e.to_string();
     if e.is_transient() {

@@ -37,18 +37,19 @@ use crate::model::{ChangeContent, Lsn, SourceTable};
 use crate::ops::health::Health;
 use crate::ops::metrics::{DECODE_MESSAGE, DECODE_ROW, KindLabel, Metrics, ServedAppservices, SlotStatus};
 use crate::ops::reload::Reload;
-use crate::provision::{Problem, ProvisionError, Severity, inspect, problems};
+use crate::pipeline::supervisor::Workers;
 use crate::replication::connection::{LogicalReplicationStream, ReplicationConnection};
 use crate::replication::error::ReplicationError;
 use crate::replication::pgoutput::{self, DecodeError, PgOutputMessage};
 use crate::replication::wire::{self, ReplicationMessage, StandbyStatusUpdate, WireError};
-use crate::resync::request_backfill;
+use crate::resync::backfill::request_backfill;
+use crate::resync::store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
 use crate::routing::{Router, RoutingError, is_local_user};
-use crate::state_store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
-use crate::supervisor::Workers;
+use crate::setup::plan::{Problem, ProvisionError, Severity, inspect, problems};
 use crate::synapse::rows::{MappingError, RowMapper, RowOutcome};
 
 mod operations;
+pub mod supervisor;
 
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -390,7 +391,7 @@ impl Relay {
     /// missing or invalidated slot is handled by the slot-lost policy instead.
     pub async fn preflight(&self) -> Result<(), RunError> {
         let client =
-            crate::postgres_sql::connect_sql_bounded(&self.settings.postgres, crate::delivery::worker::SQL_TIMEOUT)
+            crate::postgres::sql::connect_sql_bounded(&self.settings.postgres, crate::delivery::worker::SQL_TIMEOUT)
                 .await
                 .map_err(|e| RunError::Connect {
                     target: self.settings.postgres.describe(),
@@ -740,7 +741,7 @@ impl Relay {
     /// `idle_timeout` on PostgreSQL 18), or that no synchronised copy survived a promotion.
     async fn recover_slot(&mut self, what: &str) -> Result<(), RunError> {
         let slot = self.settings.slot_name.clone();
-        let connected = crate::postgres_sql::connect_sql(&self.settings.postgres).await;
+        let connected = crate::postgres::sql::connect_sql(&self.settings.postgres).await;
         let reason = match &connected {
             Ok(c) => tokio::time::timeout(
                 Duration::from_secs(10),
@@ -818,8 +819,8 @@ impl Relay {
             let request = request_backfill(client, &self.store, a, None)
                 .await
                 .map_err(|e| match e {
-                    crate::resync::ResyncError::Store(s) => RunError::Store(s),
-                    crate::resync::ResyncError::Routing(r) => RunError::Routing(r),
+                    crate::resync::backfill::ResyncError::Store(s) => RunError::Store(s),
+                    crate::resync::backfill::ResyncError::Routing(r) => RunError::Routing(r),
                 })?;
             tracing::warn!(appservice = %a.id, backfill = request, "{log}");
         }
@@ -829,7 +830,7 @@ impl Relay {
     /// After a promotion that lost changes the relay had received (see
     /// [`crate::failover::timeline::ServerChange::Promoted`]): resync every appservice.
     async fn resync_all(&self, why: &str) -> Result<(), RunError> {
-        let mut client = crate::postgres_sql::connect_sql(&self.settings.postgres)
+        let mut client = crate::postgres::sql::connect_sql(&self.settings.postgres)
             .await
             .map_err(|e| RunError::Connect {
                 target: self.settings.postgres.describe(),
@@ -907,7 +908,7 @@ impl Relay {
             let (a, store, pg) = (a.clone(), self.store.clone(), self.settings.postgres.clone());
             let backfill = self.settings.delivery.backfill_new_appservices;
             tasks.spawn(async move {
-                let mut client = match crate::postgres_sql::connect_sql(&pg).await {
+                let mut client = match crate::postgres::sql::connect_sql(&pg).await {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(appservice = %a.id, error = %e, "cannot connect to request the first-opt-in backfill");
@@ -1017,7 +1018,7 @@ impl Relay {
         let slot = self.settings.slot_name.as_str();
         let own = &self.own_walsenders;
         let probe = tokio::time::timeout(Duration::from_secs(10), async {
-            let client = crate::postgres_sql::connect_sql(&self.settings.postgres)
+            let client = crate::postgres::sql::connect_sql(&self.settings.postgres)
                 .await
                 .map_err(|e| e.to_string())?;
             let row = client

@@ -860,7 +860,7 @@ pub fn setup_plan(s: &DatabaseState, names: Names<'_>) -> Result<Vec<PlanStep>, 
         });
     }
     if !s.state_schema.as_ref().is_some_and(|st| st.complete) {
-        for sql in crate::state_store::StateStore::create_sql(names.state_schema) {
+        for sql in crate::resync::store::StateStore::create_sql(names.state_schema) {
             steps.push(PlanStep {
                 description: format!(
                     "create the relay's state schema {:?} (keys to resync for appservices that are down)",

@@ -13,7 +13,7 @@
 
 use postgres_protocol::escape::escape_identifier;
 
-use crate::provision::{DatabaseState, Names, PlanStep, Problem, ProvisionError, Severity};
+use crate::setup::plan::{DatabaseState, Names, PlanStep, Problem, ProvisionError, Severity};
 
 /// The Synapse tables `run` reads with `SELECT` (resync and backfill).
 pub const RUN_READS: &[&str] = &["account_data", "room_account_data", "room_tags", "room_tags_revisions"];

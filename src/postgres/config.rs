@@ -1,13 +1,13 @@
 //! How to reach PostgreSQL: the resolved connection settings shared by the replication connection
 //! and the ordinary SQL connection. Built from Synapse's `database.args` (see `synapse::config`),
 //! optionally overridden by the relay's own config. Pure data; no I/O. Several hosts (libpq's
-//! `host=pg1,pg2`) and `target_session_attrs` are in [`crate::pghosts`].
+//! `host=pg1,pg2`) and `target_session_attrs` are in [`crate::postgres::hosts`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::model::Secret;
-use crate::pghosts::{PgEndpoint, TargetSessionAttrs};
+use crate::postgres::hosts::{PgEndpoint, TargetSessionAttrs};
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,7 +13,7 @@
 
 use std::fmt;
 
-use crate::pgconfig::PgHost;
+use crate::postgres::config::PgHost;
 
 /// One host (or Unix socket directory) and its port.
 #[derive(Clone, Debug, PartialEq, Eq)]
