@@ -31,6 +31,31 @@ pub const DEFAULT_PUSH_PUBLICATION: &str = "synapse_account_data_relay_push_rule
 /// Where Synapse's config lives on a Debian/Ubuntu install (the `matrix-synapse` package).
 pub const DEFAULT_SYNAPSE_CONFIG: &[&str] = &["/etc/matrix-synapse/homeserver.yaml", "/etc/matrix-synapse/conf.d"];
 
+/// Names the relay works with.
+#[derive(Debug, Clone, Copy)]
+pub struct Names<'a> {
+    pub slot: &'a str,
+    pub publication: &'a str,
+    /// The publication of `push_rules_stream` (inserts only).
+    pub push_publication: &'a str,
+    pub state_schema: &'a str,
+    /// Whether the slot is (to be) created with `failover = true` (PostgreSQL 17+).
+    pub failover_slot: bool,
+}
+
+impl Names<'static> {
+    /// The names a relay config that names none uses (the shipped SQL, `check` without a config).
+    pub fn defaults() -> Names<'static> {
+        Names {
+            slot: DEFAULT_NAME,
+            publication: DEFAULT_NAME,
+            push_publication: DEFAULT_PUSH_PUBLICATION,
+            state_schema: DEFAULT_NAME,
+            failover_slot: false,
+        }
+    }
+}
+
 /// What went wrong turning the configuration files into [`Settings`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -458,8 +483,8 @@ pub struct Settings {
 
 impl Settings {
     /// The names of the slot, publication and state schema.
-    pub fn names(&self) -> crate::setup::plan::Names<'_> {
-        crate::setup::plan::Names {
+    pub fn names(&self) -> Names<'_> {
+        Names {
             slot: &self.slot_name,
             publication: &self.publication_name,
             push_publication: &self.push_publication_name,

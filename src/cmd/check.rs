@@ -3,11 +3,13 @@
 use std::path::Path;
 
 use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
+use crate::config::Names;
 use crate::config::{Settings, process_env, resolve_postgres};
 use crate::postgres::config::{PgConnectionConfig, SslMode};
 use crate::replication::connection::{AuthMethod, ReplicationConnection};
 use crate::routing::{AppserviceInterest, Router};
-use crate::setup::plan::{Names, Severity, inspect, problems};
+use crate::setup::checks::{Severity, problems};
+use crate::setup::inspect::inspect;
 use crate::synapse::files::{HomeserverConfig, Registration};
 
 /// Validate config, registrations, connectivity and the database; exit 1 listing what is wrong.
@@ -189,7 +191,7 @@ pub async fn check(args: &CheckArgs) -> u8 {
                 }
                 Err(e) => r.fail(format!("cannot read the failover settings: {e}")),
             }
-            match crate::setup::privileges::inspect_run_role(&client, names).await {
+            match crate::setup::inspect::inspect_run_role(&client, names).await {
                 Ok(role) => {
                     let found = crate::setup::privileges::run_role_problems(&role, names);
                     for p in &found {

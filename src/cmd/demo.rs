@@ -11,7 +11,9 @@ use tokio::sync::watch;
 use crate::cmd::EXIT_FAILURE;
 use crate::config::{RelayConfig, Settings};
 use crate::pipeline::Relay;
-use crate::setup::plan::{execute_plan, inspect, setup_plan};
+use crate::setup::execute::execute_plan;
+use crate::setup::inspect::inspect;
+use crate::setup::plan::setup_plan;
 use crate::testkit::receiver::RecordingAppservice;
 use crate::testkit::{LocalCluster, SYNAPSE_SCHEMA_SQL, synapse_writes as w};
 

@@ -13,7 +13,8 @@ pub mod teardown;
 use std::path::PathBuf;
 
 use crate::config::{ConfigError, DEFAULT_SYNAPSE_CONFIG, RelayConfig, Settings, process_env};
-use crate::setup::plan::{DatabaseState, inspect};
+use crate::setup::inspect::inspect;
+use crate::setup::state::DatabaseState;
 
 /// Exit status: a check found problems, or the relay failed at run time.
 pub const EXIT_FAILURE: u8 = 1;

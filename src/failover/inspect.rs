@@ -248,7 +248,7 @@ pub async fn report(
     cfg: &PgConnectionConfig,
     slot: &str,
     failover_wanted: bool,
-) -> Result<(Vec<crate::setup::plan::Problem>, Option<Readiness>), InspectError> {
+) -> Result<(Vec<crate::setup::checks::Problem>, Option<Readiness>), InspectError> {
     let primary = read_primary(client, slot).await?;
     let standbys = read_standbys(cfg, slot).await;
     let problems = super::slots::setting_problems(failover_wanted, slot, &primary, &standbys);

@@ -45,7 +45,8 @@ use crate::replication::wire::{self, ReplicationMessage, StandbyStatusUpdate, Wi
 use crate::resync::backfill::request_backfill;
 use crate::resync::store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
 use crate::routing::{Router, RoutingError, is_local_user};
-use crate::setup::plan::{Problem, ProvisionError, Severity, inspect, problems};
+use crate::setup::checks::{Problem, Severity, problems};
+use crate::setup::inspect::{ProvisionError, inspect};
 use crate::synapse::rows::{MappingError, RowMapper, RowOutcome};
 
 mod operations;
