@@ -3,9 +3,12 @@
 //! I/O shell: the per-appservice worker that sends over HTTP ([`worker`]), reading answers
 //! with a bound ([`response_body`]).
 
+pub mod handle;
+pub mod metrics;
 pub mod queue;
 pub mod response_body;
 pub mod retry;
 pub mod state;
+pub mod synapse_db;
 pub mod transaction;
 pub mod worker;

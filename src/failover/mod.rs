@@ -12,5 +12,6 @@
 //! settings and `target_session_attrs`).
 
 pub mod inspect;
+pub mod metrics;
 pub mod slots;
 pub mod timeline;

@@ -196,7 +196,7 @@ pub async fn prepare(
     .await
     .map_err(|e| format!("the reload task failed: {e}"))??;
     let ids: Vec<&str> = settings.appservices.iter().map(|a| a.id.as_str()).collect();
-    let sql_timeout = crate::delivery::worker::SQL_TIMEOUT;
+    let sql_timeout = crate::delivery::synapse_db::SQL_TIMEOUT;
     let with_pending = match crate::postgres::sql::connect_sql_bounded(pg, sql_timeout).await {
         Ok(c) => match tokio::time::timeout(sql_timeout, store.appservices_with_pending(&c, &ids))
             .await

@@ -28,9 +28,11 @@ use tokio::sync::{Notify, watch};
 
 use crate::checkpoint::CheckpointTracker;
 use crate::config::{Settings, SlotLostPolicy};
+use crate::delivery::handle::AppserviceHandle;
 use crate::delivery::retry::RetryPolicy;
 use crate::delivery::state::{DeliveryMode, Pushed};
-use crate::delivery::worker::{AppserviceHandle, DeliveryContext, DeliveryError, SynapseDb, http_client};
+use crate::delivery::synapse_db::SynapseDb;
+use crate::delivery::worker::{DeliveryContext, DeliveryError, http_client};
 use crate::failover::inspect::FailoverWatch;
 use crate::failover::timeline::{ServerChange, ServerIdentity};
 use crate::model::{ChangeContent, Lsn, SourceTable};
@@ -125,7 +127,7 @@ struct OpenTx {
     xid: u32,
     /// Whether any of its changes went to an appservice.
     routed: bool,
-    /// Whether its commit time was kept for the latency metric (see [`crate::ops::metrics::CommitTimes`]).
+    /// Whether its commit time was kept for the latency metric (see [`crate::delivery::metrics::CommitTimes`]).
     timed: bool,
 }
 
@@ -391,13 +393,15 @@ impl Relay {
     /// table lacks its replica identity, or the publication or the state schema is missing. A
     /// missing or invalidated slot is handled by the slot-lost policy instead.
     pub async fn preflight(&self) -> Result<(), RunError> {
-        let client =
-            crate::postgres::sql::connect_sql_bounded(&self.settings.postgres, crate::delivery::worker::SQL_TIMEOUT)
-                .await
-                .map_err(|e| RunError::Connect {
-                    target: self.settings.postgres.describe(),
-                    message: e.to_string(),
-                })?;
+        let client = crate::postgres::sql::connect_sql_bounded(
+            &self.settings.postgres,
+            crate::delivery::synapse_db::SQL_TIMEOUT,
+        )
+        .await
+        .map_err(|e| RunError::Connect {
+            target: self.settings.postgres.describe(),
+            message: e.to_string(),
+        })?;
         let state = inspect(&client, self.settings.names()).await?;
         let all = problems(&state, self.settings.names());
         for p in all.iter().filter(|p| p.severity == Severity::Warning) {
@@ -857,8 +861,8 @@ impl Relay {
     async fn activate(&mut self, db: &SynapseDb) -> Result<(), RunError> {
         let client = db.client().await?;
         let ids: Vec<&str> = self.handles.iter().map(|h| h.settings.id.as_str()).collect();
-        let pending = crate::delivery::worker::bounded(self.store.appservices_with_pending(&*client, &ids)).await?;
-        let start = match crate::delivery::worker::bounded(self.store.current_wal_position(&*client)).await {
+        let pending = crate::delivery::synapse_db::bounded(self.store.appservices_with_pending(&*client, &ids)).await?;
+        let start = match crate::delivery::synapse_db::bounded(self.store.current_wal_position(&*client)).await {
             Ok(lsn) if lsn > Lsn::ZERO => Some(lsn),
             Ok(_) => None,
             Err(e) => {

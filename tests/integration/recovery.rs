@@ -284,7 +284,7 @@ async fn recorded_key_counts_cost_no_scans(server: &'static Server) {
     };
     let bounded = synapse_account_data_relay::postgres::sql::connect_sql_bounded(
         &cfg,
-        synapse_account_data_relay::delivery::worker::SQL_TIMEOUT,
+        synapse_account_data_relay::delivery::synapse_db::SQL_TIMEOUT,
     )
     .await
     .unwrap();
