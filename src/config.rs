@@ -18,8 +18,9 @@ use serde::Deserialize;
 use crate::delivery::state::RetentionBudget;
 use crate::model::Secret;
 use crate::postgres::config::{
-    ChannelBindingMode, ClientCert, Keepalives, PgConnectionConfig, PgHost, RequireAuth, SYSTEM_ROOT_CERTS, SslMode,
+    ChannelBindingMode, ClientCert, Keepalives, PgConnectionConfig, RequireAuth, SYSTEM_ROOT_CERTS, SslMode,
 };
+use crate::postgres::hosts::PgHost;
 use crate::synapse::files::{HomeserverConfig, IntOrString, Registration, SynapseFileError};
 
 /// Default slot and publication name.

@@ -275,7 +275,7 @@ mod tests {
 
     #[test]
     fn warns_about_cleartext_passwords_on_unverified_connections() {
-        let mut pg = PgConnectionConfig::new(crate::postgres::config::PgHost::Tcp("db".into()), 5432, "u", "d");
+        let mut pg = PgConnectionConfig::new(crate::postgres::hosts::PgHost::Tcp("db".into()), 5432, "u", "d");
         assert!(cleartext_password_warning(&pg, AuthMethod::ScramSha256, false).is_none());
         assert!(cleartext_password_warning(&pg, AuthMethod::Md5, false).is_none());
         let w = cleartext_password_warning(&pg, AuthMethod::Cleartext, false).unwrap();

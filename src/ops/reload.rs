@@ -253,7 +253,7 @@ mod tests {
         Settings {
             server_name: "x".into(),
             postgres: crate::postgres::config::PgConnectionConfig {
-                host: crate::postgres::config::PgHost::Tcp("localhost".into()),
+                host: crate::postgres::hosts::PgHost::Tcp("localhost".into()),
                 port: 5432,
                 user: "u".into(),
                 password: Some(Secret::new("pw")),

@@ -7,16 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::model::Secret;
-use crate::postgres::hosts::{PgEndpoint, TargetSessionAttrs};
-
-/// Where the server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PgHost {
-    /// A host name or IP address (TCP).
-    Tcp(String),
-    /// A directory holding the server's Unix socket `.s.PGSQL.<port>` (libpq: a host starting with `/`).
-    UnixSocketDir(PathBuf),
-}
+use crate::postgres::hosts::{PgEndpoint, PgHost, TargetSessionAttrs};
 
 /// libpq's `sslmode`, with the same meanings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

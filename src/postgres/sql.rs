@@ -24,8 +24,8 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::config::{ChannelBinding as PgChannelBinding, SslMode as PgSslMode};
 use tokio_postgres::tls::{ChannelBinding, NoTls, TlsConnect, TlsStream};
 
-use crate::postgres::config::{AuthRequest, ChannelBindingMode, PgConnectionConfig, PgHost, RequireAuth, SslMode};
-use crate::postgres::hosts::{AttemptOutcome, ServerRole, TargetSessionAttrs, TryError, try_in_order};
+use crate::postgres::config::{AuthRequest, ChannelBindingMode, PgConnectionConfig, RequireAuth, SslMode};
+use crate::postgres::hosts::{AttemptOutcome, PgHost, ServerRole, TargetSessionAttrs, TryError, try_in_order};
 use crate::postgres::tls::{self, TlsConfigError};
 
 /// Why [`connect_sql`] failed.

@@ -37,8 +37,8 @@ use tokio_rustls::client::TlsStream;
 
 use super::error::{ReplicationError, ServerError};
 use crate::model::{Lsn, Secret};
-use crate::postgres::config::{AuthRequest, ChannelBindingMode, Keepalives, PgConnectionConfig, PgHost, SslMode};
-use crate::postgres::hosts::{AttemptOutcome, ServerRole, TargetSessionAttrs, TryError, try_in_order};
+use crate::postgres::config::{AuthRequest, ChannelBindingMode, Keepalives, PgConnectionConfig, SslMode};
+use crate::postgres::hosts::{AttemptOutcome, PgHost, ServerRole, TargetSessionAttrs, TryError, try_in_order};
 use crate::postgres::tls;
 
 /// Length of a backend message header: the tag byte and the big-endian `i32` length (which counts

@@ -25,11 +25,11 @@ use std::time::Duration;
 use tokio_postgres::GenericClient;
 
 use crate::config::AppserviceSettings;
-use crate::model::AccountDataKey;
+use crate::model::{AccountDataKey, PUSH_RULES_EVENT_TYPE, TAG_EVENT_TYPE};
 use crate::resync::store::{RelayMessage, StateStore, StoreError};
 use crate::routing::{AppserviceInterest, Router, RoutingError};
 use crate::synapse::current::checked_content;
-use crate::synapse::rows::{PUSH_RULES_EVENT_TYPE, TAG_EVENT_TYPE, assemble_tags};
+use crate::synapse::rows::assemble_tags;
 
 /// How long one statement of a backfill request may run (`SET LOCAL statement_timeout`), and
 /// how long the whole request may take before the client gives up.

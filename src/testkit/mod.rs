@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::postgres::config::{PgConnectionConfig, PgHost, SslMode};
+use crate::postgres::config::{PgConnectionConfig, SslMode};
+use crate::postgres::hosts::PgHost;
 
 /// Synapse's exact definitions of the tables the relay reads (and one busy table it does not).
 pub const SYNAPSE_SCHEMA_SQL: &str = include_str!("../../tests/fixtures/synapse_schema.sql");

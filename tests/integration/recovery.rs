@@ -265,7 +265,7 @@ async fn recorded_key_counts_cost_no_scans(server: &'static Server) {
     assert_eq!(recorded_keys_metric(&base, "a").await, Some(30.0));
     // The relay's own connections are bounded on the server.
     let cfg = synapse_account_data_relay::postgres::config::PgConnectionConfig {
-        host: synapse_account_data_relay::postgres::config::PgHost::Tcp(server.host.clone()),
+        host: synapse_account_data_relay::postgres::hosts::PgHost::Tcp(server.host.clone()),
         port: server.port,
         user: "postgres".into(),
         password: None,

@@ -20,7 +20,8 @@ use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use synapse_account_data_relay::model::{Lsn, Secret};
-use synapse_account_data_relay::postgres::config::{ChannelBindingMode, PgConnectionConfig, PgHost, SslMode};
+use synapse_account_data_relay::postgres::config::{ChannelBindingMode, PgConnectionConfig, SslMode};
+use synapse_account_data_relay::postgres::hosts::PgHost;
 use synapse_account_data_relay::postgres::sql::connect_sql;
 use synapse_account_data_relay::postgres::tls;
 use synapse_account_data_relay::replication::connection::{
