@@ -5,6 +5,7 @@
 //!   `channel_binding`, …);
 //! - [`hosts`] (pure): libpq's multi-host lists, `target_session_attrs` and the order hosts are
 //!   tried in;
+//! - [`socket`]: libpq's TCP keepalive settings on a connection's socket;
 //! - [`tls`]: TLS as libpq does it;
 //! - [`sql`]: ordinary SQL connections on the relay's own socket.
 //!
@@ -12,5 +13,6 @@
 
 pub mod config;
 pub mod hosts;
+pub mod socket;
 pub mod sql;
 pub mod tls;

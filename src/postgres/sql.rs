@@ -277,7 +277,7 @@ async fn connect_unbounded(
         PgHost::Tcp(host) => {
             let tcp = TcpStream::connect((host.as_str(), cfg.port)).await?;
             tcp.set_nodelay(true)?;
-            crate::replication::connection::set_keepalives(&tcp, &cfg.keepalives)?;
+            crate::postgres::socket::set_keepalives(&tcp, &cfg.keepalives)?;
             match tls::client_config_for(cfg)? {
                 None => {
                     let stream = AuthGuard::new(tcp, false, cfg.require_auth.clone(), None, refusal.clone());
