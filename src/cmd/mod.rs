@@ -1,4 +1,7 @@
-//! The subcommands, one file each. `main` parses the command line and maps the results to exit
+//! The subcommands: take in the parsed command line and the configuration files; give out each
+//! subcommand's work (a running relay, a check, a plan applied) and its exit code.
+//!
+//! One file each. `main` parses the command line and maps the results to exit
 //! codes: 0 success, 1 something is wrong (a failed check, a runtime failure), 2 a usage or
 //! configuration error.
 

@@ -1,5 +1,8 @@
+//! The pipeline: takes in the resolved settings and the replication slot; gives out every change
+//! pushed to the appservices that want it, and the checkpoint confirmed back to PostgreSQL.
+//!
 //! Wiring: replication stream → pgoutput decoder → row mapping → routing → per-appservice state
-//! → workers and recorder, and the checkpoint back to PostgreSQL.
+//! → workers and recorder ([`supervisor`]), and the checkpoint back to PostgreSQL.
 //!
 //! One task ([`Relay::run`]) owns the replication connection, the decoder state, the router and
 //! the [`CheckpointTracker`]; it hands each change to every interested appservice and never waits

@@ -1,5 +1,5 @@
 //! How to reach PostgreSQL: the resolved connection settings shared by the replication connection
-//! and the ordinary SQL connection. Built from Synapse's `database.args` (see `synapse::config`),
+//! and the ordinary SQL connection. Built from Synapse's `database.args` (see `synapse::files`),
 //! optionally overridden by the relay's own config. Pure data; no I/O. Several hosts (libpq's
 //! `host=pg1,pg2`) and `target_session_attrs` are in [`crate::postgres::hosts`].
 

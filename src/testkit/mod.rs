@@ -1,3 +1,6 @@
+//! Test kit: takes in what a test wants (server settings, `pg_hba.conf` lines, TLS, appservices);
+//! gives out throw-away PostgreSQL clusters, a recording appservice and Synapse-style writes.
+//!
 //! Throw-away PostgreSQL clusters from the machine's own `initdb`/`pg_ctl`, for the `demo`
 //! subcommand and the test suite (the one PostgreSQL harness; the tests add a containerised
 //! backend on top, in `tests/integration/support`).
