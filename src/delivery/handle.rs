@@ -1,6 +1,6 @@
-//! One appservice as the rest of the relay sees it: its settings, the state its changes wait in,
-//! its worker's wake-up signal and statistics, and its metric handles ([`AppserviceHandle`]).
-//! The replication task pushes into it, the worker takes from it, `ops` reads it.
+//! [`AppserviceHandle`]: one appservice as the rest of the relay sees it: its settings, the state
+//! its changes wait in, its worker's wake-up signal and statistics, and its metric handles. The
+//! replication task pushes into it, the worker takes from it, `crate::ops` reads it.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
