@@ -1198,7 +1198,7 @@ async fn backfill(o: &Options, server: &'static Server) -> Vec<BackfillRow> {
 // explain: the plans of the backfill's reads on `--explain-rows` rows of room_account_data
 
 async fn explain(o: &Options, server: &'static Server) {
-    use synapse_account_data_relay::resync::{ROOMS_PAGE_SQL, USERS_PAGE_SQL};
+    use synapse_account_data_relay::resync::backfill::{ROOMS_PAGE_SQL, USERS_PAGE_SQL};
     let db = TestDb::new(server).await;
     let users = (o.explain_rows / 100).max(1);
     let t = Instant::now();

@@ -17,9 +17,10 @@ use serde::Deserialize;
 
 use crate::delivery::state::RetentionBudget;
 use crate::model::Secret;
-use crate::pgconfig::{
-    ChannelBindingMode, ClientCert, Keepalives, PgConnectionConfig, PgHost, RequireAuth, SYSTEM_ROOT_CERTS, SslMode,
+use crate::postgres::config::{
+    ChannelBindingMode, ClientCert, Keepalives, PgConnectionConfig, RequireAuth, SYSTEM_ROOT_CERTS, SslMode,
 };
+use crate::postgres::hosts::PgHost;
 use crate::synapse::files::{HomeserverConfig, IntOrString, Registration, SynapseFileError};
 
 /// Default slot and publication name.
@@ -30,6 +31,31 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_PUSH_PUBLICATION: &str = "synapse_account_data_relay_push_rules";
 /// Where Synapse's config lives on a Debian/Ubuntu install (the `matrix-synapse` package).
 pub const DEFAULT_SYNAPSE_CONFIG: &[&str] = &["/etc/matrix-synapse/homeserver.yaml", "/etc/matrix-synapse/conf.d"];
+
+/// Names the relay works with.
+#[derive(Debug, Clone, Copy)]
+pub struct Names<'a> {
+    pub slot: &'a str,
+    pub publication: &'a str,
+    /// The publication of `push_rules_stream` (inserts only).
+    pub push_publication: &'a str,
+    pub state_schema: &'a str,
+    /// Whether the slot is (to be) created with `failover = true` (PostgreSQL 17+).
+    pub failover_slot: bool,
+}
+
+impl Names<'static> {
+    /// The names a relay config that names none uses (the shipped SQL, `check` without a config).
+    pub fn defaults() -> Names<'static> {
+        Names {
+            slot: DEFAULT_NAME,
+            publication: DEFAULT_NAME,
+            push_publication: DEFAULT_PUSH_PUBLICATION,
+            state_schema: DEFAULT_NAME,
+            failover_slot: false,
+        }
+    }
+}
 
 /// What went wrong turning the configuration files into [`Settings`].
 #[derive(Debug, thiserror::Error)]
@@ -458,8 +484,8 @@ pub struct Settings {
 
 impl Settings {
     /// The names of the slot, publication and state schema.
-    pub fn names(&self) -> crate::provision::Names<'_> {
-        crate::provision::Names {
+    pub fn names(&self) -> Names<'_> {
+        Names {
             slot: &self.slot_name,
             publication: &self.publication_name,
             push_publication: &self.push_publication_name,
@@ -882,7 +908,7 @@ pub fn resolve_postgres(
             PgHost::Tcp("localhost".into())
         }
     };
-    let mut endpoints = crate::pghosts::parse_endpoints(
+    let mut endpoints = crate::postgres::hosts::parse_endpoints(
         host_set.as_ref().map(|(h, _)| h.as_str()),
         port_set.as_ref().map(|(p, _)| p.as_str()),
         &default_host,
@@ -971,9 +997,9 @@ pub fn resolve_postgres(
         "PGTARGETSESSIONATTRS",
     ) {
         Some((text, origin)) => {
-            crate::pghosts::TargetSessionAttrs::for_relay(Some(&text)).map_err(|m| bad(&origin, m))?
+            crate::postgres::hosts::TargetSessionAttrs::for_relay(Some(&text)).map_err(|m| bad(&origin, m))?
         }
-        None => crate::pghosts::TargetSessionAttrs::for_relay(None).map_err(|m| bad("the default", m))?,
+        None => crate::postgres::hosts::TargetSessionAttrs::for_relay(None).map_err(|m| bad("the default", m))?,
     };
     let sslmode_set = pick(over.sslmode.clone(), "sslmode", args.sslmode.clone(), "PGSSLMODE");
     let rootcert_set = pick(
@@ -1584,7 +1610,7 @@ mod tests {
 
     #[test]
     fn require_auth_channel_binding_and_client_certs() {
-        use crate::pgconfig::AuthRequest;
+        use crate::postgres::config::AuthRequest;
         let s = resolve_with_args(
             "    require_auth: scram-sha-256\n    channel_binding: require\n    sslmode: require\n    sslcert: /c.crt\n    sslkey: /c.key\n",
             "",
@@ -1697,7 +1723,7 @@ mod tests {
 
     #[test]
     fn several_hosts_and_target_session_attrs_as_libpq() {
-        use crate::pghosts::{PgEndpoint, TargetSessionAttrs};
+        use crate::postgres::hosts::{PgEndpoint, TargetSessionAttrs};
         // Synapse's own multi-host form (the example).
         let s = resolve_with_args(
             "    host: \"127.0.0.1,127.0.0.1\"\n    port: \"55601,55602\"\n    target_session_attrs: read-write\n",

@@ -83,6 +83,11 @@ impl<'de> serde::Deserialize<'de> for Secret {
     }
 }
 
+/// The `m.tag` event type.
+pub const TAG_EVENT_TYPE: &str = "m.tag";
+/// The `m.push_rules` event type.
+pub const PUSH_RULES_EVENT_TYPE: &str = "m.push_rules";
+
 /// Which account data a change is about: the coalescing key.
 ///
 /// `room_id == None` is global account data (`account_data` table); `Some` is room account data
@@ -98,9 +103,9 @@ impl AccountDataKey {
     /// Where this key's current value is read from.
     pub fn source_table(&self) -> SourceTable {
         match &self.room_id {
-            None if &*self.data_type == crate::synapse::rows::PUSH_RULES_EVENT_TYPE => SourceTable::PushRules,
+            None if &*self.data_type == PUSH_RULES_EVENT_TYPE => SourceTable::PushRules,
             None => SourceTable::AccountData,
-            Some(_) if &*self.data_type == crate::synapse::rows::TAG_EVENT_TYPE => SourceTable::RoomTags,
+            Some(_) if &*self.data_type == TAG_EVENT_TYPE => SourceTable::RoomTags,
             Some(_) => SourceTable::RoomAccountData,
         }
     }

@@ -1,8 +1,8 @@
 //! `backfill`: send an appservice the current account data of its users.
 
 use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
-use crate::resync::{request_backfill, user_filter};
-use crate::state_store::StateStore;
+use crate::resync::backfill::{request_backfill, user_filter};
+use crate::resync::store::StateStore;
 
 /// Send an appservice the current account data (global, room, tags) of every user it is
 /// interested in, through the running relay's normal delivery path.
@@ -57,7 +57,7 @@ pub async fn backfill(args: &BackfillArgs) -> u8 {
         eprintln!("error: --users: {e}");
         return EXIT_CONFIG;
     }
-    let mut client = match crate::postgres_sql::connect_sql(&settings.postgres).await {
+    let mut client = match crate::postgres::sql::connect_sql(&settings.postgres).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: cannot connect to PostgreSQL: {e}");

@@ -3,11 +3,13 @@
 use std::path::Path;
 
 use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
+use crate::config::Names;
 use crate::config::{Settings, process_env, resolve_postgres};
-use crate::pgconfig::{PgConnectionConfig, SslMode};
-use crate::provision::{Names, Severity, inspect, problems};
+use crate::postgres::config::{PgConnectionConfig, SslMode};
 use crate::replication::connection::{AuthMethod, ReplicationConnection};
 use crate::routing::{AppserviceInterest, Router};
+use crate::setup::checks::{Severity, problems};
+use crate::setup::inspect::inspect;
 use crate::synapse::files::{HomeserverConfig, Registration};
 
 /// Validate config, registrations, connectivity and the database; exit 1 listing what is wrong.
@@ -134,7 +136,7 @@ pub async fn check(args: &CheckArgs) -> u8 {
     let default_names = Names::defaults();
     let names = settings.as_ref().map(|s| s.names()).unwrap_or(default_names);
     let (slot, publication) = (names.slot, names.publication);
-    match crate::postgres_sql::connect_sql(&pg).await {
+    match crate::postgres::sql::connect_sql(&pg).await {
         Ok(client) => {
             r.ok(format!("connected to PostgreSQL at {}", pg.describe()));
             match inspect(&client, names).await {
@@ -189,9 +191,9 @@ pub async fn check(args: &CheckArgs) -> u8 {
                 }
                 Err(e) => r.fail(format!("cannot read the failover settings: {e}")),
             }
-            match crate::privileges::inspect_run_role(&client, names).await {
+            match crate::setup::inspect::inspect_run_role(&client, names).await {
                 Ok(role) => {
-                    let found = crate::privileges::run_role_problems(&role, names);
+                    let found = crate::setup::privileges::run_role_problems(&role, names);
                     for p in &found {
                         match p.severity {
                             Severity::Warning => r.warn(&p.message),
@@ -273,7 +275,7 @@ mod tests {
 
     #[test]
     fn warns_about_cleartext_passwords_on_unverified_connections() {
-        let mut pg = PgConnectionConfig::new(crate::pgconfig::PgHost::Tcp("db".into()), 5432, "u", "d");
+        let mut pg = PgConnectionConfig::new(crate::postgres::hosts::PgHost::Tcp("db".into()), 5432, "u", "d");
         assert!(cleartext_password_warning(&pg, AuthMethod::ScramSha256, false).is_none());
         assert!(cleartext_password_warning(&pg, AuthMethod::Md5, false).is_none());
         let w = cleartext_password_warning(&pg, AuthMethod::Cleartext, false).unwrap();

@@ -11,7 +11,9 @@ use tokio::sync::watch;
 use crate::cmd::EXIT_FAILURE;
 use crate::config::{RelayConfig, Settings};
 use crate::pipeline::Relay;
-use crate::provision::{execute_plan, inspect, setup_plan};
+use crate::setup::execute::execute_plan;
+use crate::setup::inspect::inspect;
+use crate::setup::plan::setup_plan;
 use crate::testkit::receiver::RecordingAppservice;
 use crate::testkit::{LocalCluster, SYNAPSE_SCHEMA_SQL, synapse_writes as w};
 
@@ -103,7 +105,7 @@ async fn demo_inner(args: &DemoArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
 
     println!("== setup");
-    let mut setup_client = crate::postgres_sql::connect_sql(&settings.postgres)
+    let mut setup_client = crate::postgres::sql::connect_sql(&settings.postgres)
         .await
         .map_err(|e| e.to_string())?;
     let names = settings.names();

@@ -1,4 +1,7 @@
-//! The subcommands, one file each. `main` parses the command line and maps the results to exit
+//! The subcommands: take in the parsed command line and the configuration files; give out each
+//! subcommand's work (a running relay, a check, a plan applied) and its exit code.
+//!
+//! One file each. `main` parses the command line and maps the results to exit
 //! codes: 0 success, 1 something is wrong (a failed check, a runtime failure), 2 a usage or
 //! configuration error.
 
@@ -13,7 +16,8 @@ pub mod teardown;
 use std::path::PathBuf;
 
 use crate::config::{ConfigError, DEFAULT_SYNAPSE_CONFIG, RelayConfig, Settings, process_env};
-use crate::provision::{DatabaseState, inspect};
+use crate::setup::inspect::inspect;
+use crate::setup::state::DatabaseState;
 
 /// Exit status: a check found problems, or the relay failed at run time.
 pub const EXIT_FAILURE: u8 = 1;
@@ -79,7 +83,7 @@ pub async fn connect_and_inspect(config: &ConfigArgs) -> Result<(Settings, tokio
         eprintln!("error: {e}");
         EXIT_CONFIG
     })?;
-    let client = crate::postgres_sql::connect_sql(&settings.postgres)
+    let client = crate::postgres::sql::connect_sql(&settings.postgres)
         .await
         .map_err(|e| {
             eprintln!("error: cannot connect to PostgreSQL: {e}");

@@ -11,7 +11,7 @@ use crate::ops::health::HealthLimits;
 use crate::ops::metrics::{Metrics, ResultLabel};
 use crate::ops::reload::Reload;
 use crate::pipeline::{Relay, RunError};
-use crate::state_store::StateStore;
+use crate::resync::store::StateStore;
 
 /// Stream account-data changes to the appservices that opted in.
 #[derive(Debug, clap::Args)]
@@ -53,7 +53,7 @@ pub fn shutdown_on_signals() -> watch::Receiver<bool> {
 /// the relay starts, so a SIGHUP never kills it.
 fn reload_on_sighup(
     config: ConfigArgs,
-    pg: crate::pgconfig::PgConnectionConfig,
+    pg: crate::postgres::config::PgConnectionConfig,
     store: StateStore,
     metrics: Arc<Metrics>,
 ) -> Result<mpsc::Receiver<Reload>, std::io::Error> {

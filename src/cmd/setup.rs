@@ -1,10 +1,12 @@
 //! `setup`: check the server and prepare it (replica identity, publication, slot). Idempotent.
 
 use crate::cmd::{ConfigArgs, EXIT_FAILURE, connect_and_inspect};
-use crate::privileges::{GrantPlan, grant_plan, inspect_role};
-use crate::provision::{
-    LOCK_ATTEMPTS, LOCK_TIMEOUT, Severity, execute_plan, inspect, plan_to_sql, problems, setup_plan,
-};
+use crate::setup::checks::{Severity, problems};
+use crate::setup::execute::execute_plan;
+use crate::setup::inspect::inspect;
+use crate::setup::inspect::inspect_role;
+use crate::setup::plan::{LOCK_ATTEMPTS, LOCK_TIMEOUT, plan_to_sql, setup_plan};
+use crate::setup::privileges::{GrantPlan, grant_plan};
 
 /// Check the server and prepare it for the relay.
 #[derive(Debug, clap::Args)]
@@ -165,7 +167,7 @@ async fn print_failover(client: &tokio_postgres::Client, settings: &crate::confi
     }
 }
 
-fn print_dry_run(database: &str, plan: &[crate::provision::PlanStep]) {
+fn print_dry_run(database: &str, plan: &[crate::setup::plan::PlanStep]) {
     println!("-- synapse-account-data-relay setup for database {database:?} (dry run)");
     print!("{}", plan_to_sql(plan));
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::cmd::{ConfigArgs, EXIT_CONFIG, EXIT_FAILURE};
 use crate::ops::http::RelayStatus;
-use crate::state_store::StateStore;
+use crate::resync::store::StateStore;
 
 /// Show the replication slot's state and lag, and what a running relay is doing.
 #[derive(Debug, clap::Args)]
@@ -330,7 +330,7 @@ pub async fn status(args: &StatusArgs) -> u8 {
         failover: None,
     };
     // Every statement is bounded on the server (statement_timeout) and here (a partition).
-    match crate::postgres_sql::connect_sql_bounded(&settings.postgres, STATUS_SQL_TIMEOUT).await {
+    match crate::postgres::sql::connect_sql_bounded(&settings.postgres, STATUS_SQL_TIMEOUT).await {
         Ok(c) => {
             if settings.failover_slot {
                 let inspect = crate::failover::inspect::report(&c, &settings.postgres, &settings.slot_name, true);

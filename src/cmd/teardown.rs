@@ -2,7 +2,9 @@
 //! `setup` found it.
 
 use crate::cmd::{ConfigArgs, EXIT_FAILURE, connect_and_inspect};
-use crate::provision::{Severity, execute_plan, plan_to_sql, teardown_plan};
+use crate::setup::checks::Severity;
+use crate::setup::execute::execute_plan;
+use crate::setup::plan::{plan_to_sql, teardown_plan};
 
 /// Remove everything setup created, leaving the database as it was found.
 #[derive(Debug, clap::Args)]

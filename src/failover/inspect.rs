@@ -10,20 +10,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
-
 use super::slots::{
     PhysicalSlot, PrimaryFacts, Readiness, SlotCopy, StandbyFacts, StandbyReach, conninfo_has_dbname, readiness,
     split_slot_list,
 };
-use crate::delivery::worker::SynapseDb;
+use crate::delivery::synapse_db::SynapseDb;
 use crate::model::Lsn;
-use crate::pgconfig::PgConnectionConfig;
-use crate::pghosts::TargetSessionAttrs;
-use crate::postgres_sql::{SqlConnectErrorSource, connect_sql};
+use crate::postgres::config::PgConnectionConfig;
+use crate::postgres::hosts::TargetSessionAttrs;
+use crate::postgres::sql::{SqlConnectErrorSource, connect_sql};
 
 /// How long one of these queries may take.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -248,79 +243,12 @@ pub async fn report(
     cfg: &PgConnectionConfig,
     slot: &str,
     failover_wanted: bool,
-) -> Result<(Vec<crate::provision::Problem>, Option<Readiness>), InspectError> {
+) -> Result<(Vec<crate::setup::checks::Problem>, Option<Readiness>), InspectError> {
     let primary = read_primary(client, slot).await?;
     let standbys = read_standbys(cfg, slot).await;
     let problems = super::slots::setting_problems(failover_wanted, slot, &primary, &standbys);
     let verdict = failover_wanted.then(|| readiness(slot, &primary, &standbys));
     Ok((problems, verdict))
-}
-
-/// The `standby` label: a physical slot named in `synchronized_standby_slots`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StandbyLabel {
-    pub standby: String,
-}
-
-/// The failover-slot metrics (registered with the others, `ops::metrics`).
-#[derive(Debug)]
-pub struct FailoverMetrics {
-    /// 1 safe, 0 not safe, -1 not watched (`replication.failover` off).
-    pub safe: Gauge,
-    pub standby_synced: Family<StandbyLabel, Gauge>,
-    pub standby_lag: Family<StandbyLabel, Gauge>,
-}
-
-impl Default for FailoverMetrics {
-    fn default() -> Self {
-        let safe = Gauge::default();
-        safe.set(-1);
-        FailoverMetrics {
-            safe,
-            standby_synced: Family::default(),
-            standby_lag: Family::default(),
-        }
-    }
-}
-
-impl FailoverMetrics {
-    pub fn register(&self, r: &mut Registry) {
-        r.register(
-            "failover_slot_safe",
-            "1 when every standby named in synchronized_standby_slots holds a synchronised, persisted copy of the \
-             slot (a promotion keeps it), 0 when a promotion now would cost a resync, -1 when not watched \
-             (replication.failover off)",
-            self.safe.clone(),
-        );
-        r.register(
-            "failover_slot_standby_synced",
-            "Per standby (its physical slot): 1 if its copy of the relay's slot is synced and not temporary",
-            self.standby_synced.clone(),
-        );
-        r.register_with_unit(
-            "failover_slot_standby_lag",
-            "Per standby: the slot's confirmed_flush_lsn on the primary minus its copy's",
-            Unit::Bytes,
-            self.standby_lag.clone(),
-        );
-    }
-
-    fn set(&self, r: &Readiness) {
-        self.safe.set(i64::from(r.safe));
-        self.standby_synced.clear();
-        self.standby_lag.clear();
-        for s in &r.standbys {
-            let label = StandbyLabel {
-                standby: s.standby_slot.clone(),
-            };
-            self.standby_synced.get_or_create(&label).set(i64::from(s.safe));
-            if let Some(lag) = s.lag_bytes {
-                self.standby_lag
-                    .get_or_create(&label)
-                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
-            }
-        }
-    }
 }
 
 /// The running relay's latest verdict.

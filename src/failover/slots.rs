@@ -18,7 +18,7 @@ use std::fmt;
 use postgres_protocol::escape::escape_literal;
 
 use crate::model::Lsn;
-use crate::provision::{Problem, Severity};
+use crate::setup::checks::{Problem, Severity};
 
 /// A slot as `pg_replication_slots` shows it (the columns of PostgreSQL 17+; older servers have
 /// neither `failover` nor `synced`, read as false).

@@ -30,9 +30,9 @@
 use std::collections::{BTreeSet, HashSet};
 
 use crate::config::{AppserviceSettings, Settings};
-use crate::pgconfig::PgConnectionConfig;
+use crate::postgres::config::PgConnectionConfig;
+use crate::resync::store::StateStore;
 use crate::routing::Router;
-use crate::state_store::StateStore;
 
 /// A validated new configuration.
 pub struct Reload {
@@ -196,12 +196,12 @@ pub async fn prepare(
     .await
     .map_err(|e| format!("the reload task failed: {e}"))??;
     let ids: Vec<&str> = settings.appservices.iter().map(|a| a.id.as_str()).collect();
-    let sql_timeout = crate::delivery::worker::SQL_TIMEOUT;
-    let with_pending = match crate::postgres_sql::connect_sql_bounded(pg, sql_timeout).await {
+    let sql_timeout = crate::delivery::synapse_db::SQL_TIMEOUT;
+    let with_pending = match crate::postgres::sql::connect_sql_bounded(pg, sql_timeout).await {
         Ok(c) => match tokio::time::timeout(sql_timeout, store.appservices_with_pending(&c, &ids))
             .await
             .unwrap_or_else(|_| {
-                Err(crate::state_store::StoreError {
+                Err(crate::resync::store::StoreError {
                     what: "reading which appservices have recorded keys",
                     message: format!("no answer within {sql_timeout:?}"),
                     sqlstate: None,
@@ -252,8 +252,8 @@ mod tests {
     fn settings(appservices: Vec<AppserviceSettings>) -> Settings {
         Settings {
             server_name: "x".into(),
-            postgres: crate::pgconfig::PgConnectionConfig {
-                host: crate::pgconfig::PgHost::Tcp("localhost".into()),
+            postgres: crate::postgres::config::PgConnectionConfig {
+                host: crate::postgres::hosts::PgHost::Tcp("localhost".into()),
                 port: 5432,
                 user: "u".into(),
                 password: Some(Secret::new("pw")),

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Relay;
+use crate::delivery::handle::AppserviceHandle;
 use crate::delivery::state::DeliveryMode;
-use crate::delivery::worker::{AppserviceHandle, SynapseDb};
+use crate::delivery::synapse_db::SynapseDb;
 
 impl Relay {
     /// Apply the pending reload, at a transaction boundary (see [`crate::ops::reload`]).

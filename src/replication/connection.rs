@@ -37,9 +37,10 @@ use tokio_rustls::client::TlsStream;
 
 use super::error::{ReplicationError, ServerError};
 use crate::model::{Lsn, Secret};
-use crate::pgconfig::{AuthRequest, ChannelBindingMode, Keepalives, PgConnectionConfig, PgHost, SslMode};
-use crate::pghosts::{AttemptOutcome, ServerRole, TargetSessionAttrs, TryError, try_in_order};
-use crate::tls;
+use crate::postgres::config::{AuthRequest, ChannelBindingMode, PgConnectionConfig, SslMode};
+use crate::postgres::hosts::{AttemptOutcome, PgHost, ServerRole, TargetSessionAttrs, TryError, try_in_order};
+use crate::postgres::socket::set_keepalives;
+use crate::postgres::tls;
 
 /// Length of a backend message header: the tag byte and the big-endian `i32` length (which counts
 /// itself but not the tag).
@@ -739,7 +740,7 @@ impl ReplicationConnection {
         let cell = |i: usize| {
             rows.first()
                 .and_then(|r| r.get(i).cloned().flatten())
-                .and_then(|v| crate::pghosts::parse_bool(&v))
+                .and_then(|v| crate::postgres::hosts::parse_bool(&v))
         };
         match (cell(0), cell(1)) {
             (Some(in_recovery), Some(default_read_only)) => Ok(ServerRole {
@@ -987,7 +988,7 @@ pub fn parse_identify_system(rows: &[Vec<Option<String>>]) -> Result<SystemIdent
     })
 }
 
-/// How a failed attempt on one host counts in a multi-host error (see [`crate::pghosts`]).
+/// How a failed attempt on one host counts in a multi-host error (see [`crate::postgres::hosts`]).
 fn attempt_outcome(e: &ReplicationError) -> AttemptOutcome {
     let text = e.to_string();
     if e.is_transient() {
@@ -1080,25 +1081,6 @@ async fn open_stream(cfg: &PgConnectionConfig, target: &str) -> Result<(PgStream
         .and_then(|certs| certs.first())
         .and_then(|cert| tls::tls_server_end_point(cert));
     Ok((PgStream::Tls(Box::new(stream)), end_point))
-}
-
-/// Applies libpq's `keepalives*` settings to a TCP socket.
-pub fn set_keepalives(tcp: &TcpStream, keepalives: &Keepalives) -> io::Result<()> {
-    let socket = socket2::SockRef::from(tcp);
-    if !keepalives.enabled {
-        return socket.set_keepalive(false);
-    }
-    let mut params = socket2::TcpKeepalive::new();
-    if let Some(idle) = keepalives.idle {
-        params = params.with_time(idle);
-    }
-    if let Some(interval) = keepalives.interval {
-        params = params.with_interval(interval);
-    }
-    if let Some(count) = keepalives.count {
-        params = params.with_retries(count);
-    }
-    socket.set_tcp_keepalive(&params)
 }
 
 /// Checks an authentication request of the server against `require_auth` and
@@ -1394,32 +1376,6 @@ impl LogicalReplicationStream {
 #[cfg(test)]
 mod tests {
 
-    #[tokio::test]
-    async fn keepalive_settings_reach_the_socket() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let keepalives = Keepalives {
-            enabled: true,
-            idle: Some(std::time::Duration::from_secs(17)),
-            interval: Some(std::time::Duration::from_secs(4)),
-            count: Some(3),
-        };
-        set_keepalives(&tcp, &keepalives).unwrap();
-        let socket = socket2::SockRef::from(&tcp);
-        assert!(socket.keepalive().unwrap());
-        assert_eq!(socket.tcp_keepalive_time().unwrap(), std::time::Duration::from_secs(17));
-        assert_eq!(
-            socket.tcp_keepalive_interval().unwrap(),
-            std::time::Duration::from_secs(4)
-        );
-        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
-        let off = Keepalives {
-            enabled: false,
-            ..Keepalives::default()
-        };
-        set_keepalives(&tcp, &off).unwrap();
-        assert!(!socket.keepalive().unwrap());
-    }
     use super::*;
 
     fn message(tag: u8, body: &[u8]) -> Vec<u8> {

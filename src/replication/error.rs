@@ -90,7 +90,7 @@ pub enum ReplicationError {
     #[error("cannot connect to {target}: {hosts}")]
     NoHostAccepted {
         target: String,
-        hosts: crate::pghosts::NoHostAccepted,
+        hosts: crate::postgres::hosts::NoHostAccepted,
     },
 }
 

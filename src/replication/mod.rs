@@ -1,3 +1,6 @@
+//! Replication: takes in the bytes of a replication connection to PostgreSQL (settings from
+//! `crate::postgres`); gives out typed messages: pgoutput's changes in XLogData, keepalives.
+//!
 //! The PostgreSQL streaming-replication protocol, as used for logical decoding with pgoutput.
 //!
 //! - [`wire`]: the CopyData payloads exchanged once `START_REPLICATION` has begun (XLogData,

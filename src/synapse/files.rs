@@ -126,7 +126,7 @@ pub struct DatabaseArgs {
     pub keepalives_idle: Option<IntOrString>,
     pub keepalives_interval: Option<IntOrString>,
     pub keepalives_count: Option<IntOrString>,
-    /// libpq's `target_session_attrs` (`any`, `read-write`, `primary`; see `crate::pghosts`).
+    /// libpq's `target_session_attrs` (`any`, `read-write`, `primary`; see `crate::postgres::hosts`).
     pub target_session_attrs: Option<String>,
     /// Every other key with its value.
     pub other: BTreeMap<String, ArgValue>,

@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use crate::model::{AccountDataChange, AccountDataKey, ChangeContent, Lsn, SourceTable};
+use crate::model::{
+    AccountDataChange, AccountDataKey, ChangeContent, Lsn, PUSH_RULES_EVENT_TYPE, SourceTable, TAG_EVENT_TYPE,
+};
 use crate::replication::pgoutput::{ColumnValue, PgOutputMessage, RelationBody, TupleData};
 
 /// The Synapse tables the relay publishes.
@@ -77,11 +79,6 @@ impl SynapseTable {
         }
     }
 }
-
-/// The `m.tag` event type.
-pub const TAG_EVENT_TYPE: &str = "m.tag";
-/// The `m.push_rules` event type.
-pub const PUSH_RULES_EVENT_TYPE: &str = "m.push_rules";
 
 #[derive(Debug, Clone)]
 struct Layout {

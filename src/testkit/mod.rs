@@ -1,3 +1,6 @@
+//! Test kit: takes in what a test wants (server settings, `pg_hba.conf` lines, TLS, appservices);
+//! gives out throw-away PostgreSQL clusters, a recording appservice and Synapse-style writes.
+//!
 //! Throw-away PostgreSQL clusters from the machine's own `initdb`/`pg_ctl`, for the `demo`
 //! subcommand and the test suite (the one PostgreSQL harness; the tests add a containerised
 //! backend on top, in `tests/integration/support`).
@@ -28,7 +31,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::pgconfig::{PgConnectionConfig, PgHost, SslMode};
+use crate::postgres::config::{PgConnectionConfig, SslMode};
+use crate::postgres::hosts::PgHost;
 
 /// Synapse's exact definitions of the tables the relay reads (and one busy table it does not).
 pub const SYNAPSE_SCHEMA_SQL: &str = include_str!("../../tests/fixtures/synapse_schema.sql");

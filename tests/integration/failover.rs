@@ -11,9 +11,9 @@
 use std::time::Duration;
 
 use synapse_account_data_relay::model::Secret;
-use synapse_account_data_relay::pgconfig::{PgConnectionConfig, PgHost, SslMode};
-use synapse_account_data_relay::pghosts::{PgEndpoint, TargetSessionAttrs};
-use synapse_account_data_relay::postgres_sql::connect_sql;
+use synapse_account_data_relay::postgres::config::{PgConnectionConfig, SslMode};
+use synapse_account_data_relay::postgres::hosts::{PgEndpoint, PgHost, TargetSessionAttrs};
+use synapse_account_data_relay::postgres::sql::connect_sql;
 use synapse_account_data_relay::replication::connection::ReplicationConnection;
 use synapse_account_data_relay::replication::error::ReplicationError;
 use synapse_account_data_relay::testkit::free_port;

@@ -267,7 +267,9 @@ async fn setup_explains_a_missing_wal_level() {
 /// exactly as `setup` does, and `teardown.sql` undoes it.
 async fn shipped_sql_prepares_and_restores(server: &'static Server) {
     use synapse_account_data_relay::config::DEFAULT_NAME;
-    use synapse_account_data_relay::provision::{Names, inspect, problems};
+    use synapse_account_data_relay::config::Names;
+    use synapse_account_data_relay::setup::checks::problems;
+    use synapse_account_data_relay::setup::inspect::inspect;
     let db = TestDb::new(server).await;
     // The default slot name is cluster-wide: rename ours to this test's database name.
     let script = |name: &str| {

@@ -264,13 +264,13 @@ async fn recorded_key_counts_cost_no_scans(server: &'static Server) {
     );
     assert_eq!(recorded_keys_metric(&base, "a").await, Some(30.0));
     // The relay's own connections are bounded on the server.
-    let cfg = synapse_account_data_relay::pgconfig::PgConnectionConfig {
-        host: synapse_account_data_relay::pgconfig::PgHost::Tcp(server.host.clone()),
+    let cfg = synapse_account_data_relay::postgres::config::PgConnectionConfig {
+        host: synapse_account_data_relay::postgres::hosts::PgHost::Tcp(server.host.clone()),
         port: server.port,
         user: "postgres".into(),
         password: None,
         dbname: s.db.name.clone(),
-        ssl_mode: synapse_account_data_relay::pgconfig::SslMode::Disable,
+        ssl_mode: synapse_account_data_relay::postgres::config::SslMode::Disable,
         ssl_root_cert: None,
         application_name: "relay-test".into(),
         connect_timeout: Duration::from_secs(20),
@@ -282,9 +282,9 @@ async fn recorded_key_counts_cost_no_scans(server: &'static Server) {
         more_hosts: Vec::new(),
         target_session_attrs: Default::default(),
     };
-    let bounded = synapse_account_data_relay::postgres_sql::connect_sql_bounded(
+    let bounded = synapse_account_data_relay::postgres::sql::connect_sql_bounded(
         &cfg,
-        synapse_account_data_relay::delivery::worker::SQL_TIMEOUT,
+        synapse_account_data_relay::delivery::synapse_db::SQL_TIMEOUT,
     )
     .await
     .unwrap();

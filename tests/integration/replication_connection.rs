@@ -20,14 +20,15 @@ use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use synapse_account_data_relay::model::{Lsn, Secret};
-use synapse_account_data_relay::pgconfig::{ChannelBindingMode, PgConnectionConfig, PgHost, SslMode};
-use synapse_account_data_relay::postgres_sql::connect_sql;
+use synapse_account_data_relay::postgres::config::{ChannelBindingMode, PgConnectionConfig, SslMode};
+use synapse_account_data_relay::postgres::hosts::PgHost;
+use synapse_account_data_relay::postgres::sql::connect_sql;
+use synapse_account_data_relay::postgres::tls;
 use synapse_account_data_relay::replication::connection::{
     AuthMethod, LogicalReplicationStream, ReplicationConnection,
 };
 use synapse_account_data_relay::replication::error::ReplicationError;
 use synapse_account_data_relay::testkit::{LocalCluster, LocalClusterOptions};
-use synapse_account_data_relay::tls;
 
 use crate::on_both_servers;
 use crate::support::certs::{Digest, TestCerts};
@@ -1131,7 +1132,7 @@ async fn client_certificates() {
     assert_eq!(err.sqlstate(), Some("28000"), "{err}");
     assert!(connect_sql(&without).await.is_err());
     let with = PgConnectionConfig {
-        ssl_client_cert: Some(synapse_account_data_relay::pgconfig::ClientCert { cert, key }),
+        ssl_client_cert: Some(synapse_account_data_relay::postgres::config::ClientCert { cert, key }),
         // Certificate authentication asks for nothing more.
         require_auth: "none".parse().unwrap(),
         ..without

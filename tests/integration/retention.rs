@@ -715,7 +715,9 @@ fn node_rows(n: &serde_json::Value) -> u64 {
 /// users a page of users needs). `users_page`'s old `… UNION … ORDER BY user_id LIMIT n` read
 /// every remaining row of all three tables for each page before PostgreSQL 17.
 async fn backfill_reads_use_the_indexes_in_order(server: &'static Server) {
-    use synapse_account_data_relay::resync::{GLOBAL_PAGE_SQL, ROOMS_PAGE_SQL, TAGS_PAGE_SQL, USERS_PAGE_SQL};
+    use synapse_account_data_relay::resync::backfill::{
+        GLOBAL_PAGE_SQL, ROOMS_PAGE_SQL, TAGS_PAGE_SQL, USERS_PAGE_SQL,
+    };
     let db = TestDb::new(server).await;
     // 2,000 users × 5 global types; × 50 rooms of room account data; 10 rooms with tags each.
     db.client
@@ -809,7 +811,7 @@ async fn backfill_reads_use_the_indexes_in_order(server: &'static Server) {
         assert!(scans > 0, "{sql}: no scan of Synapse's tables?\n  {shape}");
         eprintln!("{sql}\n  {shape}");
     }
-    let users = synapse_account_data_relay::resync::users_page(&db.client, "@u01000:example.org", 3)
+    let users = synapse_account_data_relay::resync::backfill::users_page(&db.client, "@u01000:example.org", 3)
         .await
         .unwrap();
     assert_eq!(

@@ -1,4 +1,4 @@
-//! The worker's side of a backfill (see [`crate::resync`]): look up the appservice's backfill
+//! The worker's side of a backfill (see [`crate::resync::backfill`]): look up the appservice's backfill
 //! requests, and serve the oldest: stream the current values from Synapse's tables page by page
 //! in index order, deliver them, move the durable cursor. The next page is read while the
 //! current one is delivered (pages hold different keys, and are delivered in the order they
@@ -9,12 +9,12 @@ use std::time::Instant;
 
 use super::{AppserviceHandle, Delivery, DeliveryContext, deliver, fetch_push_rules_retrying, lock, with_db_retry};
 use crate::model::{AccountDataKey, Lsn};
-use crate::resync::{
+use crate::resync::backfill::{
     BackfillCursor, BackfillPage, BackfillRequest, finish_backfill, next_backfill, read_backfill_page,
     save_backfill_cursor, user_filter,
 };
+use crate::resync::store::StoreError;
 use crate::routing::Router;
-use crate::state_store::StoreError;
 use crate::synapse::current::wait_until_visible;
 
 /// Rows read from Synapse's tables per query.

@@ -1,5 +1,8 @@
+//! The pipeline: takes in the resolved settings and the replication slot; gives out every change
+//! pushed to the appservices that want it, and the checkpoint confirmed back to PostgreSQL.
+//!
 //! Wiring: replication stream → pgoutput decoder → row mapping → routing → per-appservice state
-//! → workers and recorder, and the checkpoint back to PostgreSQL.
+//! → workers and recorder ([`supervisor`]), and the checkpoint back to PostgreSQL.
 //!
 //! One task ([`Relay::run`]) owns the replication connection, the decoder state, the router and
 //! the [`CheckpointTracker`]; it hands each change to every interested appservice and never waits
@@ -28,27 +31,31 @@ use tokio::sync::{Notify, watch};
 
 use crate::checkpoint::CheckpointTracker;
 use crate::config::{Settings, SlotLostPolicy};
+use crate::delivery::handle::AppserviceHandle;
 use crate::delivery::retry::RetryPolicy;
 use crate::delivery::state::{DeliveryMode, Pushed};
-use crate::delivery::worker::{AppserviceHandle, DeliveryContext, DeliveryError, SynapseDb, http_client};
+use crate::delivery::synapse_db::SynapseDb;
+use crate::delivery::worker::{DeliveryContext, DeliveryError, http_client};
 use crate::failover::inspect::FailoverWatch;
 use crate::failover::timeline::{ServerChange, ServerIdentity};
 use crate::model::{ChangeContent, Lsn, SourceTable};
 use crate::ops::health::Health;
 use crate::ops::metrics::{DECODE_MESSAGE, DECODE_ROW, KindLabel, Metrics, ServedAppservices, SlotStatus};
 use crate::ops::reload::Reload;
-use crate::provision::{Problem, ProvisionError, Severity, inspect, problems};
+use crate::pipeline::supervisor::Workers;
 use crate::replication::connection::{LogicalReplicationStream, ReplicationConnection};
 use crate::replication::error::ReplicationError;
 use crate::replication::pgoutput::{self, DecodeError, PgOutputMessage};
 use crate::replication::wire::{self, ReplicationMessage, StandbyStatusUpdate, WireError};
-use crate::resync::request_backfill;
+use crate::resync::backfill::request_backfill;
+use crate::resync::store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
 use crate::routing::{Router, RoutingError, is_local_user};
-use crate::state_store::{MESSAGE_PREFIX, RelayMessage, StateStore, StoreError};
-use crate::supervisor::Workers;
+use crate::setup::checks::{Problem, Severity, problems};
+use crate::setup::inspect::{ProvisionError, inspect};
 use crate::synapse::rows::{MappingError, RowMapper, RowOutcome};
 
 mod operations;
+pub mod supervisor;
 
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +130,7 @@ struct OpenTx {
     xid: u32,
     /// Whether any of its changes went to an appservice.
     routed: bool,
-    /// Whether its commit time was kept for the latency metric (see [`crate::ops::metrics::CommitTimes`]).
+    /// Whether its commit time was kept for the latency metric (see [`crate::delivery::metrics::CommitTimes`]).
     timed: bool,
 }
 
@@ -389,13 +396,15 @@ impl Relay {
     /// table lacks its replica identity, or the publication or the state schema is missing. A
     /// missing or invalidated slot is handled by the slot-lost policy instead.
     pub async fn preflight(&self) -> Result<(), RunError> {
-        let client =
-            crate::postgres_sql::connect_sql_bounded(&self.settings.postgres, crate::delivery::worker::SQL_TIMEOUT)
-                .await
-                .map_err(|e| RunError::Connect {
-                    target: self.settings.postgres.describe(),
-                    message: e.to_string(),
-                })?;
+        let client = crate::postgres::sql::connect_sql_bounded(
+            &self.settings.postgres,
+            crate::delivery::synapse_db::SQL_TIMEOUT,
+        )
+        .await
+        .map_err(|e| RunError::Connect {
+            target: self.settings.postgres.describe(),
+            message: e.to_string(),
+        })?;
         let state = inspect(&client, self.settings.names()).await?;
         let all = problems(&state, self.settings.names());
         for p in all.iter().filter(|p| p.severity == Severity::Warning) {
@@ -740,7 +749,7 @@ impl Relay {
     /// `idle_timeout` on PostgreSQL 18), or that no synchronised copy survived a promotion.
     async fn recover_slot(&mut self, what: &str) -> Result<(), RunError> {
         let slot = self.settings.slot_name.clone();
-        let connected = crate::postgres_sql::connect_sql(&self.settings.postgres).await;
+        let connected = crate::postgres::sql::connect_sql(&self.settings.postgres).await;
         let reason = match &connected {
             Ok(c) => tokio::time::timeout(
                 Duration::from_secs(10),
@@ -818,8 +827,8 @@ impl Relay {
             let request = request_backfill(client, &self.store, a, None)
                 .await
                 .map_err(|e| match e {
-                    crate::resync::ResyncError::Store(s) => RunError::Store(s),
-                    crate::resync::ResyncError::Routing(r) => RunError::Routing(r),
+                    crate::resync::backfill::ResyncError::Store(s) => RunError::Store(s),
+                    crate::resync::backfill::ResyncError::Routing(r) => RunError::Routing(r),
                 })?;
             tracing::warn!(appservice = %a.id, backfill = request, "{log}");
         }
@@ -829,7 +838,7 @@ impl Relay {
     /// After a promotion that lost changes the relay had received (see
     /// [`crate::failover::timeline::ServerChange::Promoted`]): resync every appservice.
     async fn resync_all(&self, why: &str) -> Result<(), RunError> {
-        let mut client = crate::postgres_sql::connect_sql(&self.settings.postgres)
+        let mut client = crate::postgres::sql::connect_sql(&self.settings.postgres)
             .await
             .map_err(|e| RunError::Connect {
                 target: self.settings.postgres.describe(),
@@ -855,8 +864,8 @@ impl Relay {
     async fn activate(&mut self, db: &SynapseDb) -> Result<(), RunError> {
         let client = db.client().await?;
         let ids: Vec<&str> = self.handles.iter().map(|h| h.settings.id.as_str()).collect();
-        let pending = crate::delivery::worker::bounded(self.store.appservices_with_pending(&*client, &ids)).await?;
-        let start = match crate::delivery::worker::bounded(self.store.current_wal_position(&*client)).await {
+        let pending = crate::delivery::synapse_db::bounded(self.store.appservices_with_pending(&*client, &ids)).await?;
+        let start = match crate::delivery::synapse_db::bounded(self.store.current_wal_position(&*client)).await {
             Ok(lsn) if lsn > Lsn::ZERO => Some(lsn),
             Ok(_) => None,
             Err(e) => {
@@ -907,7 +916,7 @@ impl Relay {
             let (a, store, pg) = (a.clone(), self.store.clone(), self.settings.postgres.clone());
             let backfill = self.settings.delivery.backfill_new_appservices;
             tasks.spawn(async move {
-                let mut client = match crate::postgres_sql::connect_sql(&pg).await {
+                let mut client = match crate::postgres::sql::connect_sql(&pg).await {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(appservice = %a.id, error = %e, "cannot connect to request the first-opt-in backfill");
@@ -1017,7 +1026,7 @@ impl Relay {
         let slot = self.settings.slot_name.as_str();
         let own = &self.own_walsenders;
         let probe = tokio::time::timeout(Duration::from_secs(10), async {
-            let client = crate::postgres_sql::connect_sql(&self.settings.postgres)
+            let client = crate::postgres::sql::connect_sql(&self.settings.postgres)
                 .await
                 .map_err(|e| e.to_string())?;
             let row = client

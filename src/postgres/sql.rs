@@ -1,5 +1,5 @@
 //! Ordinary SQL connections (tokio-postgres) to the same server as the replication connection,
-//! from the same [`PgConnectionConfig`] and with the same TLS configurations ([`crate::tls`]).
+//! from the same [`PgConnectionConfig`] and with the same TLS configurations ([`crate::postgres::tls`]).
 //!
 //! tokio-postgres itself only knows `disable`, `prefer` and `require`; `verify-ca` and
 //! `verify-full` are `require` plus the certificate checks of the rustls configuration. As with
@@ -10,7 +10,7 @@
 //! libpq's `require_auth` (tokio-postgres has no such setting): it follows the server's messages
 //! up to `AuthenticationOk` and fails the read of a forbidden request, so tokio-postgres never
 //! answers it with a password. `channel_binding` is tokio-postgres's own; the TLS session
-//! offers `tls-server-end-point` from [`crate::tls::tls_server_end_point`].
+//! offers `tls-server-end-point` from [`crate::postgres::tls::tls_server_end_point`].
 
 use std::io;
 use std::pin::Pin;
@@ -24,9 +24,9 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::config::{ChannelBinding as PgChannelBinding, SslMode as PgSslMode};
 use tokio_postgres::tls::{ChannelBinding, NoTls, TlsConnect, TlsStream};
 
-use crate::pgconfig::{AuthRequest, ChannelBindingMode, PgConnectionConfig, PgHost, RequireAuth, SslMode};
-use crate::pghosts::{AttemptOutcome, ServerRole, TargetSessionAttrs, TryError, try_in_order};
-use crate::tls::{self, TlsConfigError};
+use crate::postgres::config::{AuthRequest, ChannelBindingMode, PgConnectionConfig, RequireAuth, SslMode};
+use crate::postgres::hosts::{AttemptOutcome, PgHost, ServerRole, TargetSessionAttrs, TryError, try_in_order};
+use crate::postgres::tls::{self, TlsConfigError};
 
 /// Why [`connect_sql`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +54,9 @@ pub enum SqlConnectErrorSource {
     /// The server asked for an authentication method `require_auth` forbids.
     #[error("{0}")]
     AuthRefused(String),
-    /// No host was the server wanted (see [`crate::pghosts`]): every host tried, and why.
+    /// No host was the server wanted (see [`crate::postgres::hosts`]): every host tried, and why.
     #[error("{0}")]
-    NoHostAccepted(crate::pghosts::NoHostAccepted),
+    NoHostAccepted(crate::postgres::hosts::NoHostAccepted),
 }
 
 /// tokio-postgres's error with its cause (its `Display` shows only the kind).
@@ -277,7 +277,7 @@ async fn connect_unbounded(
         PgHost::Tcp(host) => {
             let tcp = TcpStream::connect((host.as_str(), cfg.port)).await?;
             tcp.set_nodelay(true)?;
-            crate::replication::connection::set_keepalives(&tcp, &cfg.keepalives)?;
+            crate::postgres::socket::set_keepalives(&tcp, &cfg.keepalives)?;
             match tls::client_config_for(cfg)? {
                 None => {
                     let stream = AuthGuard::new(tcp, false, cfg.require_auth.clone(), None, refusal.clone());

@@ -8,12 +8,20 @@
 //! relay needs a primary for its slot and its state schema, so `any` (libpq's default) is read
 //! as `primary` (see [`TargetSessionAttrs::for_relay`]); `read-only`, `standby` and
 //! `prefer-standby` are refused when the settings are resolved. The connection code
-//! (`replication::connection`, `postgres_sql`) calls [`try_in_order`] with a function that
+//! (`replication::connection`, `postgres::sql`) calls [`try_in_order`] with a function that
 //! connects to one host and reports the server's [`ServerRole`].
 
 use std::fmt;
+use std::path::PathBuf;
 
-use crate::pgconfig::PgHost;
+/// Where the server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PgHost {
+    /// A host name or IP address (TCP).
+    Tcp(String),
+    /// A directory holding the server's Unix socket `.s.PGSQL.<port>` (libpq: a host starting with `/`).
+    UnixSocketDir(PathBuf),
+}
 
 /// One host (or Unix socket directory) and its port.
 #[derive(Clone, Debug, PartialEq, Eq)]

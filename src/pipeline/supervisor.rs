@@ -19,7 +19,9 @@ use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::delivery::worker::{AppserviceHandle, DeliveryContext, SynapseDb, run_recorder, run_worker};
+use crate::delivery::handle::AppserviceHandle;
+use crate::delivery::synapse_db::SynapseDb;
+use crate::delivery::worker::{DeliveryContext, run_recorder, run_worker};
 
 /// See the module documentation.
 pub struct Workers {

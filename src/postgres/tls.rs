@@ -28,7 +28,7 @@ use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::Digest;
 
-use crate::pgconfig::{ClientCert, PgConnectionConfig, SYSTEM_ROOT_CERTS, SslMode};
+use crate::postgres::config::{ClientCert, PgConnectionConfig, SYSTEM_ROOT_CERTS, SslMode};
 
 /// Why a TLS client configuration could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -1,22 +1,13 @@
 //! How to reach PostgreSQL: the resolved connection settings shared by the replication connection
-//! and the ordinary SQL connection. Built from Synapse's `database.args` (see `synapse::config`),
+//! and the ordinary SQL connection. Built from Synapse's `database.args` (see `synapse::files`),
 //! optionally overridden by the relay's own config. Pure data; no I/O. Several hosts (libpq's
-//! `host=pg1,pg2`) and `target_session_attrs` are in [`crate::pghosts`].
+//! `host=pg1,pg2`) and `target_session_attrs` are in [`crate::postgres::hosts`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::model::Secret;
-use crate::pghosts::{PgEndpoint, TargetSessionAttrs};
-
-/// Where the server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PgHost {
-    /// A host name or IP address (TCP).
-    Tcp(String),
-    /// A directory holding the server's Unix socket `.s.PGSQL.<port>` (libpq: a host starting with `/`).
-    UnixSocketDir(PathBuf),
-}
+use crate::postgres::hosts::{PgEndpoint, PgHost, TargetSessionAttrs};
 
 /// libpq's `sslmode`, with the same meanings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

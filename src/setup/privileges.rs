@@ -10,10 +10,16 @@
 //!
 //! The publications need nothing: the walsender reads them for any `REPLICATION` role.
 //! Planning is pure; [`inspect_role`] and [`inspect_run_role`] read the catalogs.
+//!
+//! [`inspect_role`]: super::inspect::inspect_role
+//! [`inspect_run_role`]: super::inspect::inspect_run_role
 
 use postgres_protocol::escape::escape_identifier;
 
-use crate::provision::{DatabaseState, Names, PlanStep, Problem, ProvisionError, Severity};
+use crate::config::Names;
+use crate::setup::checks::{Problem, Severity};
+use crate::setup::plan::PlanStep;
+use crate::setup::state::DatabaseState;
 
 /// The Synapse tables `run` reads with `SELECT` (resync and backfill).
 pub const RUN_READS: &[&str] = &["account_data", "room_account_data", "room_tags", "room_tags_revisions"];
@@ -170,123 +176,6 @@ pub fn run_role_problems(s: &RunRoleState, names: Names<'_>) -> Vec<Problem> {
         });
     }
     out
-}
-
-/// Reads `role`'s attributes and whether it owns Synapse's tables.
-pub async fn inspect_role(client: &tokio_postgres::Client, role: &str) -> Result<RoleState, ProvisionError> {
-    let row = client
-        .query_opt(
-            "SELECT r.rolreplication, r.rolsuper, \
-                    EXISTS (SELECT 1 FROM unnest($2::text[]) AS t(name) \
-                            JOIN pg_class c ON c.oid = to_regclass(quote_ident(t.name)) \
-                            WHERE pg_has_role(r.oid, c.relowner, 'USAGE')) \
-             FROM pg_roles r WHERE r.rolname = $1",
-            &[&role, &RUN_READS],
-        )
-        .await
-        .map_err(|e| ProvisionError::from_pg("reading the role to grant to", &e))?;
-    Ok(match row {
-        Some(r) => RoleState {
-            name: role.to_owned(),
-            exists: true,
-            replication: r.get(0),
-            superuser: r.get(1),
-            owns_synapse_tables: r.get(2),
-        },
-        None => RoleState {
-            name: role.to_owned(),
-            exists: false,
-            replication: false,
-            superuser: false,
-            owns_synapse_tables: false,
-        },
-    })
-}
-
-/// Reads what the connected role (the one `run` uses) may do.
-pub async fn inspect_run_role(
-    client: &tokio_postgres::Client,
-    names: Names<'_>,
-) -> Result<RunRoleState, ProvisionError> {
-    let err = |e: tokio_postgres::Error| ProvisionError::from_pg("reading the role's privileges", &e);
-    let row = client
-        .query_one(
-            "SELECT current_user::text, r.rolsuper, \
-                    coalesce((SELECT array_agg(t.name ORDER BY t.name) FROM unnest($1::text[]) AS t(name) \
-                              JOIN pg_class c ON c.oid = to_regclass(quote_ident(t.name)) \
-                              WHERE pg_has_role(c.relowner, 'USAGE')), '{}') \
-             FROM pg_roles r WHERE r.rolname = current_user",
-            &[&RUN_READS],
-        )
-        .await
-        .map_err(err)?;
-    let mut missing = Vec::new();
-    let rows = client
-        .query(
-            "SELECT t.name FROM unnest($1::text[]) AS t(name) \
-             WHERE to_regclass(quote_ident(t.name)) IS NOT NULL \
-               AND NOT has_table_privilege(to_regclass(quote_ident(t.name)), 'SELECT')",
-            &[&RUN_READS],
-        )
-        .await
-        .map_err(err)?;
-    for r in rows {
-        missing.push(format!("SELECT on {}", r.get::<_, String>(0)));
-    }
-    let schema = names.state_schema;
-    let schema_ok: Option<bool> = client
-        .query_one(
-            "SELECT CASE WHEN to_regnamespace(quote_ident($1)) IS NULL THEN NULL \
-                         ELSE has_schema_privilege($1, 'USAGE') END",
-            &[&schema],
-        )
-        .await
-        .map_err(err)?
-        .get(0);
-    match schema_ok {
-        // No schema yet: `setup` creates it (and `check` already says so).
-        None => {}
-        Some(false) => missing.push(format!("USAGE on schema {schema}")),
-        Some(true) => {
-            let qualified: Vec<String> = STATE_TABLES
-                .iter()
-                .map(|t| format!("{}.{}", escape_identifier(schema), escape_identifier(t)))
-                .collect();
-            let rows = client
-                .query(
-                    "SELECT t.name FROM unnest($1::text[]) AS t(name) \
-                     WHERE to_regclass(t.name) IS NOT NULL \
-                       AND NOT (has_table_privilege(to_regclass(t.name), 'SELECT') \
-                                AND has_table_privilege(to_regclass(t.name), 'INSERT') \
-                                AND has_table_privilege(to_regclass(t.name), 'UPDATE') \
-                                AND has_table_privilege(to_regclass(t.name), 'DELETE'))",
-                    &[&qualified],
-                )
-                .await
-                .map_err(err)?;
-            for r in rows {
-                missing.push(format!("SELECT, INSERT, UPDATE, DELETE on {}", r.get::<_, String>(0)));
-            }
-            let sequence = format!("{}.{}", escape_identifier(schema), escape_identifier(STATE_SEQUENCE));
-            let seq_ok: Option<bool> = client
-                .query_one(
-                    "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE has_sequence_privilege($1, 'USAGE') END",
-                    &[&sequence],
-                )
-                .await
-                .map_err(err)?
-                .get(0);
-            if seq_ok == Some(false) {
-                missing.push(format!("USAGE on sequence {sequence}"));
-            }
-        }
-    }
-    Ok(RunRoleState {
-        name: row.get(0),
-        superuser: row.get(1),
-        owned_tables: row.get(2),
-        missing,
-    })
 }
 
 /// `sql/grant-run-role.sql`: the grants of `setup --grant-to synapse_relay` for the default

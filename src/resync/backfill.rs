@@ -1,6 +1,6 @@
 //! Resync: send an appservice the *current* account data of its users: `backfill`, the first
 //! opt-in of an appservice, and recovery from a lost slot. (Keys recorded while an appservice
-//! was down are resent through `pending_keys`, see [`crate::state_store`].)
+//! was down are resent through `pending_keys`, see [`crate::resync::store`].)
 //!
 //! Requesting a backfill ([`request_backfill`]) writes, in one transaction, one row into the
 //! relay's table `backfills` (the appservice, an optional `--users` regex, and a cursor at the
@@ -25,11 +25,11 @@ use std::time::Duration;
 use tokio_postgres::GenericClient;
 
 use crate::config::AppserviceSettings;
-use crate::model::AccountDataKey;
+use crate::model::{AccountDataKey, PUSH_RULES_EVENT_TYPE, TAG_EVENT_TYPE};
+use crate::resync::store::{RelayMessage, StateStore, StoreError};
 use crate::routing::{AppserviceInterest, Router, RoutingError};
-use crate::state_store::{RelayMessage, StateStore, StoreError};
 use crate::synapse::current::checked_content;
-use crate::synapse::rows::{PUSH_RULES_EVENT_TYPE, TAG_EVENT_TYPE, assemble_tags};
+use crate::synapse::rows::assemble_tags;
 
 /// How long one statement of a backfill request may run (`SET LOCAL statement_timeout`), and
 /// how long the whole request may take before the client gives up.
@@ -44,7 +44,7 @@ pub enum ResyncError {
     Routing(#[from] RoutingError),
 }
 
-use crate::state_store::store_error as sql_error;
+use crate::resync::store::store_error as sql_error;
 
 /// A filter on user ids with Python `re.match` semantics (for `backfill --users`).
 pub fn user_filter(pattern: &str) -> Result<Router, RoutingError> {

@@ -12,7 +12,7 @@
 //!   key only if it was not recorded again after it was read.
 //! - `appservices`: the appservices the relay has served, so a first opt-in can be told apart.
 //! - `backfills`: one row per backfill request (first opt-in, `backfill`, a lost slot) with its
-//!   cursor in Synapse's tables, so a restart resumes it (see [`crate::resync`]).
+//!   cursor in Synapse's tables, so a restart resumes it (see [`crate::resync::backfill`]).
 //!
 //! A resync is requested through the stream itself: `pg_logical_emit_message` with the prefix
 //! [`MESSAGE_PREFIX`], in the same transaction as the request it announces (a `backfills` row), so the running relay sees
@@ -126,7 +126,7 @@ impl StateStore {
                 "CREATE TABLE IF NOT EXISTS {s}.appservices (appservice_id text PRIMARY KEY, \
                  first_served timestamptz NOT NULL DEFAULT now());"
             ),
-            // One row per backfill request, with how far it got (`crate::resync`).
+            // One row per backfill request, with how far it got (`crate::resync::backfill`).
             format!(
                 "CREATE TABLE IF NOT EXISTS {s}.backfills (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
                  appservice_id text NOT NULL, users_regex text, phase smallint NOT NULL DEFAULT 0, \
