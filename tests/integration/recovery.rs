@@ -264,24 +264,12 @@ async fn recorded_key_counts_cost_no_scans(server: &'static Server) {
     );
     assert_eq!(recorded_keys_metric(&base, "a").await, Some(30.0));
     // The relay's own connections are bounded on the server.
-    let cfg = synapse_account_data_relay::postgres::config::PgConnectionConfig {
-        host: synapse_account_data_relay::postgres::hosts::PgHost::Tcp(server.host.clone()),
-        port: server.port,
-        user: "postgres".into(),
-        password: None,
-        dbname: s.db.name.clone(),
-        ssl_mode: synapse_account_data_relay::postgres::config::SslMode::Disable,
-        ssl_root_cert: None,
-        application_name: "relay-test".into(),
-        connect_timeout: Duration::from_secs(20),
-        ssl_client_cert: None,
-        require_auth: Default::default(),
-        channel_binding: Default::default(),
-        options: None,
-        keepalives: Default::default(),
-        more_hosts: Vec::new(),
-        target_session_attrs: Default::default(),
-    };
+    let cfg = server.connection_config(
+        &s.db.name,
+        "postgres",
+        None,
+        synapse_account_data_relay::postgres::config::SslMode::Disable,
+    );
     let bounded = synapse_account_data_relay::postgres::sql::connect_sql_bounded(
         &cfg,
         synapse_account_data_relay::delivery::synapse_db::SQL_TIMEOUT,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use synapse_account_data_relay::model::{Lsn, Secret};
+use synapse_account_data_relay::model::Lsn;
 use synapse_account_data_relay::postgres::config::{ChannelBindingMode, PgConnectionConfig, SslMode};
 use synapse_account_data_relay::postgres::hosts::PgHost;
 use synapse_account_data_relay::postgres::sql::connect_sql;
@@ -125,24 +125,7 @@ fn cluster(server: &Server) -> &LocalCluster {
 
 /// Settings for a replication (or SQL) connection over TCP to `server`'s host.
 fn config(server: &Server, dbname: &str, user: &str, password: Option<&str>, ssl_mode: SslMode) -> PgConnectionConfig {
-    PgConnectionConfig {
-        host: PgHost::Tcp(server.host.clone()),
-        port: server.port,
-        user: user.into(),
-        password: password.map(Secret::new),
-        dbname: dbname.into(),
-        ssl_mode,
-        ssl_root_cert: None,
-        application_name: "relay-test".into(),
-        connect_timeout: Duration::from_secs(20),
-        ssl_client_cert: None,
-        require_auth: Default::default(),
-        channel_binding: Default::default(),
-        options: None,
-        keepalives: Default::default(),
-        more_hosts: Vec::new(),
-        target_session_attrs: Default::default(),
-    }
+    server.connection_config(dbname, user, password, ssl_mode)
 }
 
 impl TlsServer {

@@ -40,6 +40,34 @@ pub struct Server {
 }
 
 impl Server {
+    /// Settings for a replication (or SQL) connection over TCP to this server's first host.
+    pub fn connection_config(
+        &self,
+        dbname: &str,
+        user: &str,
+        password: Option<&str>,
+        ssl_mode: synapse_account_data_relay::postgres::config::SslMode,
+    ) -> synapse_account_data_relay::postgres::config::PgConnectionConfig {
+        synapse_account_data_relay::postgres::config::PgConnectionConfig {
+            host: synapse_account_data_relay::postgres::hosts::PgHost::Tcp(self.host.clone()),
+            port: self.port,
+            user: user.into(),
+            password: password.map(synapse_account_data_relay::model::Secret::new),
+            dbname: dbname.into(),
+            ssl_mode,
+            ssl_root_cert: None,
+            application_name: "relay-test".into(),
+            connect_timeout: Duration::from_secs(20),
+            ssl_client_cert: None,
+            require_auth: Default::default(),
+            channel_binding: Default::default(),
+            options: None,
+            keepalives: Default::default(),
+            more_hosts: Vec::new(),
+            target_session_attrs: Default::default(),
+        }
+    }
+
     /// A libpq-style connection string; several hosts (a primary and its standbys, see
     /// [`ha`]) follow the primary (`target_session_attrs=read-write`) with a short timeout per
     /// host, as Synapse would be configured.
