@@ -25,7 +25,7 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// The running relay's endpoint. Default: http://<[http] listen> from the relay config.
+    /// The running relay's endpoint. Default: `http://<[http] listen>` from the relay config.
     #[arg(long, value_name = "URL")]
     pub endpoint: Option<String>,
 }

@@ -135,7 +135,7 @@ struct OpenTx {
 }
 
 /// How long the stream waits at most for an appservice whose live queue is full before its keys
-/// are recorded instead (see [`Relay::wait_for_room`]).
+/// are recorded instead (see `Relay::wait_for_room`).
 pub const QUEUE_FULL_WAIT: Duration = Duration::from_secs(1);
 
 /// Wake-ups owed after the messages being handled (see [`Relay::flush_wakes`]).
