@@ -201,7 +201,16 @@ async fn resolve(
         })?;
         read.insert(table, values);
     }
-    Ok(entries
+    Ok(with_values(entries, &read))
+}
+
+/// Each entry with its value: the JSON it was queued with, or the one `read` holds for it
+/// (entries whose value was not read, or whose row is gone, are dropped).
+fn with_values(
+    entries: &[QueuedChange],
+    read: &HashMap<SourceTable, HashMap<AccountDataKey, Arc<str>>>,
+) -> Vec<(AccountDataKey, Arc<str>)> {
+    entries
         .iter()
         .filter_map(|e| match &e.content {
             ChangeContent::Json(j) => Some((e.key.clone(), j.clone())),
@@ -210,7 +219,7 @@ async fn resolve(
                 .and_then(|m| m.get(&e.key))
                 .map(|c| (e.key.clone(), c.clone())),
         })
-        .collect())
+        .collect()
 }
 
 /// For tests of the worker supervisor only: the environment variable naming an account-data type
@@ -344,14 +353,7 @@ async fn read_group(
         .iter()
         .any(|e| matches!(e.content, ChangeContent::ReadCurrent(_)))
     {
-        let values = entries
-            .iter()
-            .filter_map(|e| match &e.content {
-                ChangeContent::Json(j) => Some((e.key.clone(), j.clone())),
-                ChangeContent::ReadCurrent(_) => None,
-            })
-            .collect();
-        return Some((values, None));
+        return Some((with_values(entries, &HashMap::new()), None));
     }
     let reads_back = entries.iter().any(read_back);
     with_db_retry(ctx, handle.settings.id.as_str(), "building the next transaction", |c| {
